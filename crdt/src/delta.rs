@@ -1,0 +1,159 @@
+//! The unit of replication: a [`Delta`] is one local commit on one document, named by its origin
+//! and that origin's sequence number. Deltas are immutable and idempotent to apply; their
+//! payload is checked before anything trusts it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{DeltaId, DocId};
+
+/// Why a delta was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("delta {id}: sequence numbers start at 1")]
+    ZeroSeq { id: DeltaId },
+    #[error("delta {id}: change bytes are not one Automerge change: {source}")]
+    BadChange {
+        id: DeltaId,
+        #[source]
+        source: automerge::LoadChangeError,
+    },
+    #[error("delta {id}: change checksum does not match its content")]
+    BadChecksum { id: DeltaId },
+    #[error("delta {id}: change is {len} bytes, over the limit of {max}")]
+    TooLarge { id: DeltaId, len: usize, max: usize },
+}
+
+/// Largest change payload a delta may carry (16 MiB); bigger edits are split by the app.
+pub const MAX_CHANGE_BYTES: usize = 16 << 20;
+
+/// What a delta does to its document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeltaBody {
+    /// One Automerge change, in its binary form.
+    Change(Vec<u8>),
+    /// The document is deleted. Deletion is final: later changes are kept (peers may still
+    /// need them) but the document stays deleted on every node.
+    Tombstone,
+}
+
+/// One local commit on one document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub id: DeltaId,
+    pub doc: DocId,
+    pub body: DeltaBody,
+}
+
+impl Delta {
+    /// Checks the delta: a positive seq and, for a change, bytes that decode as exactly one
+    /// Automerge change (its checksum included). Returns the decoded change.
+    pub fn validate(&self) -> Result<Option<automerge::Change>, DeltaError> {
+        if self.id.seq == 0 {
+            return Err(DeltaError::ZeroSeq { id: self.id });
+        }
+        match &self.body {
+            DeltaBody::Tombstone => Ok(None),
+            DeltaBody::Change(bytes) => {
+                if bytes.len() > MAX_CHANGE_BYTES {
+                    return Err(DeltaError::TooLarge {
+                        id: self.id,
+                        len: bytes.len(),
+                        max: MAX_CHANGE_BYTES,
+                    });
+                }
+                let change = automerge::Change::try_from(bytes.as_slice()).map_err(|source| {
+                    DeltaError::BadChange {
+                        id: self.id,
+                        source,
+                    }
+                })?;
+                // Automerge's parser does not check the header checksum; it is the first four
+                // bytes of the change hash, so a flipped bit anywhere is caught here.
+                if bytes.get(4..8) != Some(&change.hash().0[..4]) {
+                    return Err(DeltaError::BadChecksum { id: self.id });
+                }
+                Ok(Some(change))
+            }
+        }
+    }
+
+    /// Approximate encoded size, used to bound batches.
+    pub fn encoded_len(&self) -> usize {
+        let body = match &self.body {
+            DeltaBody::Change(b) => b.len() + 5,
+            DeltaBody::Tombstone => 1,
+        };
+        32 + 10 + 16 + body
+    }
+
+    /// The change payload, if this delta carries one.
+    pub fn change_bytes(&self) -> Option<&[u8]> {
+        match &self.body {
+            DeltaBody::Change(b) => Some(b),
+            DeltaBody::Tombstone => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::NodeId;
+    use automerge::transaction::Transactable;
+
+    fn id(seq: u64) -> DeltaId {
+        DeltaId {
+            origin: NodeId::from_bytes([1; 32]),
+            seq,
+        }
+    }
+
+    fn change_bytes() -> Vec<u8> {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "k", 1).unwrap();
+        tx.commit();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    }
+
+    #[test]
+    fn good_change_validates() {
+        let d = Delta {
+            id: id(1),
+            doc: DocId::from_bytes([0; 16]),
+            body: DeltaBody::Change(change_bytes()),
+        };
+        assert!(d.validate().unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_changes_are_errors_not_panics() {
+        let good = change_bytes();
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0; 10],
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0]].concat(),
+            [good.clone(), good.clone()].concat(),
+        ];
+        for i in 0..good.len() {
+            let mut flipped = good.clone();
+            flipped[i] ^= 0x55;
+            cases.push(flipped);
+        }
+        for (i, bytes) in cases.into_iter().enumerate() {
+            let d = Delta {
+                id: id(1),
+                doc: DocId::from_bytes([0; 16]),
+                body: DeltaBody::Change(bytes),
+            };
+            assert!(d.validate().is_err(), "case {i} accepted");
+        }
+        let zero = Delta {
+            id: id(0),
+            doc: DocId::from_bytes([0; 16]),
+            body: DeltaBody::Tombstone,
+        };
+        assert!(zero.validate().is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! # tandem-crdt
+//!
+//! The IO-free core of tandem: node and document identities ([`NodeId`], [`DocId`]), the unit
+//! of replication ([`Delta`]), the node clock ([`VersionVector`]) and the sans-IO sync
+//! [`Engine`], plus the JSON view of Automerge documents ([`json`], [`pointer`]).
+//!
+//! Nothing here does IO: no sockets, no files, no clocks, no threads. The daemon crate carries
+//! out what the engine asks for; tests and simulators drive it directly.
+
+pub mod clock;
+pub mod delta;
+pub mod engine;
+pub mod id;
+pub mod json;
+pub mod pointer;
+
+pub use automerge;
+pub use clock::{Causality, LamportClock, VersionVector};
+pub use delta::{Delta, DeltaBody, DeltaError};
+pub use engine::{Action, CatchUp, DeltaStore, Engine, Input, MemStore, Source};
+pub use id::{DeltaId, DocId, IdError, NodeId};
+pub use pointer::{PathError, Pointer};
+
+/// The Automerge actor id for `node` in its `incarnation`-th process start. Actors are never
+/// reused across processes, so two runs of one node can never make two different changes with
+/// the same actor and sequence number.
+pub fn actor_id(node: &NodeId, incarnation: u64) -> automerge::ActorId {
+    let mut bytes = Vec::with_capacity(40);
+    bytes.extend_from_slice(node.as_bytes());
+    bytes.extend_from_slice(&incarnation.to_be_bytes());
+    automerge::ActorId::from(bytes)
+}
