@@ -3,7 +3,6 @@
 //! engine; a final catch-up between every pair fills what random delivery missed. Every replica
 //! must end with identical heads and identical JSON for every document, and identical clocks.
 
-
 #![allow(clippy::unwrap_used)]
 use std::collections::BTreeMap;
 

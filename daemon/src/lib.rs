@@ -1,1 +1,49 @@
+//! # tandem
+//!
+//! An offline-first sync daemon and embeddable library for JSON-like documents. Every document
+//! is an Automerge CRDT: apps read and write at local speed, online or not, and nodes converge
+//! without conflicts whenever they can reach each other.
+//!
+//! This crate is both the library ([`Node`]) and the `tandemd` daemon.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use serde_json::json;
+//! use tandem::{Config, Node};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let node = Node::open(Config::new(dir.path())).await?;
+//!
+//! // Create a document from JSON, then edit it by JSON Pointer.
+//! let doc = node.create(Some(json!({"title": "groceries", "items": []}))).await?;
+//! node.insert(doc, "/items/-", json!("milk")).await?;
+//! node.splice_text(doc, "/title", 0, 0, "weekly ").await?;
+//! assert_eq!(node.get(doc, "").await?, json!({"title": "weekly groceries", "items": ["milk"]}));
+//!
+//! // Or edit through an Automerge transaction.
+//! use automerge::transaction::Transactable;
+//! node.change(doc, |tx| {
+//!     tx.put(automerge::ROOT, "done", false)?;
+//!     Ok(())
+//! }).await?;
+//! assert_eq!(node.get(doc, "/done").await?, json!(false));
+//!
+//! // Every call above returned only after its change was durable on disk.
+//! node.close().await?;
+//! # Ok(()) }
+//! ```
 
+mod cache;
+mod error;
+mod identity;
+mod node;
+pub mod store;
+
+pub use automerge;
+pub use error::Error;
+pub use identity::Identity;
+pub use node::{Config, Event, Node, Subscription, SubscriptionError};
+pub use store::{DocInfo, Durability, StoreStats};
+pub use tandem_crdt as crdt;
+pub use tandem_crdt::{DocId, NodeId, Source};

@@ -1,0 +1,169 @@
+//! The document cache: loaded Automerge documents, bounded by an LRU so a node with 100k
+//! documents holds only the recently used ones. An entry someone is still using (a write
+//! waiting for its commit, a reader) is never evicted, so a reload can never miss a change
+//! that is applied in memory but not yet committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::Automerge;
+use tandem_crdt::DocId;
+use tokio::sync::OnceCell;
+
+/// A loaded document.
+pub(crate) struct DocState {
+    pub am: Automerge,
+    pub deleted: bool,
+}
+
+/// One cache slot; loaded at most once, by whoever gets there first.
+#[derive(Default)]
+pub(crate) struct DocEntry {
+    state: OnceCell<Mutex<DocState>>,
+}
+
+impl DocEntry {
+    pub fn loaded(state: DocState) -> Self {
+        Self {
+            state: OnceCell::from(Mutex::new(state)),
+        }
+    }
+
+    pub fn cell(&self) -> &OnceCell<Mutex<DocState>> {
+        &self.state
+    }
+
+    /// Locks the loaded state. A poisoned lock (a panic in an app's closure) still holds a
+    /// consistent document: Automerge rolls back an unfinished transaction when it is dropped.
+    pub fn lock(&self) -> Option<MutexGuard<'_, DocState>> {
+        self.state
+            .get()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+pub(crate) struct DocCache {
+    map: HashMap<DocId, (Arc<DocEntry>, u64)>,
+    order: BTreeMap<u64, DocId>,
+    tick: u64,
+    cap: usize,
+}
+
+impl DocCache {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    /// The entry for `doc`, made empty if absent; marks it most recently used.
+    pub fn get_or_insert(&mut self, doc: DocId) -> Arc<DocEntry> {
+        self.upsert(doc, None)
+    }
+
+    /// Puts an already loaded document in the cache.
+    pub fn insert_loaded(&mut self, doc: DocId, state: DocState) -> Arc<DocEntry> {
+        self.upsert(doc, Some(Arc::new(DocEntry::loaded(state))))
+    }
+
+    fn upsert(&mut self, doc: DocId, fresh: Option<Arc<DocEntry>>) -> Arc<DocEntry> {
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = match self.map.get_mut(&doc) {
+            Some((entry, old)) => {
+                self.order.remove(old);
+                *old = tick;
+                if let Some(f) = fresh {
+                    *entry = f;
+                }
+                entry.clone()
+            }
+            None => {
+                let entry = fresh.unwrap_or_default();
+                self.map.insert(doc, (entry.clone(), tick));
+                entry
+            }
+        };
+        self.order.insert(tick, doc);
+        self.evict();
+        entry
+    }
+
+    /// Drops least recently used entries nobody holds until the cache is within its bound.
+    fn evict(&mut self) {
+        if self.map.len() <= self.cap {
+            return;
+        }
+        let mut excess = self.map.len() - self.cap;
+        let victims: Vec<(u64, DocId)> = self
+            .order
+            .iter()
+            .filter(|(_, doc)| {
+                self.map
+                    .get(doc)
+                    .is_some_and(|(e, _)| Arc::strong_count(e) == 1)
+            })
+            .take(excess)
+            .map(|(t, d)| (*t, *d))
+            .collect();
+        for (t, doc) in victims {
+            self.order.remove(&t);
+            self.map.remove(&doc);
+            excess -= 1;
+        }
+        if excess > 0 {
+            tracing::trace!(excess, "document cache over its bound: entries in use");
+        }
+    }
+
+    /// Forgets an entry that turned out not to exist.
+    pub fn forget_if_unloaded(&mut self, doc: DocId) {
+        if let Some((entry, tick)) = self.map.get(&doc)
+            && entry.cell().get().is_none()
+        {
+            let tick = *tick;
+            self.order.remove(&tick);
+            self.map.remove(&doc);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(i: u8) -> DocId {
+        DocId::from_bytes([i; 16])
+    }
+
+    fn state() -> DocState {
+        DocState {
+            am: Automerge::new(),
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_but_never_an_entry_in_use() {
+        let mut c = DocCache::new(2);
+        let held = c.insert_loaded(d(1), state());
+        c.insert_loaded(d(2), state());
+        c.get_or_insert(d(2));
+        c.insert_loaded(d(3), state());
+        // d(1) is oldest but held: d(2) goes instead.
+        assert_eq!(c.len(), 2);
+        assert!(c.map.contains_key(&d(1)));
+        assert!(!c.map.contains_key(&d(2)));
+        drop(held);
+        c.insert_loaded(d(4), state());
+        assert!(!c.map.contains_key(&d(1)));
+        assert_eq!(c.len(), 2);
+    }
+}

@@ -1,0 +1,148 @@
+//! The node's identity: an Ed25519 key pair kept as PKCS#8 in `<data dir>/identity.key`, mode
+//! 0600, made on first start. The public key is the [`NodeId`].
+
+use std::fs;
+use std::io::Write as _;
+use std::path::Path;
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use tandem_crdt::NodeId;
+
+use crate::Error;
+
+/// The file name inside the data dir.
+pub const KEY_FILE: &str = "identity.key";
+
+/// A loaded identity.
+pub struct Identity {
+    pkcs8: Vec<u8>,
+    id: NodeId,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The private key as PKCS#8 DER (for TLS certificates).
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    fn from_pkcs8(pkcs8: Vec<u8>, path: &Path) -> Result<Self, Error> {
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| Error::Identity {
+            path: path.to_path_buf(),
+            why: format!("not an Ed25519 PKCS#8 key: {e}"),
+        })?;
+        let mut pk = [0u8; 32];
+        pk.copy_from_slice(pair.public_key().as_ref());
+        Ok(Self {
+            pkcs8,
+            id: NodeId::from_bytes(pk),
+        })
+    }
+
+    /// Loads the key from `dir`, or makes one if there is none.
+    pub fn load_or_create(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join(KEY_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                tighten_permissions(&path)?;
+                Self::from_pkcs8(bytes, &path)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let rng = ring::rand::SystemRandom::new();
+                let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| Error::Identity {
+                    path: path.clone(),
+                    why: format!("cannot generate a key: {e}"),
+                })?;
+                write_private(&path, doc.as_ref())?;
+                tracing::info!(path = %path.display(), "created a new node identity");
+                Self::from_pkcs8(doc.as_ref().to_vec(), &path)
+            }
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Reads the node id from a data dir without taking its lock (the CLI uses this).
+    pub fn read_id(dir: &Path) -> Result<NodeId, Error> {
+        let path = dir.join(KEY_FILE);
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self::from_pkcs8(bytes, &path)?.id)
+    }
+}
+
+/// Writes `bytes` to `path` with mode 0600, atomically (temp file, fsync, rename).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn tighten_permissions(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "identity key was readable by others; setting mode 0600");
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_made_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path()).unwrap();
+        let b = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.id(), b.id());
+        assert_eq!(Identity::read_id(dir.path()).unwrap(), a.id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn garbage_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(KEY_FILE), b"not a key").unwrap();
+        let err = Identity::load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("identity.key"), "{err}");
+    }
+}

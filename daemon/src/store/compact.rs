@@ -1,0 +1,113 @@
+//! The compactor thread: folds a document's deltas into an Automerge snapshot, so opening the
+//! document costs about one snapshot load however many deltas it has. It reads through the read
+//! pool (a consistent WAL snapshot) and hands the result to the writer, which applies it only if
+//! nothing newer was recorded meanwhile. Delta rows stay: peers may still need them.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, mpsc};
+
+use rusqlite::{OptionalExtension, params};
+use tandem_crdt::{DeltaId, DocId, VersionVector};
+
+use super::writer::Request;
+use super::{ReadPool, StoreError, Write};
+
+pub(super) struct Compactor {
+    readers: Arc<ReadPool>,
+    writer: mpsc::Sender<Request>,
+}
+
+impl Compactor {
+    pub(super) fn new(readers: Arc<ReadPool>, writer: mpsc::Sender<Request>) -> Self {
+        Self { readers, writer }
+    }
+
+    pub(super) fn run(self, rx: mpsc::Receiver<DocId>) {
+        while let Ok(first) = rx.recv() {
+            let mut docs = BTreeSet::from([first]);
+            docs.extend(rx.try_iter());
+            for doc in docs {
+                match self.readers.with(|conn| fold(conn, doc)) {
+                    Ok(Some(write)) => {
+                        let (reply, _ignored) = tokio::sync::oneshot::channel();
+                        if self.writer.send(Request::Write { write, reply }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(%doc, error = %e, "compaction failed; deltas stay as they are")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds the snapshot write for `doc`, or `None` if there is nothing to fold.
+pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Write>, StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    let key = doc.as_bytes().as_slice();
+    type Row = (Option<Vec<u8>>, Option<Vec<u8>>, i64);
+    let row: Option<Row> = tx
+        .query_row(
+            "SELECT snapshot, snapshot_clock, snapshot_upto FROM documents WHERE doc = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((snapshot, clock, upto)) = row else {
+        return Ok(None);
+    };
+    let corrupt = |why: String| StoreError::Corrupt {
+        table: "documents",
+        why,
+    };
+    let mut clock: VersionVector = match clock {
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?,
+        None => VersionVector::new(),
+    };
+    let mut am = match &snapshot {
+        Some(bytes) => automerge::Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?,
+        None => automerge::Automerge::new(),
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT rowid, origin, seq, change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
+    )?;
+    let mut rows = stmt.query(params![key, upto])?;
+    let mut last = upto;
+    let mut changes = Vec::new();
+    while let Some(r) = rows.next()? {
+        last = r.get(0)?;
+        let origin: Vec<u8> = r.get(1)?;
+        let seq: i64 = r.get(2)?;
+        clock.insert(DeltaId {
+            origin: super::node_id_from(&origin, "deltas")?,
+            seq: seq.max(0) as u64,
+        });
+        if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(3)? {
+            changes.push(
+                automerge::Change::try_from(bytes.as_slice())
+                    .map_err(|e| corrupt(e.to_string()))?,
+            );
+        }
+    }
+    if last == upto {
+        return Ok(None);
+    }
+    am.apply_changes(changes)
+        .map_err(|e| corrupt(e.to_string()))?;
+    if !automerge::ReadDoc::get_missing_deps(&am, &[]).is_empty() {
+        // Some change waits for a dependency not received yet; a snapshot would drop it.
+        tracing::trace!(%doc, "not compacting: changes wait for missing dependencies");
+        return Ok(None);
+    }
+    let snapshot = am.save();
+    tracing::trace!(%doc, bytes = snapshot.len(), "compacted");
+    Ok(Some(Write::Snapshot {
+        doc,
+        snapshot,
+        clock,
+        upto: last,
+    }))
+}

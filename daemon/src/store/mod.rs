@@ -1,0 +1,509 @@
+//! The SQLite store: deltas, documents (with compacted snapshots) and the node clock.
+//!
+//! One writer thread owns the only write connection and does group commit: requests that
+//! arrive while it is busy are written together in one transaction with one fsync, and each
+//! caller is answered only after that commit. Readers use a small pool of read-only
+//! connections; WAL lets them run while the writer commits. A background compactor folds a
+//! document's deltas into an Automerge snapshot so that opening it costs about one load.
+
+mod compact;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tandem_crdt::{Delta, DeltaBody, DeltaId, DeltaStore, DocId, NodeId, VersionVector};
+use tokio::sync::oneshot;
+
+pub use schema::SCHEMA_VERSION;
+use writer::Request;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the database has schema version {found}, newer than this build supports ({supported}); upgrade tandem"
+    )]
+    TooNew { found: i64, supported: i64 },
+    #[error("the database belongs to node {stored}, but the identity key is {key}")]
+    IdentityMismatch { stored: String, key: String },
+    #[error("a commit failed ({0}); the store refuses further writes until it is reopened")]
+    CommitFailed(String),
+    #[error("the store is closed")]
+    Closed,
+    #[error("corrupt row in {table}: {why}")]
+    Corrupt { table: &'static str, why: String },
+}
+
+/// How hard a commit pushes data to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced before it is acknowledged (the default).
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: a power loss may drop the last commits; a process crash cannot.
+    Normal,
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// Fold a document into a snapshot once it has this many deltas outside one.
+    pub compact_after: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            compact_after: 64,
+        }
+    }
+}
+
+/// What the store remembered from earlier runs.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// This run's incarnation, one more than the last run's.
+    pub incarnation: u64,
+    /// The node clock: exactly the deltas stored.
+    pub clock: VersionVector,
+}
+
+/// A write for the writer thread.
+pub enum Write {
+    /// Store deltas (idempotently) and advance the clock; `heads` sets the current heads of
+    /// documents whose state the caller knows.
+    Deltas {
+        deltas: Vec<Delta>,
+        heads: Vec<(DocId, Vec<automerge::ChangeHash>)>,
+        /// Runs on the writer thread right after the commit succeeds (before the reply).
+        after_commit: Option<Box<dyn FnOnce() + Send>>,
+    },
+    /// Record a compacted snapshot of `doc` covering every delta with rowid `<= upto`.
+    Snapshot {
+        doc: DocId,
+        snapshot: Vec<u8>,
+        clock: VersionVector,
+        upto: i64,
+    },
+}
+
+/// A document as stored: what [`Store::load_doc`] returns.
+#[derive(Debug, Default)]
+pub struct StoredDoc {
+    pub snapshot: Option<Vec<u8>>,
+    /// Change bytes not in the snapshot, in arrival order.
+    pub changes: Vec<Vec<u8>>,
+    pub deleted: bool,
+}
+
+/// A row of the document list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DocInfo {
+    pub id: DocId,
+    pub heads: Vec<automerge::ChangeHash>,
+    /// Bytes needed to load it: snapshot plus changes not yet folded in.
+    pub size: u64,
+    /// Unix milliseconds of the last delta.
+    pub updated_at: i64,
+    pub deleted: bool,
+}
+
+/// Counts for status pages and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub documents: u64,
+    pub deltas: u64,
+    pub snapshots: u64,
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+const MAX_IDLE_READERS: usize = 4;
+
+impl ReadPool {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let conn = match conn {
+            Some(c) => c,
+            None => open_reader(&self.path)?,
+        };
+        let out = f(&conn);
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(conn);
+        }
+        out
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// The store: a handle to the writer thread plus the read pool.
+pub struct Store {
+    requests: mpsc::Sender<Request>,
+    readers: Arc<ReadPool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` for node `node`, migrates it, bumps
+    /// the incarnation and starts the writer and compactor threads.
+    pub fn open(
+        path: &Path,
+        node: NodeId,
+        opts: StoreOptions,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match opts.durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            },
+        )?;
+        schema::migrate(&mut conn)?;
+
+        let tx = conn.transaction()?;
+        let stored: Option<Vec<u8>> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match stored {
+            Some(bytes) if bytes != node.as_bytes() => {
+                return Err(StoreError::IdentityMismatch {
+                    stored: node_id_from(&bytes, "meta")
+                        .map_or_else(|e| e.to_string(), |n| n.to_string()),
+                    key: node.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('node_id', ?1)",
+                    [node.as_bytes().as_slice()],
+                )?;
+            }
+        }
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'incarnation'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let incarnation = last.unwrap_or(0) as u64 + 1;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('incarnation', ?1)",
+            [incarnation as i64],
+        )?;
+        tx.commit()?;
+        let clock = load_clock(&conn)?;
+        tracing::debug!(%node, incarnation, deltas = clock.count(), "store opened");
+
+        let readers = Arc::new(ReadPool {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        });
+        let (requests, rx) = mpsc::channel();
+        let (compact_tx, compact_rx) = mpsc::channel();
+        let writer = writer::Writer::new(
+            conn,
+            clock.clone(),
+            compact_tx,
+            i64::from(opts.compact_after),
+        );
+        let w = std::thread::Builder::new()
+            .name("tandem-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::CommitFailed(format!("cannot start writer thread: {e}")))?;
+        let compactor = compact::Compactor::new(readers.clone(), requests.clone());
+        let c = std::thread::Builder::new()
+            .name("tandem-compact".into())
+            .spawn(move || compactor.run(compact_rx))
+            .map_err(|e| StoreError::CommitFailed(format!("cannot start compactor thread: {e}")))?;
+        Ok((
+            Store {
+                requests,
+                readers,
+                threads: Mutex::new(vec![w, c]),
+            },
+            Recovered { incarnation, clock },
+        ))
+    }
+
+    /// Queues a write; the receiver answers after its commit. Writes are committed in the order
+    /// they are submitted.
+    pub fn submit(&self, write: Write) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        // A send error means the writer is gone; the dropped reply then reads as Closed.
+        let _ = self.requests.send(Request::Write { write, reply });
+        rx
+    }
+
+    /// Submits and waits for the commit.
+    pub async fn write(&self, write: Write) -> Result<(), StoreError> {
+        self.submit(write).await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Runs `f` on a read connection, on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || pool.with(f))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read connection on this thread (for callers already off the runtime).
+    pub fn read_blocking<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.readers.with(f)
+    }
+
+    /// Finishes every queued write, then stops the threads. Idempotent.
+    pub fn close(&self) {
+        let _ = self.requests.send(Request::Shutdown);
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads a document: its snapshot and the changes after it, in one read transaction so the
+/// two agree. `None` if the store has never seen the document.
+pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    let row: Option<(Option<Vec<u8>>, i64, bool)> = tx
+        .query_row(
+            "SELECT snapshot, snapshot_upto, deleted FROM documents WHERE doc = ?1",
+            [doc.as_bytes().as_slice()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((snapshot, upto, deleted)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT change FROM deltas WHERE doc = ?1 AND rowid > ?2 AND kind = 0 ORDER BY rowid",
+    )?;
+    let changes = stmt
+        .query_map(params![doc.as_bytes().as_slice(), upto], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(StoredDoc {
+        snapshot,
+        changes,
+        deleted,
+    }))
+}
+
+/// Lists documents, most recently updated first.
+pub fn list_docs(conn: &Connection, include_deleted: bool) -> Result<Vec<DocInfo>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT doc, heads, size, updated_at, deleted FROM documents
+         WHERE deleted = 0 OR ?1 ORDER BY updated_at DESC, doc",
+    )?;
+    let rows = stmt.query_map([include_deleted], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, bool>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (doc, heads, size, updated_at, deleted) = row?;
+        out.push(DocInfo {
+            id: doc_id_from(&doc)?,
+            heads: heads_from(&heads)?,
+            size: size.max(0) as u64,
+            updated_at,
+            deleted,
+        });
+    }
+    Ok(out)
+}
+
+/// Row counts.
+pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
+    let q = |sql: &str| {
+        conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+    };
+    Ok(StoreStats {
+        documents: q("SELECT count(*) FROM documents WHERE deleted = 0")?,
+        deltas: q("SELECT count(*) FROM deltas")?,
+        snapshots: q("SELECT count(*) FROM documents WHERE snapshot IS NOT NULL")?,
+    })
+}
+
+fn load_clock(conn: &Connection) -> Result<VersionVector, StoreError> {
+    let mut stmt = conn.prepare("SELECT origin, prefix, extra FROM clock")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    let mut parts = Vec::new();
+    for row in rows {
+        let (origin, prefix, extra) = row?;
+        let extra: Vec<(u64, u64)> =
+            postcard::from_bytes(&extra).map_err(|e| StoreError::Corrupt {
+                table: "clock",
+                why: e.to_string(),
+            })?;
+        parts.push((node_id_from(&origin, "clock")?, prefix.max(0) as u64, extra));
+    }
+    Ok(VersionVector::from_parts(parts))
+}
+
+fn node_id_from(bytes: &[u8], table: &'static str) -> Result<NodeId, StoreError> {
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        table,
+        why: format!("node id of {} bytes", bytes.len()),
+    })?;
+    Ok(NodeId::from_bytes(arr))
+}
+
+fn doc_id_from(bytes: &[u8]) -> Result<DocId, StoreError> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        table: "documents",
+        why: format!("doc id of {} bytes", bytes.len()),
+    })?;
+    Ok(DocId::from_bytes(arr))
+}
+
+pub(crate) fn heads_to_bytes(heads: &[automerge::ChangeHash]) -> Vec<u8> {
+    heads.iter().flat_map(|h| h.0).collect()
+}
+
+fn heads_from(bytes: &[u8]) -> Result<Vec<automerge::ChangeHash>, StoreError> {
+    if !bytes.len().is_multiple_of(32) {
+        return Err(StoreError::Corrupt {
+            table: "documents",
+            why: "heads not a multiple of 32 bytes".into(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            automerge::ChangeHash(h)
+        })
+        .collect())
+}
+
+fn delta_from_row(r: &rusqlite::Row<'_>) -> Result<Delta, StoreError> {
+    let origin: Vec<u8> = r.get(0)?;
+    let seq: i64 = r.get(1)?;
+    let doc: Vec<u8> = r.get(2)?;
+    let kind: i64 = r.get(3)?;
+    let change: Option<Vec<u8>> = r.get(4)?;
+    let body = match (kind, change) {
+        (0, Some(bytes)) => DeltaBody::Change(bytes),
+        (1, _) => DeltaBody::Tombstone,
+        (k, _) => {
+            return Err(StoreError::Corrupt {
+                table: "deltas",
+                why: format!("kind {k} without a change"),
+            });
+        }
+    };
+    Ok(Delta {
+        id: DeltaId {
+            origin: node_id_from(&origin, "deltas")?,
+            seq: seq.max(0) as u64,
+        },
+        doc: doc_id_from(&doc)?,
+        body,
+    })
+}
+
+/// The SQLite store answers the engine's catch-up questions. Blocking: call it off the async
+/// runtime.
+impl DeltaStore for Store {
+    type Error = StoreError;
+
+    fn load_range(
+        &self,
+        origin: &NodeId,
+        seqs: std::ops::RangeInclusive<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<Delta>, StoreError> {
+        self.read_blocking(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT origin, seq, doc, kind, change FROM deltas
+                 WHERE origin = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq",
+            )?;
+            let lo = i64::try_from(*seqs.start()).unwrap_or(i64::MAX);
+            let hi = i64::try_from(*seqs.end()).unwrap_or(i64::MAX);
+            let mut rows = stmt.query(params![origin.as_bytes().as_slice(), lo, hi])?;
+            let mut out = Vec::new();
+            let mut used = 0;
+            while let Some(row) = rows.next()? {
+                let d = delta_from_row(row)?;
+                used += d.encoded_len();
+                if !out.is_empty() && used > max_bytes {
+                    break;
+                }
+                out.push(d);
+            }
+            Ok(out)
+        })
+    }
+}

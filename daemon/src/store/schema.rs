@@ -1,0 +1,72 @@
+//! The SQLite schema and its migrations, keyed on `PRAGMA user_version`. Each migration runs in
+//! its own transaction; a database newer than this build is refused rather than guessed at.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Every delta this node holds, from any origin. The implicit rowid orders deltas by arrival,
+    -- which is what a document snapshot records as covered.
+    CREATE TABLE deltas (
+        origin      BLOB    NOT NULL,
+        seq         INTEGER NOT NULL,
+        doc         BLOB    NOT NULL,
+        kind        INTEGER NOT NULL,   -- 0 = Automerge change, 1 = tombstone
+        change      BLOB,
+        received_at INTEGER NOT NULL,   -- unix milliseconds
+        PRIMARY KEY (origin, seq)
+    );
+    CREATE INDEX deltas_by_doc ON deltas (doc);
+
+    CREATE TABLE documents (
+        doc             BLOB    PRIMARY KEY,
+        snapshot        BLOB,              -- Automerge save() of the deltas folded so far
+        snapshot_clock  BLOB,              -- postcard VersionVector of the deltas in snapshot
+        snapshot_upto   INTEGER NOT NULL DEFAULT 0,  -- deltas with rowid <= this are in snapshot
+        pending         INTEGER NOT NULL DEFAULT 0,  -- deltas not yet folded into snapshot
+        heads           BLOB    NOT NULL DEFAULT x'',
+        size            INTEGER NOT NULL DEFAULT 0,  -- bytes to load: snapshot + pending changes
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        deleted         INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    -- The node clock: per origin a contiguous prefix and the ranges held above it.
+    CREATE TABLE clock (
+        origin BLOB    PRIMARY KEY,
+        prefix INTEGER NOT NULL,
+        extra  BLOB    NOT NULL       -- postcard Vec<(u64, u64)>
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// Brings the database to [`SCHEMA_VERSION`].
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)?;
+        tx.commit()?;
+        tracing::debug!(from, to = from + 1, "migrated schema");
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The writer thread: owns the write connection and does group commit. It takes every request
+//! already queued (up to a bound), writes them in one transaction, commits once (one fsync), and
+//! only then answers each caller. After a failed commit it refuses all later writes: its view of
+//! the clock can no longer be trusted, and reopening recovers from what is on disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc;
+
+use rusqlite::{Connection, Transaction, params};
+use tandem_crdt::{DeltaBody, DocId, NodeId, VersionVector};
+use tokio::sync::oneshot;
+
+use super::{StoreError, Write, heads_to_bytes, now_ms};
+
+pub(super) enum Request {
+    Write {
+        write: Write,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Shutdown,
+}
+
+/// Most requests folded into one transaction.
+const MAX_GROUP: usize = 512;
+
+pub(super) struct Writer {
+    conn: Connection,
+    clock: VersionVector,
+    compact: mpsc::Sender<DocId>,
+    compact_after: i64,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct DocDelta {
+    pending: i64,
+    size: i64,
+    deleted: bool,
+    heads: Option<Vec<u8>>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        clock: VersionVector,
+        compact: mpsc::Sender<DocId>,
+        compact_after: i64,
+    ) -> Self {
+        Self {
+            conn,
+            clock,
+            compact,
+            compact_after: compact_after.max(1),
+            failed: None,
+        }
+    }
+
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let mut shutdown = false;
+        while !shutdown {
+            let Ok(first) = rx.recv() else { break };
+            let mut group = Vec::new();
+            match first {
+                Request::Write { write, reply } => group.push((write, reply)),
+                Request::Shutdown => break,
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(Request::Write { write, reply }) => group.push((write, reply)),
+                    Ok(Request::Shutdown) => {
+                        shutdown = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    fn commit_group(&mut self, group: Vec<(Write, oneshot::Sender<Result<(), StoreError>>)>) {
+        if let Some(why) = &self.failed {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::CommitFailed(why.clone())));
+            }
+            return;
+        }
+        let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let before = self.clock.clone();
+        let result = self.apply(&writes);
+        let n = replies.len();
+        match result {
+            Ok(to_compact) => {
+                tracing::trace!(requests = n, "group committed");
+                for w in writes {
+                    if let Write::Deltas {
+                        after_commit: Some(f),
+                        ..
+                    } = w
+                    {
+                        f();
+                    }
+                }
+                for doc in to_compact {
+                    let _ = self.compact.send(doc);
+                }
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(error = %why, "commit failed; refusing further writes");
+                self.clock = before;
+                self.failed = Some(why.clone());
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::CommitFailed(why.clone())));
+                }
+            }
+        }
+    }
+
+    /// Writes a group in one transaction; returns the documents now due for compaction.
+    fn apply(&mut self, writes: &[Write]) -> Result<Vec<DocId>, StoreError> {
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        let mut docs: BTreeMap<DocId, DocDelta> = BTreeMap::new();
+        let mut origins: BTreeSet<NodeId> = BTreeSet::new();
+        let mut due = Vec::new();
+        for write in writes {
+            match write {
+                Write::Deltas { deltas, heads, .. } => {
+                    let mut ins = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO deltas (origin, seq, doc, kind, change, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?;
+                    for d in deltas {
+                        let seq = i64::try_from(d.id.seq).map_err(|_| StoreError::Corrupt {
+                            table: "deltas",
+                            why: format!("seq {} out of range", d.id.seq),
+                        })?;
+                        let (kind, change) = match &d.body {
+                            DeltaBody::Change(b) => (0, Some(b.as_slice())),
+                            DeltaBody::Tombstone => (1, None),
+                        };
+                        let inserted = ins.execute(params![
+                            d.id.origin.as_bytes().as_slice(),
+                            seq,
+                            d.doc.as_bytes().as_slice(),
+                            kind,
+                            change,
+                            now
+                        ])?;
+                        if inserted == 1 {
+                            self.clock.insert(d.id);
+                            origins.insert(d.id.origin);
+                            let e = docs.entry(d.doc).or_default();
+                            e.pending += 1;
+                            e.size += change.map_or(0, |c| c.len() as i64);
+                            e.deleted |= kind == 1;
+                        }
+                    }
+                    for (doc, h) in heads {
+                        docs.entry(*doc).or_default().heads = Some(heads_to_bytes(h));
+                    }
+                }
+                Write::Snapshot {
+                    doc,
+                    snapshot,
+                    clock,
+                    upto,
+                } => write_snapshot(&tx, *doc, snapshot, clock, *upto)?,
+            }
+        }
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO documents (doc, created_at, updated_at) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (doc) DO NOTHING",
+            )?;
+            let mut update = tx.prepare_cached(
+                "UPDATE documents SET pending = pending + ?2, size = size + ?3, updated_at = ?4,
+                     deleted = max(deleted, ?5), heads = coalesce(?6, heads)
+                 WHERE doc = ?1 RETURNING pending",
+            )?;
+            for (doc, d) in &docs {
+                let key = doc.as_bytes().as_slice();
+                upsert.execute(params![key, now])?;
+                let pending: i64 = update.query_row(
+                    params![key, d.pending, d.size, now, d.deleted, d.heads],
+                    |r| r.get(0),
+                )?;
+                if d.pending > 0
+                    && pending >= self.compact_after
+                    && pending - d.pending < self.compact_after
+                {
+                    due.push(*doc);
+                }
+            }
+            let mut clock = tx.prepare_cached(
+                "INSERT OR REPLACE INTO clock (origin, prefix, extra) VALUES (?1, ?2, ?3)",
+            )?;
+            for origin in &origins {
+                if let Some(set) = self.clock.origin(origin) {
+                    let extra =
+                        postcard::to_allocvec(set.extra()).map_err(|e| StoreError::Corrupt {
+                            table: "clock",
+                            why: e.to_string(),
+                        })?;
+                    clock.execute(params![
+                        origin.as_bytes().as_slice(),
+                        set.prefix() as i64,
+                        extra
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(due)
+    }
+}
+
+fn write_snapshot(
+    tx: &Transaction<'_>,
+    doc: DocId,
+    snapshot: &[u8],
+    clock: &VersionVector,
+    upto: i64,
+) -> Result<(), StoreError> {
+    let clock = postcard::to_allocvec(clock).map_err(|e| StoreError::Corrupt {
+        table: "documents",
+        why: e.to_string(),
+    })?;
+    let key = doc.as_bytes().as_slice();
+    // Only move forward: a slower compaction of an older state must not replace a newer one.
+    tx.execute(
+        "UPDATE documents SET snapshot = ?2, snapshot_clock = ?3, snapshot_upto = ?4,
+             pending = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid > ?4),
+             size = length(?2) + (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1 AND rowid > ?4)
+         WHERE doc = ?1 AND snapshot_upto < ?4",
+        params![key, snapshot, clock, upto],
+    )?;
+    Ok(())
+}

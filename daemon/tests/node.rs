@@ -1,0 +1,352 @@
+//! The embeddable API end to end on a real data dir: documents, paths, durability across
+//! reopen, bad input, subscriptions, compaction, the LRU bound and concurrent writers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use tandem::crdt::{DeltaStore, PathError};
+use tandem::{Config, DocId, Error, Node, Source, SubscriptionError};
+
+async fn open(dir: &std::path::Path) -> Node {
+    Node::open(Config::new(dir)).await.unwrap()
+}
+
+#[tokio::test]
+async fn documents_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let id = node.id();
+    let inc = node.incarnation();
+    let doc = node
+        .create(Some(json!({"title": "hello", "tags": ["a"]})))
+        .await
+        .unwrap();
+    node.put(doc, "/n", json!(1)).await.unwrap();
+    node.insert(doc, "/tags/0", json!("z")).await.unwrap();
+    node.delete_at(doc, "/tags/1").await.unwrap();
+    node.splice_text(doc, "/title", 5, 0, ", world")
+        .await
+        .unwrap();
+    node.update_text(doc, "/title", "hello, wide world")
+        .await
+        .unwrap();
+    let empty = node.create(None).await.unwrap();
+    let heads = node.heads(doc).await.unwrap();
+    let clock = node.clock();
+    assert_eq!(clock.count(), 7);
+    node.close().await.unwrap();
+    drop(node);
+
+    let node = open(dir.path()).await;
+    assert_eq!(node.id(), id, "identity is kept");
+    assert_eq!(
+        node.incarnation(),
+        inc + 1,
+        "every start is a new incarnation"
+    );
+    assert_eq!(node.clock(), clock);
+    assert_eq!(node.heads(doc).await.unwrap(), heads);
+    assert_eq!(
+        node.get(doc, "").await.unwrap(),
+        json!({"title": "hello, wide world", "tags": ["z"], "n": 1})
+    );
+    assert_eq!(node.get(empty, "").await.unwrap(), json!({}));
+    let list = node.list().await.unwrap();
+    assert_eq!(list.len(), 2);
+    let info = list.iter().find(|i| i.id == doc).unwrap();
+    assert_eq!(info.heads, heads);
+    assert!(info.size > 0 && info.updated_at > 0);
+    // A write after restart uses the new actor and continues the origin's sequence.
+    node.put(doc, "/n", json!(2)).await.unwrap();
+    assert_eq!(node.clock().max_seq(&id), 8);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_typed_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node
+        .create(Some(json!({"n": 1, "t": "text", "l": [1, 2]})))
+        .await
+        .unwrap();
+    let clock = node.clock();
+    let unknown = DocId::from_bytes([9; 16]);
+
+    assert!(matches!(node.get(unknown, "").await, Err(Error::DocNotFound(d)) if d == unknown));
+    assert!(matches!(
+        node.put(unknown, "/a", json!(1)).await,
+        Err(Error::DocNotFound(_))
+    ));
+    assert!(matches!(
+        node.get(doc, "nope").await,
+        Err(Error::Path(PathError::Syntax { .. }))
+    ));
+    assert!(matches!(
+        node.get(doc, "/zz").await,
+        Err(Error::Path(PathError::NotFound { .. }))
+    ));
+    assert!(matches!(
+        node.put(doc, "/n/x", json!(1)).await,
+        Err(Error::Path(PathError::TypeMismatch { .. }))
+    ));
+    assert!(matches!(
+        node.splice_text(doc, "/n", 0, 0, "x").await,
+        Err(Error::Path(PathError::TypeMismatch { .. }))
+    ));
+    assert!(matches!(
+        node.insert(doc, "/l/9", json!(1)).await,
+        Err(Error::Path(PathError::OutOfRange { .. }))
+    ));
+    assert!(matches!(
+        node.create(Some(json!([1]))).await,
+        Err(Error::NotAnObject(_))
+    ));
+    assert!(matches!(
+        node.put(doc, "", json!("x")).await,
+        Err(Error::Path(PathError::TypeMismatch { .. }))
+    ));
+    // A closure that fails writes nothing, even after making edits.
+    let r = node
+        .change(doc, |tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "half", 1)?;
+            Err::<(), _>(Error::app("changed my mind"))
+        })
+        .await;
+    assert!(matches!(r, Err(Error::App(_))));
+
+    // Imports: garbage, truncated and empty files.
+    let good = node.export(doc).await.unwrap();
+    for bad in [
+        b"garbage".to_vec(),
+        good[..good.len() / 2].to_vec(),
+        good[..good.len() - 1].to_vec(),
+        Vec::new(),
+    ] {
+        assert!(
+            matches!(node.import(&bad).await, Err(Error::CorruptImport(_))),
+            "{} bytes",
+            bad.len()
+        );
+    }
+    assert_eq!(node.clock(), clock, "nothing was written");
+    assert_eq!(node.list().await.unwrap().len(), 1);
+    assert_eq!(
+        node.get(doc, "").await.unwrap(),
+        json!({"n": 1, "t": "text", "l": [1, 2]})
+    );
+
+    // A second process (here: a second open) on the same data dir.
+    let second = Node::open(Config::new(dir.path())).await;
+    let err = second.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn export_import_round_trip_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node
+        .create(Some(json!({"a": {"b": [1, "two"]}})))
+        .await
+        .unwrap();
+    node.put(doc, "/c", json!(true)).await.unwrap();
+    let bytes = node.export(doc).await.unwrap();
+    assert!(automerge::Automerge::load(&bytes).is_ok());
+    let copy = node.import(&bytes).await.unwrap();
+    assert_ne!(copy, doc);
+    assert_eq!(
+        node.get(copy, "").await.unwrap(),
+        node.get(doc, "").await.unwrap()
+    );
+    assert_eq!(
+        node.heads(copy).await.unwrap(),
+        node.heads(doc).await.unwrap()
+    );
+    node.put(copy, "/c", json!(false)).await.unwrap();
+
+    node.delete(doc).await.unwrap();
+    node.delete(doc).await.unwrap();
+    assert!(matches!(node.get(doc, "").await, Err(Error::DocDeleted(_))));
+    assert!(matches!(
+        node.put(doc, "/x", json!(1)).await,
+        Err(Error::DocDeleted(_))
+    ));
+    assert_eq!(
+        node.list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>(),
+        vec![copy]
+    );
+    node.close().await.unwrap();
+    drop(node);
+    let node = open(dir.path()).await;
+    assert!(matches!(node.get(doc, "").await, Err(Error::DocDeleted(_))));
+    assert_eq!(node.get(copy, "/c").await.unwrap(), json!(false));
+}
+
+#[tokio::test]
+async fn subscribers_see_local_changes_with_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let mut all = node.subscribe(None).unwrap();
+    let doc = node.create(Some(json!({"k": 1}))).await.unwrap();
+    let other = node.create(None).await.unwrap();
+    let mut one = node.subscribe(Some(doc)).unwrap();
+    node.put(other, "/x", json!(1)).await.unwrap();
+    node.put(doc, "/k", json!(2)).await.unwrap();
+    let heads_after_put = node.heads(doc).await.unwrap();
+    node.delete(doc).await.unwrap();
+
+    let e = all.recv().await.unwrap();
+    assert_eq!((e.doc, e.source), (doc, Source::Local));
+    assert!(!e.patches.is_empty());
+    assert_eq!(all.recv().await.unwrap().doc, other);
+    assert_eq!(all.recv().await.unwrap().doc, other);
+
+    let e = one.recv().await.unwrap();
+    assert_eq!(e.doc, doc);
+    assert_eq!(e.heads, heads_after_put);
+    assert_eq!(e.patches.len(), 1);
+    let e = one.recv().await.unwrap();
+    assert!(e.deleted);
+    node.close().await.unwrap();
+    assert_eq!(one.recv().await.unwrap_err(), SubscriptionError::Closed);
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_told_it_lagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path());
+    cfg.event_buffer = 4;
+    let node = Node::open(cfg).await.unwrap();
+    let mut sub = node.subscribe(None).unwrap();
+    let doc = node.create(None).await.unwrap();
+    for i in 0..10 {
+        node.put(doc, "/i", json!(i)).await.unwrap();
+    }
+    assert!(matches!(sub.recv().await, Err(SubscriptionError::Lagged(n)) if n > 0));
+    assert!(
+        sub.recv().await.is_ok(),
+        "after the gap report, events continue"
+    );
+}
+
+#[tokio::test]
+async fn compaction_folds_deltas_into_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path());
+    cfg.compact_after = 10;
+    let node = Node::open(cfg.clone()).await.unwrap();
+    let doc = node.create(Some(json!({"text": ""}))).await.unwrap();
+    for i in 0..35 {
+        node.splice_text(doc, "/text", i, 0, "x").await.unwrap();
+    }
+    let mut snapshots = 0;
+    for _ in 0..200 {
+        snapshots = node.stats().await.unwrap().0.snapshots;
+        if snapshots == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(snapshots, 1, "compactor made a snapshot");
+    let (stats, _) = node.stats().await.unwrap();
+    assert_eq!(stats.deltas, 36, "delta rows stay for peers");
+    let want = node.get(doc, "").await.unwrap();
+    node.close().await.unwrap();
+    drop(node);
+    let node = Node::open(cfg).await.unwrap();
+    assert_eq!(node.get(doc, "").await.unwrap(), want);
+    node.splice_text(doc, "/text", 0, 0, "y").await.unwrap();
+}
+
+#[tokio::test]
+async fn cache_is_bounded_and_evicted_documents_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path());
+    cfg.cache_docs = 8;
+    let node = Node::open(cfg).await.unwrap();
+    let mut docs = Vec::new();
+    for i in 0..40 {
+        docs.push(node.create(Some(json!({"i": i}))).await.unwrap());
+    }
+    assert!(node.stats().await.unwrap().1 <= 8);
+    for (i, doc) in docs.iter().enumerate() {
+        node.put(*doc, "/j", json!(i)).await.unwrap();
+        assert_eq!(node.get(*doc, "").await.unwrap(), json!({"i": i, "j": i}));
+    }
+    assert!(node.stats().await.unwrap().1 <= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let shared = node.create(Some(json!({"list": []}))).await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let own = node.create(None).await.unwrap();
+            for i in 0..20 {
+                node.put(own, "/i", json!(i)).await.unwrap();
+                node.insert(shared, "/list/-", json!(w * 100 + i))
+                    .await
+                    .unwrap();
+            }
+            own
+        }));
+    }
+    let mut own = Vec::new();
+    for t in tasks {
+        own.push(t.await.unwrap());
+    }
+    let clock = node.clock();
+    assert_eq!(clock.count(), 1 + 16 * 41);
+    node.close().await.unwrap();
+    drop(node);
+    let node = open(dir.path()).await;
+    assert_eq!(node.clock(), clock);
+    let list = node.get(shared, "/list").await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 16 * 20);
+    for doc in own {
+        assert_eq!(node.get(doc, "/i").await.unwrap(), json!(19));
+    }
+}
+
+#[tokio::test]
+async fn sqlite_store_answers_catch_up_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node.create(None).await.unwrap();
+    for i in 0..30 {
+        node.put(doc, "/i", json!(i)).await.unwrap();
+    }
+    let me = node.id();
+    node.close().await.unwrap();
+    drop(node);
+    let (store, rec) =
+        tandem::store::Store::open(&dir.path().join("tandem.db"), me, Default::default()).unwrap();
+    let engine = tandem::crdt::Engine::new(me, rec.clock.clone());
+    let mut peer = tandem::crdt::VersionVector::new();
+    peer.insert_range(me, 1, 10);
+    let mut plan = engine.catch_up(&peer);
+    let mut seqs = Vec::new();
+    while let Some(batch) = plan.next_batch(&store, 300).unwrap() {
+        assert!(batch.len() == 1 || batch.iter().map(|d| d.encoded_len()).sum::<usize>() <= 300);
+        for d in &batch {
+            d.validate().unwrap();
+        }
+        seqs.extend(batch.iter().map(|d| d.id.seq));
+    }
+    assert_eq!(seqs, (11..=31).collect::<Vec<_>>());
+    let direct = store.load_range(&me, 5..=6, usize::MAX).unwrap();
+    assert_eq!(direct.len(), 2);
+}
