@@ -100,29 +100,49 @@ impl OriginSet {
         set
     }
 
-    /// Adds `lo..=hi`; returns whether anything was new.
+    /// Adds `lo..=hi`; returns whether anything was new. O(log n) to find the place, plus
+    /// the ranges it merges.
     pub fn insert_range(&mut self, lo: u64, hi: u64) -> bool {
-        let (lo, hi) = (lo.max(1), hi);
+        // Seqs up to the prefix are held already.
+        let lo = lo.max(1).max(self.prefix.saturating_add(1));
         if lo > hi {
             return false;
         }
         // Hot path: the next delta in order.
-        if lo == self.prefix + 1 && self.extra.first().is_none_or(|r| r.0 > hi + 1) {
+        if lo == self.prefix + 1
+            && self
+                .extra
+                .first()
+                .is_none_or(|r| r.0 > hi.saturating_add(1))
+        {
             self.prefix = hi;
             return true;
         }
-        if self.covers(lo, hi) {
+        // First range that ends at or after lo - 1 (touching or overlapping).
+        let i = self.extra.partition_point(|r| r.1.saturating_add(1) < lo);
+        if let Some(&(a, b)) = self.extra.get(i)
+            && a <= lo
+            && hi <= b
+        {
             return false;
         }
-        let mut all = self.intervals();
-        let pos = all.partition_point(|r| r.0 < lo);
-        all.insert(pos, (lo, hi));
-        *self = Self::from_intervals(all);
+        let (mut new_lo, mut new_hi) = (lo, hi);
+        let mut j = i;
+        while let Some(&(a, b)) = self.extra.get(j) {
+            if a > hi.saturating_add(1) {
+                break;
+            }
+            new_lo = new_lo.min(a);
+            new_hi = new_hi.max(b);
+            j += 1;
+        }
+        if new_lo <= self.prefix.saturating_add(1) {
+            self.prefix = new_hi;
+            self.extra.drain(i..j);
+        } else {
+            self.extra.splice(i..j, [(new_lo, new_hi)]);
+        }
         true
-    }
-
-    fn covers(&self, lo: u64, hi: u64) -> bool {
-        hi <= self.prefix || self.extra.iter().any(|&(a, b)| a <= lo && hi <= b)
     }
 
     fn union(&self, other: &Self) -> Self {
@@ -506,6 +526,27 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn insert_range_matches_a_set_model(ops in proptest::collection::vec((0u64..50, 0u64..8), 0..40)) {
+            let mut set = OriginSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (lo, len) in ops {
+                let hi = lo + len;
+                let expect_new = (lo.max(1)..=hi).any(|s| !model.contains(&s));
+                prop_assert_eq!(set.insert_range(lo, hi), expect_new);
+                model.extend(lo.max(1)..=hi);
+                let got: std::collections::BTreeSet<u64> = (1..=60).filter(|s| set.contains(*s)).collect();
+                prop_assert_eq!(&got, &model);
+                prop_assert_eq!(set.count(), model.len() as u64);
+                // Canonical: ranges sorted, disjoint, not adjacent, above prefix + 1.
+                let mut prev = set.prefix();
+                for &(a, b) in set.extra() {
+                    prop_assert!(a > prev + 1 && a <= b);
+                    prev = b;
+                }
+            }
+        }
+
         #[test]
         fn join_is_commutative(a in arb_vv(), b in arb_vv()) {
             prop_assert_eq!(joined(&a, &b), joined(&b, &a));

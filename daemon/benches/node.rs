@@ -1,1 +1,193 @@
-fn main() {}
+//! Write and open benchmarks for `tandem::Node`, printed as one table from one run.
+//!
+//! `cargo bench -p tandem --bench node` (env `BENCH_WRITES`, default 20000; `BENCH_DOCS`,
+//! default 10000). It measures:
+//! - sequential acknowledged writes/s (one task, each write durable before the next);
+//! - 16 concurrent writers' acknowledged writes/s (group commit shares fsyncs);
+//! - bare Automerge commits/s of the same edits, no storage: the limit;
+//! - cold open of a node holding `BENCH_DOCS` documents: time and peak RSS, in a fresh process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use automerge::Automerge;
+use serde_json::json;
+use tandem::crdt::{Pointer, pointer};
+use tandem::{Config, Node};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The edit every variant makes: set `/n` to `i` in a small document.
+fn path() -> Pointer {
+    Pointer::parse("/n").unwrap()
+}
+
+fn bare_automerge(writes: usize, docs: usize) -> f64 {
+    let mut ams: Vec<Automerge> = (0..docs).map(|_| Automerge::new()).collect();
+    let p = path();
+    let start = Instant::now();
+    for i in 0..writes {
+        let am = &mut ams[i % docs];
+        am.transact(|tx| pointer::put(tx, &p, &json!(i))).unwrap();
+    }
+    writes as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn sequential(node: &Node, writes: usize) -> f64 {
+    let doc = node.create(None).await.unwrap();
+    let start = Instant::now();
+    for i in 0..writes {
+        node.put(doc, "/n", json!(i)).await.unwrap();
+    }
+    writes as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn concurrent(node: &Node, writers: usize, writes: usize) -> f64 {
+    let mut docs = Vec::new();
+    for _ in 0..writers {
+        docs.push(node.create(None).await.unwrap());
+    }
+    let per = writes / writers;
+    let start = Instant::now();
+    let tasks: Vec<_> = docs
+        .into_iter()
+        .map(|doc| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                for i in 0..per {
+                    node.put(doc, "/n", json!(i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (per * writers) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Child mode: open the node, list its documents, read one, report time and peak RSS.
+async fn child_open(dir: &str) {
+    let start = Instant::now();
+    let node = Node::open(Config::new(dir)).await.unwrap();
+    let opened = start.elapsed();
+    let list = node.list().await.unwrap();
+    let first = node.get(list[0].id, "").await.unwrap();
+    let listed = start.elapsed();
+    assert!(first.is_object());
+    println!(
+        "{} {} {} {}",
+        list.len(),
+        opened.as_micros(),
+        listed.as_micros(),
+        peak_rss_kib()
+    );
+}
+
+async fn populate(dir: &std::path::Path, docs: usize) -> Duration {
+    let node = Node::open(Config::new(dir)).await.unwrap();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                for i in (w..docs).step_by(16) {
+                    let doc = node
+                        .create(Some(
+                            json!({"title": format!("doc {i}"), "items": [1, 2, 3]}),
+                        ))
+                        .await
+                        .unwrap();
+                    node.put(doc, "/n", json!(i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    node.close().await.unwrap();
+    took
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child-open") {
+        child_open(&args[i + 1]).await;
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` probes harness=false benches
+    }
+    let writes = env_usize("BENCH_WRITES", 20_000);
+    let docs = env_usize("BENCH_DOCS", 10_000);
+    let dir = tempfile::tempdir().unwrap();
+
+    let bare = bare_automerge(writes, 16);
+    let mut cfg = Config::new(dir.path().join("w"));
+    if std::env::var("BENCH_DURABILITY").as_deref() == Ok("normal") {
+        cfg.durability = tandem::Durability::Normal;
+    }
+    let node = Node::open(cfg).await.unwrap();
+    let seq = sequential(&node, writes / 4).await;
+    let conc = concurrent(&node, 16, writes).await;
+    node.close().await.unwrap();
+    drop(node);
+
+    let big = dir.path().join("big");
+    let fill = populate(&big, docs).await;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--child-open", big.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert_eq!(
+        f.len(),
+        4,
+        "child said: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    println!("tandem node benchmark (durability=full, {writes} writes, 2 worker threads)");
+    println!("  bare automerge commits (limit)      {bare:>10.0} /s");
+    println!(
+        "  sequential acknowledged writes      {seq:>10.0} /s   ({:.1}% of limit)",
+        100.0 * seq / bare
+    );
+    println!(
+        "  16 writers acknowledged writes      {conc:>10.0} /s   ({:.1}% of limit; target >= 60%)",
+        100.0 * conc / bare
+    );
+    println!(
+        "  populate {docs} docs (2 writes each)  {:>10.2} s",
+        fill.as_secs_f64()
+    );
+    println!(
+        "  cold open of {} docs: open {:.1} ms, open+list+read {:.1} ms, peak RSS {:.1} MB (target < 100 MB)",
+        f[0],
+        f[1] as f64 / 1000.0,
+        f[2] as f64 / 1000.0,
+        f[3] as f64 / 1024.0
+    );
+}

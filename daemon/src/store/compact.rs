@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, mpsc};
 
 use rusqlite::{OptionalExtension, params};
-use tandem_crdt::{DeltaId, DocId, VersionVector};
+use tandem_crdt::DocId;
 
 use super::writer::Request;
 use super::{ReadPool, StoreError, Write};
@@ -48,44 +48,33 @@ impl Compactor {
 pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Write>, StoreError> {
     let tx = conn.unchecked_transaction()?;
     let key = doc.as_bytes().as_slice();
-    type Row = (Option<Vec<u8>>, Option<Vec<u8>>, i64);
-    let row: Option<Row> = tx
+    let row: Option<(Option<Vec<u8>>, i64)> = tx
         .query_row(
-            "SELECT snapshot, snapshot_clock, snapshot_upto FROM documents WHERE doc = ?1",
+            "SELECT snapshot, snapshot_upto FROM documents WHERE doc = ?1",
             [key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let Some((snapshot, clock, upto)) = row else {
+    let Some((snapshot, upto)) = row else {
         return Ok(None);
     };
     let corrupt = |why: String| StoreError::Corrupt {
         table: "documents",
         why,
     };
-    let mut clock: VersionVector = match clock {
-        Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?,
-        None => VersionVector::new(),
-    };
     let mut am = match &snapshot {
         Some(bytes) => automerge::Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?,
         None => automerge::Automerge::new(),
     };
     let mut stmt = tx.prepare_cached(
-        "SELECT rowid, origin, seq, change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
+        "SELECT rowid, change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
     )?;
     let mut rows = stmt.query(params![key, upto])?;
     let mut last = upto;
     let mut changes = Vec::new();
     while let Some(r) = rows.next()? {
         last = r.get(0)?;
-        let origin: Vec<u8> = r.get(1)?;
-        let seq: i64 = r.get(2)?;
-        clock.insert(DeltaId {
-            origin: super::node_id_from(&origin, "deltas")?,
-            seq: seq.max(0) as u64,
-        });
-        if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(3)? {
+        if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(1)? {
             changes.push(
                 automerge::Change::try_from(bytes.as_slice())
                     .map_err(|e| corrupt(e.to_string()))?,
@@ -107,7 +96,7 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
     Ok(Some(Write::Snapshot {
         doc,
         snapshot,
-        clock,
+        heads: am.get_heads(),
         upto: last,
     }))
 }

@@ -87,11 +87,12 @@ pub enum Write {
         /// Runs on the writer thread right after the commit succeeds (before the reply).
         after_commit: Option<Box<dyn FnOnce() + Send>>,
     },
-    /// Record a compacted snapshot of `doc` covering every delta with rowid `<= upto`.
+    /// Record a compacted snapshot of `doc` (with its heads) covering every delta with rowid
+    /// `<= upto`.
     Snapshot {
         doc: DocId,
         snapshot: Vec<u8>,
-        clock: VersionVector,
+        heads: Vec<automerge::ChangeHash>,
         upto: i64,
     },
 }

@@ -33,9 +33,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE documents (
         doc             BLOB    PRIMARY KEY,
         snapshot        BLOB,              -- Automerge save() of the deltas folded so far
-        snapshot_clock  BLOB,              -- postcard VersionVector of the deltas in snapshot
+        snapshot_heads  BLOB,              -- Automerge heads of the snapshot: the clock it covers
         snapshot_upto   INTEGER NOT NULL DEFAULT 0,  -- deltas with rowid <= this are in snapshot
         pending         INTEGER NOT NULL DEFAULT 0,  -- deltas not yet folded into snapshot
+        folded          INTEGER NOT NULL DEFAULT 0,  -- deltas folded into snapshot
         heads           BLOB    NOT NULL DEFAULT x'',
         size            INTEGER NOT NULL DEFAULT 0,  -- bytes to load: snapshot + pending changes
         created_at      INTEGER NOT NULL,

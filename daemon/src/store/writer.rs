@@ -121,9 +121,19 @@ impl Writer {
         }
     }
 
+    /// Whether a document whose pending count just grew by `added` to `pending` should be
+    /// compacted: once it passes `max(compact_after, folded / 8)` (so compaction work stays
+    /// linear in the document's history and loading applies at most ~1/8 of it as changes),
+    /// and again every `compact_after` deltas in case a compaction was skipped.
+    fn due(compact_after: i64, pending: i64, folded: i64, added: i64) -> bool {
+        let threshold = compact_after.max(folded / 8);
+        pending >= threshold && (pending - threshold) % compact_after < added
+    }
+
     /// Writes a group in one transaction; returns the documents now due for compaction.
     fn apply(&mut self, writes: &[Write]) -> Result<Vec<DocId>, StoreError> {
         let now = now_ms();
+        let compact_after = self.compact_after;
         let tx = self.conn.transaction()?;
         let mut docs: BTreeMap<DocId, DocDelta> = BTreeMap::new();
         let mut origins: BTreeSet<NodeId> = BTreeSet::new();
@@ -168,9 +178,9 @@ impl Writer {
                 Write::Snapshot {
                     doc,
                     snapshot,
-                    clock,
+                    heads,
                     upto,
-                } => write_snapshot(&tx, *doc, snapshot, clock, *upto)?,
+                } => write_snapshot(&tx, *doc, snapshot, heads, *upto)?,
             }
         }
         {
@@ -181,19 +191,16 @@ impl Writer {
             let mut update = tx.prepare_cached(
                 "UPDATE documents SET pending = pending + ?2, size = size + ?3, updated_at = ?4,
                      deleted = max(deleted, ?5), heads = coalesce(?6, heads)
-                 WHERE doc = ?1 RETURNING pending",
+                 WHERE doc = ?1 RETURNING pending, folded",
             )?;
             for (doc, d) in &docs {
                 let key = doc.as_bytes().as_slice();
                 upsert.execute(params![key, now])?;
-                let pending: i64 = update.query_row(
+                let (pending, folded): (i64, i64) = update.query_row(
                     params![key, d.pending, d.size, now, d.deleted, d.heads],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
-                if d.pending > 0
-                    && pending >= self.compact_after
-                    && pending - d.pending < self.compact_after
-                {
+                if d.pending > 0 && Self::due(compact_after, pending, folded, d.pending) {
                     due.push(*doc);
                 }
             }
@@ -224,21 +231,19 @@ fn write_snapshot(
     tx: &Transaction<'_>,
     doc: DocId,
     snapshot: &[u8],
-    clock: &VersionVector,
+    heads: &[automerge::ChangeHash],
     upto: i64,
 ) -> Result<(), StoreError> {
-    let clock = postcard::to_allocvec(clock).map_err(|e| StoreError::Corrupt {
-        table: "documents",
-        why: e.to_string(),
-    })?;
+    let heads = heads_to_bytes(heads);
     let key = doc.as_bytes().as_slice();
     // Only move forward: a slower compaction of an older state must not replace a newer one.
     tx.execute(
-        "UPDATE documents SET snapshot = ?2, snapshot_clock = ?3, snapshot_upto = ?4,
+        "UPDATE documents SET snapshot = ?2, snapshot_heads = ?3, snapshot_upto = ?4,
              pending = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid > ?4),
+             folded = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid <= ?4),
              size = length(?2) + (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1 AND rowid > ?4)
          WHERE doc = ?1 AND snapshot_upto < ?4",
-        params![key, snapshot, clock, upto],
+        params![key, snapshot, heads, upto],
     )?;
     Ok(())
 }
