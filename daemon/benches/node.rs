@@ -23,35 +23,77 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The edit every variant makes: set `/n` to `i` in a small document.
-fn path() -> Pointer {
-    Pointer::parse("/n").unwrap()
+/// The edits measured; every variant (bare Automerge, sequential, concurrent) makes the same.
+#[derive(Clone, Copy, Debug)]
+enum Edit {
+    /// Set `/n` to `i`: the smallest possible change.
+    Scalar,
+    /// Append a to-do item `{"title": "item i", "done": false}` to `/items`.
+    TodoItem,
 }
 
-fn bare_automerge(writes: usize, docs: usize) -> f64 {
-    let mut ams: Vec<Automerge> = (0..docs).map(|_| Automerge::new()).collect();
-    let p = path();
+impl Edit {
+    fn path(self) -> &'static str {
+        match self {
+            Edit::Scalar => "/n",
+            Edit::TodoItem => "/items/-",
+        }
+    }
+
+    fn value(self, i: usize) -> serde_json::Value {
+        match self {
+            Edit::Scalar => json!(i),
+            Edit::TodoItem => json!({"title": format!("item {i}"), "done": false}),
+        }
+    }
+
+    fn initial() -> serde_json::Value {
+        json!({"items": []})
+    }
+
+    async fn apply(self, node: &Node, doc: tandem::DocId, i: usize) {
+        match self {
+            Edit::Scalar => node.put(doc, self.path(), self.value(i)).await.unwrap(),
+            Edit::TodoItem => node.insert(doc, self.path(), self.value(i)).await.unwrap(),
+        }
+    }
+}
+
+fn bare_automerge(edit: Edit, writes: usize, docs: usize) -> f64 {
+    let mut ams: Vec<Automerge> = (0..docs)
+        .map(|_| {
+            let mut am = Automerge::new();
+            am.transact(|tx| pointer::put(tx, &Pointer::root(), &Edit::initial()))
+                .unwrap();
+            am
+        })
+        .collect();
+    let p = Pointer::parse(edit.path()).unwrap();
     let start = Instant::now();
     for i in 0..writes {
         let am = &mut ams[i % docs];
-        am.transact(|tx| pointer::put(tx, &p, &json!(i))).unwrap();
+        am.transact(|tx| match edit {
+            Edit::Scalar => pointer::put(tx, &p, &edit.value(i)),
+            Edit::TodoItem => pointer::insert(tx, &p, &edit.value(i)),
+        })
+        .unwrap();
     }
     writes as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn sequential(node: &Node, writes: usize) -> f64 {
-    let doc = node.create(None).await.unwrap();
+async fn sequential(node: &Node, edit: Edit, writes: usize) -> f64 {
+    let doc = node.create(Some(Edit::initial())).await.unwrap();
     let start = Instant::now();
     for i in 0..writes {
-        node.put(doc, "/n", json!(i)).await.unwrap();
+        edit.apply(node, doc, i).await;
     }
     writes as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn concurrent(node: &Node, writers: usize, writes: usize) -> f64 {
+async fn concurrent(node: &Node, edit: Edit, writers: usize, writes: usize) -> f64 {
     let mut docs = Vec::new();
     for _ in 0..writers {
-        docs.push(node.create(None).await.unwrap());
+        docs.push(node.create(Some(Edit::initial())).await.unwrap());
     }
     let per = writes / writers;
     let start = Instant::now();
@@ -61,7 +103,7 @@ async fn concurrent(node: &Node, writers: usize, writes: usize) -> f64 {
             let node = node.clone();
             tokio::spawn(async move {
                 for i in 0..per {
-                    node.put(doc, "/n", json!(i)).await.unwrap();
+                    edit.apply(&node, doc, i).await;
                 }
             })
         })
@@ -140,16 +182,21 @@ async fn main() {
     let docs = env_usize("BENCH_DOCS", 10_000);
     let dir = tempfile::tempdir().unwrap();
 
-    let bare = bare_automerge(writes, 16);
-    let mut cfg = Config::new(dir.path().join("w"));
+    let mut durability = tandem::Durability::Full;
     if std::env::var("BENCH_DURABILITY").as_deref() == Ok("normal") {
-        cfg.durability = tandem::Durability::Normal;
+        durability = tandem::Durability::Normal;
     }
-    let node = Node::open(cfg).await.unwrap();
-    let seq = sequential(&node, writes / 4).await;
-    let conc = concurrent(&node, 16, writes).await;
-    node.close().await.unwrap();
-    drop(node);
+    let mut rows = Vec::new();
+    for edit in [Edit::Scalar, Edit::TodoItem] {
+        let bare = bare_automerge(edit, writes, 16);
+        let mut cfg = Config::new(dir.path().join(format!("{edit:?}")));
+        cfg.durability = durability;
+        let node = Node::open(cfg).await.unwrap();
+        let seq = sequential(&node, edit, writes / 4).await;
+        let conc = concurrent(&node, edit, 16, writes).await;
+        node.close().await.unwrap();
+        rows.push((edit, bare, seq, conc));
+    }
 
     let big = dir.path().join("big");
     let fill = populate(&big, docs).await;
@@ -169,16 +216,21 @@ async fn main() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    println!("tandem node benchmark (durability=full, {writes} writes, 2 worker threads)");
-    println!("  bare automerge commits (limit)      {bare:>10.0} /s");
     println!(
-        "  sequential acknowledged writes      {seq:>10.0} /s   ({:.1}% of limit)",
-        100.0 * seq / bare
+        "tandem node benchmark (durability={durability:?}, {writes} writes, 2 worker threads)"
     );
-    println!(
-        "  16 writers acknowledged writes      {conc:>10.0} /s   ({:.1}% of limit; target >= 60%)",
-        100.0 * conc / bare
-    );
+    for (edit, bare, seq, conc) in rows {
+        println!("  edit {edit:?}:");
+        println!("    bare automerge commits (limit)    {bare:>10.0} /s");
+        println!(
+            "    sequential acknowledged writes    {seq:>10.0} /s   ({:.1}% of limit)",
+            100.0 * seq / bare
+        );
+        println!(
+            "    16 writers acknowledged writes    {conc:>10.0} /s   ({:.1}% of limit; target >= 60%)",
+            100.0 * conc / bare
+        );
+    }
     println!(
         "  populate {docs} docs (2 writes each)  {:>10.2} s",
         fill.as_secs_f64()
