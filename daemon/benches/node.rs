@@ -191,6 +191,12 @@ async fn main() {
         let bare = bare_automerge(edit, writes, 16);
         let mut cfg = Config::new(dir.path().join(format!("{edit:?}")));
         cfg.durability = durability;
+        if let Some(n) = std::env::var("BENCH_COMPACT_AFTER")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            cfg.compact_after = n;
+        }
         let node = Node::open(cfg).await.unwrap();
         let seq = sequential(&node, edit, writes / 4).await;
         let conc = concurrent(&node, edit, 16, writes).await;

@@ -5,12 +5,18 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use rusqlite::{OptionalExtension, params};
 use tandem_crdt::DocId;
 
 use super::writer::Request;
 use super::{ReadPool, StoreError, Write};
+
+/// How long no document may become due before compaction starts.
+const QUIET: Duration = Duration::from_millis(200);
+/// The longest compaction waits for a quiet moment.
+const MAX_DELAY: Duration = Duration::from_secs(2);
 
 pub(super) struct Compactor {
     readers: Arc<ReadPool>,
@@ -24,8 +30,20 @@ impl Compactor {
 
     pub(super) fn run(self, rx: mpsc::Receiver<DocId>) {
         while let Ok(first) = rx.recv() {
+            // Debounce: a burst of writes keeps making documents due; compacting in the middle
+            // of it would redo the same work and steal CPU from the writers. Wait until writes
+            // pause (or a bounded time passes), then fold each due document once.
             let mut docs = BTreeSet::from([first]);
-            docs.extend(rx.try_iter());
+            let started = Instant::now();
+            while started.elapsed() < MAX_DELAY {
+                match rx.recv_timeout(QUIET) {
+                    Ok(doc) => {
+                        docs.insert(doc);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
             for doc in docs {
                 match self.readers.with(|conn| fold(conn, doc)) {
                     Ok(Some(write)) => {

@@ -122,11 +122,12 @@ impl Writer {
     }
 
     /// Whether a document whose pending count just grew by `added` to `pending` should be
-    /// compacted: once it passes `max(compact_after, folded / 8)` (so compaction work stays
-    /// linear in the document's history and loading applies at most ~1/8 of it as changes),
+    /// compacted: once it passes `max(compact_after, folded / 2)` (so the total compaction work
+    /// stays linear in the document's history and a load applies at most a third of it as
+    /// changes),
     /// and again every `compact_after` deltas in case a compaction was skipped.
     fn due(compact_after: i64, pending: i64, folded: i64, added: i64) -> bool {
-        let threshold = compact_after.max(folded / 8);
+        let threshold = compact_after.max(folded / 2);
         pending >= threshold && (pending - threshold) % compact_after < added
     }
 
