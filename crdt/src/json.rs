@@ -53,6 +53,18 @@ pub fn scalar_to_json(s: &ScalarValue) -> Json {
     }
 }
 
+/// The JSON type name of a value, for error messages.
+pub fn json_type(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "boolean",
+        Json::Number(_) => "number",
+        Json::String(_) => "string",
+        Json::Array(_) => "array",
+        Json::Object(_) => "object",
+    }
+}
+
 fn scalar_of(value: &Json) -> Option<ScalarValue> {
     Some(match value {
         Json::Null => ScalarValue::Null,

@@ -6,7 +6,7 @@ use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
 use serde_json::Value as Json;
 
-use crate::json::{insert_json, object_to_json, put_json, scalar_to_json};
+use crate::json::{insert_json, json_type, object_to_json, put_json, scalar_to_json};
 
 /// Why a path or an edit at a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -370,17 +370,6 @@ pub fn update_text<T: Transactable + ReadDoc>(
 ) -> Result<(), PathError> {
     let obj = text_at(tx, path)?;
     tx.update_text(&obj, new_text).map_err(am_err(path))
-}
-
-fn json_type(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "boolean",
-        Json::Number(_) => "number",
-        Json::String(_) => "string",
-        Json::Array(_) => "array",
-        Json::Object(_) => "object",
-    }
 }
 
 #[cfg(test)]

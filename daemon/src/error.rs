@@ -17,7 +17,7 @@ pub enum Error {
     Path(#[from] PathError),
     #[error(transparent)]
     Id(#[from] IdError),
-    #[error("a document's root must be a JSON object, not {0}")]
+    #[error("a document's root must be a JSON object, not a JSON {0}")]
     NotAnObject(&'static str),
     #[error("import refused, nothing was written: {0}")]
     CorruptImport(String),

@@ -179,17 +179,6 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
     b.create(dir).map_err(|e| Error::io(dir, e))
 }
 
-fn json_type(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
-}
-
 /// What a committed local write still has to do.
 struct Pending {
     rx: oneshot::Receiver<Result<(), StoreError>>,
@@ -395,6 +384,48 @@ impl Node {
         Pending { rx }
     }
 
+    /// The event for a local change from `before` to the document's current heads, if anyone
+    /// listens (patches cost a diff, so they are computed only then).
+    fn local_event(
+        &self,
+        doc: DocId,
+        am: &Automerge,
+        before: &[ChangeHash],
+        deleted: bool,
+    ) -> Option<Event> {
+        self.event_sender().map(|_| {
+            let heads = am.get_heads();
+            Event {
+                doc,
+                source: Source::Local,
+                patches: if deleted {
+                    Vec::new()
+                } else {
+                    am.diff(before, &heads)
+                },
+                heads,
+                deleted,
+            }
+        })
+    }
+
+    /// Caches a new document and commits the deltas that make it.
+    async fn commit_new(
+        &self,
+        doc: DocId,
+        am: Automerge,
+        bodies: Vec<DeltaBody>,
+    ) -> Result<(), Error> {
+        let heads = am.get_heads();
+        let event = self.local_event(doc, &am, &[], false);
+        let entry = self
+            .cache()
+            .insert_loaded(doc, DocState { am, deleted: false });
+        self.commit_local(doc, bodies, heads, event, entry)
+            .wait()
+            .await
+    }
+
     /// Changes a document through a closure on an Automerge transaction, and returns after the
     /// change is durable. If the closure fails, nothing is written. A closure that changes
     /// nothing writes nothing.
@@ -421,13 +452,7 @@ impl Node {
                     doc,
                     why: "commit made no local change".into(),
                 })?;
-            let event = self.event_sender().map(|_| Event {
-                doc,
-                source: Source::Local,
-                heads: after.clone(),
-                patches: st.am.diff(&before, &after),
-                deleted: false,
-            });
+            let event = self.local_event(doc, &st.am, &before, false);
             let body = DeltaBody::Change(change.raw_bytes().to_vec());
             (
                 out,
@@ -443,7 +468,7 @@ impl Node {
         if let Some(v) = &initial
             && !v.is_object()
         {
-            return Err(Error::NotAnObject(json_type(v)));
+            return Err(Error::NotAnObject(tandem_crdt::json::json_type(v)));
         }
         let doc = DocId::from_bytes(rand::random());
         let mut am = Automerge::new().with_actor(self.inner.actor.clone());
@@ -462,21 +487,8 @@ impl Node {
                 doc,
                 why: "no initial change".into(),
             })?;
-        let heads = am.get_heads();
-        let event = self.event_sender().map(|_| Event {
-            doc,
-            source: Source::Local,
-            heads: heads.clone(),
-            patches: am.diff(&[], &heads),
-            deleted: false,
-        });
-        let entry = self
-            .cache()
-            .insert_loaded(doc, DocState { am, deleted: false });
         let body = DeltaBody::Change(change.raw_bytes().to_vec());
-        self.commit_local(doc, vec![body], heads, event, entry)
-            .wait()
-            .await?;
+        self.commit_new(doc, am, vec![body]).await?;
         Ok(doc)
     }
 
@@ -499,13 +511,7 @@ impl Node {
             }
             st.deleted = true;
             let heads = st.am.get_heads();
-            let event = self.event_sender().map(|_| Event {
-                doc,
-                source: Source::Local,
-                heads: heads.clone(),
-                patches: Vec::new(),
-                deleted: true,
-            });
+            let event = self.local_event(doc, &st.am, &heads, true);
             self.commit_local(doc, vec![DeltaBody::Tombstone], heads, event, entry.clone())
         };
         pending.wait().await
@@ -607,20 +613,7 @@ impl Node {
             .collect();
         am.set_actor(self.inner.actor.clone());
         let doc = DocId::from_bytes(rand::random());
-        let heads = am.get_heads();
-        let event = self.event_sender().map(|_| Event {
-            doc,
-            source: Source::Local,
-            heads: heads.clone(),
-            patches: am.diff(&[], &heads),
-            deleted: false,
-        });
-        let entry = self
-            .cache()
-            .insert_loaded(doc, DocState { am, deleted: false });
-        self.commit_local(doc, bodies, heads, event, entry)
-            .wait()
-            .await?;
+        self.commit_new(doc, am, bodies).await?;
         Ok(doc)
     }
 }
