@@ -59,7 +59,9 @@ impl Edit {
     }
 }
 
-fn bare_automerge(edit: Edit, writes: usize, docs: usize) -> f64 {
+/// Bare Automerge commits; with `extract`, also fetch each commit's change bytes (what any
+/// store or sync must do, and what `get_last_local_change` recomputes from the op set).
+fn bare_automerge(edit: Edit, writes: usize, docs: usize, extract: bool) -> f64 {
     let mut ams: Vec<Automerge> = (0..docs)
         .map(|_| {
             let mut am = Automerge::new();
@@ -77,6 +79,10 @@ fn bare_automerge(edit: Edit, writes: usize, docs: usize) -> f64 {
             Edit::TodoItem => pointer::insert(tx, &p, &edit.value(i)),
         })
         .unwrap();
+        if extract {
+            let change = am.get_last_local_change().unwrap();
+            std::hint::black_box(change.raw_bytes().to_vec());
+        }
     }
     writes as f64 / start.elapsed().as_secs_f64()
 }
@@ -112,6 +118,16 @@ async fn concurrent(node: &Node, edit: Edit, writers: usize, writes: usize) -> f
         t.await.unwrap();
     }
     (per * writers) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn writer_counts(node: &Node) -> (u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = node.writer_stats();
+    (
+        s.commits.load(Relaxed),
+        s.writes.load(Relaxed),
+        s.commit_micros.load(Relaxed),
+    )
 }
 
 fn peak_rss_kib() -> u64 {
@@ -188,7 +204,8 @@ async fn main() {
     }
     let mut rows = Vec::new();
     for edit in [Edit::Scalar, Edit::TodoItem] {
-        let bare = bare_automerge(edit, writes, 16);
+        let bare = bare_automerge(edit, writes, 16, false);
+        let extract = bare_automerge(edit, writes, 16, true);
         let mut cfg = Config::new(dir.path().join(format!("{edit:?}")));
         cfg.durability = durability;
         if let Some(n) = std::env::var("BENCH_COMPACT_AFTER")
@@ -199,9 +216,17 @@ async fn main() {
         }
         let node = Node::open(cfg).await.unwrap();
         let seq = sequential(&node, edit, writes / 4).await;
+        let (c0, w0, m0) = writer_counts(&node);
         let conc = concurrent(&node, edit, 16, writes).await;
+        let (c1, w1, m1) = writer_counts(&node);
+        let commits = (c1 - c0).max(1) as f64;
+        eprintln!(
+            "{edit:?}: 16 writers: {:.1} writes per commit, {:.0} us per commit",
+            (w1 - w0) as f64 / commits,
+            (m1 - m0) as f64 / commits
+        );
         node.close().await.unwrap();
-        rows.push((edit, bare, seq, conc));
+        rows.push((edit, bare, extract, seq, conc));
     }
 
     let big = dir.path().join("big");
@@ -225,9 +250,10 @@ async fn main() {
     println!(
         "tandem node benchmark (durability={durability:?}, {writes} writes, 2 worker threads)"
     );
-    for (edit, bare, seq, conc) in rows {
+    for (edit, bare, extract, seq, conc) in rows {
         println!("  edit {edit:?}:");
         println!("    bare automerge commits (limit)    {bare:>10.0} /s");
+        println!("    bare commits + change bytes       {extract:>10.0} /s");
         println!(
             "    sequential acknowledged writes    {seq:>10.0} /s   ({:.1}% of limit)",
             100.0 * seq / bare

@@ -270,6 +270,11 @@ impl Node {
         Ok((s, self.cache().len()))
     }
 
+    /// The store's group-commit counters.
+    pub fn writer_stats(&self) -> &crate::store::WriterStats {
+        self.inner.store.writer_stats()
+    }
+
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.inner.engine.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 pub use schema::SCHEMA_VERSION;
 use writer::Request;
+pub use writer::WriterStats;
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +168,7 @@ pub struct Store {
     requests: mpsc::Sender<Request>,
     readers: Arc<ReadPool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    stats: Arc<WriterStats>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -239,12 +241,14 @@ impl Store {
             idle: Mutex::new(Vec::new()),
         });
         let (requests, rx) = mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
         let (compact_tx, compact_rx) = mpsc::channel();
         let writer = writer::Writer::new(
             conn,
             clock.clone(),
             compact_tx,
             i64::from(opts.compact_after),
+            stats.clone(),
         );
         let w = std::thread::Builder::new()
             .name("tandem-writer".into())
@@ -260,6 +264,7 @@ impl Store {
                 requests,
                 readers,
                 threads: Mutex::new(vec![w, c]),
+                stats,
             },
             Recovered { incarnation, clock },
         ))
@@ -272,6 +277,11 @@ impl Store {
         // A send error means the writer is gone; the dropped reply then reads as Closed.
         let _ = self.requests.send(Request::Write { write, reply });
         rx
+    }
+
+    /// The writer's counters: commits, writes, time spent committing.
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     /// Submits and waits for the commit.

@@ -4,7 +4,9 @@
 //! the clock can no longer be trusted, and reopening recovers from what is on disk.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use rusqlite::{Connection, Transaction, params};
 use tandem_crdt::{DeltaBody, DocId, NodeId, VersionVector};
@@ -23,7 +25,19 @@ pub(super) enum Request {
 /// Most requests folded into one transaction.
 const MAX_GROUP: usize = 512;
 
+/// Counters the writer keeps; read them through [`super::Store::writer_stats`].
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Write requests answered by those commits.
+    pub writes: AtomicU64,
+    /// Total time spent committing (SQL and fsync), in microseconds.
+    pub commit_micros: AtomicU64,
+}
+
 pub(super) struct Writer {
+    stats: Arc<WriterStats>,
     conn: Connection,
     clock: VersionVector,
     compact: mpsc::Sender<DocId>,
@@ -45,8 +59,10 @@ impl Writer {
         clock: VersionVector,
         compact: mpsc::Sender<DocId>,
         compact_after: i64,
+        stats: Arc<WriterStats>,
     ) -> Self {
         Self {
+            stats,
             conn,
             clock,
             compact,
@@ -88,8 +104,14 @@ impl Writer {
         }
         let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         let before = self.clock.clone();
+        let started = Instant::now();
         let result = self.apply(&writes);
         let n = replies.len();
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok(to_compact) => {
                 tracing::trace!(requests = n, "group committed");
