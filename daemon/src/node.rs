@@ -86,6 +86,22 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The same events as a [`futures_core::Stream`], for `StreamExt` combinators.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_core::Stream<Item = Result<Arc<Event>, SubscriptionError>> + Send + Unpin
+    {
+        use tokio_stream::StreamExt as _;
+        use tokio_stream::wrappers::BroadcastStream;
+        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+        let doc = self.doc;
+        BroadcastStream::new(self.rx).filter_map(move |item| match item {
+            Ok(e) if doc.is_none_or(|d| d == e.doc) => Some(Ok(e)),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(SubscriptionError::Lagged(n))),
+        })
+    }
+
     /// The next event, in commit order. Never skips silently: a subscriber that fell behind gets
     /// [`SubscriptionError::Lagged`] with the number of events it missed.
     pub async fn recv(&mut self) -> Result<Arc<Event>, SubscriptionError> {

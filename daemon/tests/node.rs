@@ -221,6 +221,25 @@ async fn subscribers_see_local_changes_with_patches() {
 }
 
 #[tokio::test]
+async fn subscription_as_a_stream() {
+    use tokio_stream::StreamExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node.create(None).await.unwrap();
+    let other = node.create(None).await.unwrap();
+    let mut stream = node.subscribe(Some(doc)).unwrap().into_stream();
+    node.put(other, "/x", json!(1)).await.unwrap();
+    node.put(doc, "/x", json!(2)).await.unwrap();
+    let e = stream.next().await.unwrap().unwrap();
+    assert_eq!(e.doc, doc);
+    node.close().await.unwrap();
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends when the node closes"
+    );
+}
+
+#[tokio::test]
 async fn slow_subscriber_is_told_it_lagged() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::new(dir.path());
