@@ -162,10 +162,11 @@ impl fmt::Display for DeltaId {
     }
 }
 
-/// Lowercase RFC 4648 base32 without padding.
-mod base32 {
+/// Lowercase RFC 4648 base32 without padding (the text form of node ids and invite tokens).
+pub mod base32 {
     const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
+    /// Encodes bytes.
     pub fn encode(data: &[u8]) -> String {
         let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
         let mut buf: u16 = 0;
@@ -184,6 +185,7 @@ mod base32 {
         out
     }
 
+    /// Decodes canonical lowercase text; `None` for anything else.
     pub fn decode(text: &str) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(text.len() * 5 / 8);
         let mut buf: u16 = 0;

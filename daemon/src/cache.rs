@@ -130,6 +130,13 @@ impl DocCache {
         }
     }
 
+    /// Whether `doc` is in the cache and loaded.
+    pub fn is_loaded(&self, doc: DocId) -> bool {
+        self.map
+            .get(&doc)
+            .is_some_and(|(e, _)| e.cell().get().is_some())
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

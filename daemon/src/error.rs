@@ -44,6 +44,10 @@ pub enum Error {
     App(Box<dyn std::error::Error + Send + Sync>),
     #[error("the node is closed")]
     Closed,
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error("a peer sent an invalid delta: {0}")]
+    BadDelta(String),
 }
 
 impl Error {

@@ -37,12 +37,16 @@
 mod cache;
 mod error;
 mod identity;
+pub mod members;
+pub mod net;
 mod node;
 pub mod store;
 
 pub use automerge;
 pub use error::Error;
 pub use identity::Identity;
+pub use members::Member;
+pub use net::{NetConfig, PeerStatus};
 pub use node::{Config, Event, Node, Subscription, SubscriptionError};
 pub use store::{DocInfo, Durability, StoreStats};
 pub use tandem_crdt as crdt;

@@ -2,20 +2,25 @@
 //! engine and the document cache, and turns each document call into Automerge edits, deltas and
 //! commits. Every method is async, `Send`, and safe to call from many tasks at once.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash, Patch};
 use serde_json::Value as Json;
 use tandem_crdt::{
-    Action, DeltaBody, DocId, Engine, Input, NodeId, Pointer, Source, VersionVector, actor_id,
-    pointer,
+    Action, CatchUp, Delta, DeltaBody, DocId, Engine, Input, NodeId, Pointer, Source,
+    VersionVector, actor_id, pointer,
 };
 use tokio::sync::{broadcast, oneshot};
 
 use crate::cache::{DocCache, DocEntry, DocState};
+use crate::members::{Invite, Member, Membership};
+use crate::net::{self, Net, NetConfig, NetError, PeerStatus};
 use crate::store::{self, DocInfo, Durability, Store, StoreError, StoreOptions, StoreStats, Write};
 use crate::{Error, Identity};
 
@@ -32,6 +37,8 @@ pub struct Config {
     pub compact_after: u32,
     /// Events buffered per subscriber before it is told it fell behind.
     pub event_buffer: usize,
+    /// Networking: `None` keeps the node offline (no sockets at all).
+    pub net: Option<NetConfig>,
 }
 
 impl Config {
@@ -43,6 +50,7 @@ impl Config {
             cache_docs: 1024,
             compact_after: 64,
             event_buffer: 4096,
+            net: None,
         }
     }
 
@@ -118,9 +126,18 @@ impl Subscription {
     }
 }
 
-struct Inner {
-    // Field order is drop order: the store (and its threads) go before the lock is released.
+/// Newly committed deltas, fanned out to sync sessions.
+type PushFeed = broadcast::Sender<Arc<Vec<Delta>>>;
+
+pub(crate) struct Inner {
+    // Field order is drop order: the network goes first, then the store (and its threads),
+    // and the lock is released last.
+    net: OnceLock<Net>,
     store: Store,
+    identity: Identity,
+    members: Membership,
+    /// Newly committed deltas, for the sync sessions to push and relay.
+    pushes: PushFeed,
     id: NodeId,
     incarnation: u64,
     actor: automerge::ActorId,
@@ -213,9 +230,15 @@ impl Node {
     /// Opens the node in `config.data_dir`: creates the dir and identity on first start, refuses
     /// a data dir another process holds, and recovers everything committed before.
     pub async fn open(config: Config) -> Result<Node, Error> {
-        tokio::task::spawn_blocking(move || Self::open_blocking(config))
+        let net_cfg = config.net.clone();
+        let node = tokio::task::spawn_blocking(move || Self::open_blocking(config))
             .await
-            .map_err(|_| Error::Closed)?
+            .map_err(|_| Error::Closed)??;
+        if let Some(cfg) = net_cfg {
+            let net = net::start(&node, &node.inner.identity, &cfg)?;
+            let _ = node.inner.net.set(net);
+        }
+        Ok(node)
     }
 
     fn open_blocking(config: Config) -> Result<Node, Error> {
@@ -232,11 +255,17 @@ impl Node {
                 compact_after: config.compact_after,
             },
         )?;
+        let members = store.read_blocking(|c| Membership::load(id, c))?;
         let (events, _) = broadcast::channel(config.event_buffer.max(1));
+        let (pushes, _) = broadcast::channel(1024);
         tracing::info!(node = %id, incarnation = recovered.incarnation, dir = %dir.display(), "node open");
         Ok(Node {
             inner: Arc::new(Inner {
+                net: OnceLock::new(),
                 store,
+                identity,
+                members,
+                pushes,
                 id,
                 incarnation: recovered.incarnation,
                 actor: actor_id(&id, recovered.incarnation),
@@ -252,6 +281,9 @@ impl Node {
     /// Finishes in-flight commits and stops the store's threads. Further calls fail with
     /// [`Error::Closed`] or a store error; subscriptions end.
     pub async fn close(&self) -> Result<(), Error> {
+        if let Some(net) = self.net() {
+            net.stop();
+        }
         if let Ok(mut ev) = self.inner.events.lock() {
             ev.take();
         }
@@ -391,9 +423,13 @@ impl Node {
                 }
             }
         }
+        let relay = self.push_feed(&deltas);
         let after_commit: Box<dyn FnOnce() + Send> = Box::new(move || {
             if let (Some(tx), Some(ev)) = (sender, event) {
                 let _ = tx.send(Arc::new(ev));
+            }
+            if let Some((tx, deltas)) = relay {
+                let _ = tx.send(deltas);
             }
             drop(keep);
         });
@@ -403,6 +439,12 @@ impl Node {
             after_commit: Some(after_commit),
         });
         Pending { rx }
+    }
+
+    /// The push feed and a copy of `deltas` for it, if any sync session listens.
+    fn push_feed(&self, deltas: &[Delta]) -> Option<(PushFeed, Arc<Vec<Delta>>)> {
+        let tx = &self.inner.pushes;
+        (tx.receiver_count() > 0).then(|| (tx.clone(), Arc::new(deltas.to_vec())))
     }
 
     /// The event for a local change from `before` to the document's current heads, if anyone
@@ -636,5 +678,237 @@ impl Node {
         let doc = DocId::from_bytes(rand::random());
         self.commit_new(doc, am, bodies).await?;
         Ok(doc)
+    }
+}
+
+/// Networking and membership.
+impl Node {
+    pub(crate) fn weak(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(weak: &Weak<Inner>) -> Option<Node> {
+        weak.upgrade().map(|inner| Node { inner })
+    }
+
+    pub(crate) fn net(&self) -> Option<&Net> {
+        self.inner.net.get()
+    }
+
+    pub(crate) fn members_ref(&self) -> &Membership {
+        &self.inner.members
+    }
+
+    pub(crate) fn subscribe_pushes(&self) -> broadcast::Receiver<Arc<Vec<Delta>>> {
+        self.inner.pushes.subscribe()
+    }
+
+    /// A copy of the engine (its clock), for planning a catch-up without holding the lock.
+    pub(crate) fn engine_snapshot(&self) -> Engine {
+        self.engine().clone()
+    }
+
+    /// The next catch-up batch from the store. Blocking.
+    pub(crate) fn load_batch(
+        &self,
+        plan: &mut CatchUp,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Delta>>, StoreError> {
+        plan.next_batch(&self.inner.store, max_bytes)
+    }
+
+    /// Stores deltas received from `from`: validated and deduplicated by the engine, committed
+    /// in one transaction, relayed to other peers, applied to loaded documents, and announced
+    /// to subscribers. An invalid delta is an error after the valid ones are kept.
+    pub(crate) async fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        let mut fresh = Vec::new();
+        let mut rejected = None;
+        for action in self.engine().handle(Input::RemoteDeltas { from, deltas }) {
+            match action {
+                Action::Persist { deltas, .. } => fresh = deltas,
+                Action::Reject { error, .. } => {
+                    rejected.get_or_insert(error);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let relay = self.push_feed(&fresh);
+            let after_commit: Box<dyn FnOnce() + Send> = Box::new(move || {
+                if let Some((tx, deltas)) = relay {
+                    let _ = tx.send(deltas);
+                }
+            });
+            self.inner
+                .store
+                .write(Write::Deltas {
+                    deltas: fresh.clone(),
+                    heads: Vec::new(),
+                    after_commit: Some(after_commit),
+                })
+                .await?;
+            self.refresh_docs(from, fresh).await?;
+        }
+        match rejected {
+            Some(e) => Err(Error::BadDelta(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings documents touched by committed remote deltas up to date in memory, records their
+    /// heads, and emits the events.
+    async fn refresh_docs(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool)> = BTreeMap::new();
+        for d in deltas {
+            let e = by_doc.entry(d.doc).or_default();
+            match &d.body {
+                DeltaBody::Change(bytes) => {
+                    if let Ok(c) = automerge::Change::try_from(bytes.as_slice()) {
+                        e.0.push(c);
+                    }
+                }
+                DeltaBody::Tombstone => e.1 = true,
+            }
+        }
+        let sender = self.event_sender();
+        let mut heads = Vec::new();
+        let mut events = Vec::new();
+        for (doc, (changes, tombstone)) in by_doc {
+            let was_loaded = self.cache().is_loaded(doc);
+            let entry = match self.entry(doc).await {
+                Ok(e) => e,
+                Err(Error::DocNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut st = entry.lock().ok_or(Error::DocNotFound(doc))?;
+            let before = st.am.get_heads();
+            st.am.apply_changes(changes)?;
+            st.deleted |= tombstone;
+            let after = st.am.get_heads();
+            // Every touched document gets an event: these deltas were new to this node. (If a
+            // reader loaded the document between the commit and here, the patches are empty.)
+            if sender.is_some() {
+                events.push(Event {
+                    doc,
+                    source: Source::Remote(from),
+                    patches: if was_loaded {
+                        st.am.diff(&before, &after)
+                    } else {
+                        Vec::new()
+                    },
+                    heads: after.clone(),
+                    deleted: st.deleted,
+                });
+            }
+            heads.push((doc, after));
+        }
+        let after_commit: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let Some(tx) = sender {
+                for e in events {
+                    let _ = tx.send(Arc::new(e));
+                }
+            }
+        });
+        self.inner
+            .store
+            .write(Write::Deltas {
+                deltas: Vec::new(),
+                heads,
+                after_commit: Some(after_commit),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The QUIC address this node listens on, if networking is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.net().and_then(Net::local_addr)
+    }
+
+    /// Makes a one-time invite token valid for `ttl`.
+    pub async fn invite(&self, ttl: Duration) -> Result<String, Error> {
+        let net = self.net().ok_or(NetError::Disabled)?;
+        let expires_at =
+            crate::store::now_ms().saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
+        let (invite, write) = self
+            .members_ref()
+            .new_invite(net.advertised_addrs(), expires_at);
+        self.inner.store.write(write).await?;
+        Ok(invite.to_token())
+    }
+
+    /// Joins the cluster of whoever made `token`: proves the secret to the inviter, and records
+    /// the inviter and its members as members here.
+    pub async fn join(&self, token: &str) -> Result<(), Error> {
+        let invite = Invite::parse(token).map_err(NetError::from)?;
+        let members = net::join(self, &invite).await?;
+        let all = std::iter::once((invite.inviter, invite.addrs.clone())).chain(members);
+        for (id, addrs) in all {
+            if id == self.id() {
+                continue;
+            }
+            self.add_member(id, addrs).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_member(&self, id: NodeId, addrs: Vec<String>) -> Result<(), Error> {
+        let parsed: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        if let Some(w) = self.members_ref().add(id, addrs) {
+            self.inner.store.write(w).await?;
+        }
+        if let Some(net) = self.net() {
+            net.learn(id, &parsed);
+        }
+        Ok(())
+    }
+
+    /// Inviter side of a join: checks the secret and records the new member. Returns our
+    /// member list (with us first) for the joiner.
+    pub(crate) async fn redeem_invite(
+        &self,
+        secret: &[u8; 32],
+        by: NodeId,
+        mut addrs: Vec<String>,
+        observed: SocketAddr,
+    ) -> Result<Vec<(NodeId, Vec<String>)>, Error> {
+        let write = self
+            .members_ref()
+            .redeem(secret, by, crate::store::now_ms())
+            .map_err(NetError::from)?;
+        self.inner.store.write(write).await?;
+        if !addrs.contains(&observed.to_string()) {
+            addrs.push(observed.to_string());
+        }
+        self.add_member(by, addrs).await?;
+        Ok(self
+            .members()
+            .into_iter()
+            .filter(|m| m.id != by)
+            .map(|m| (m.id, m.addrs))
+            .collect())
+    }
+
+    /// The nodes this node syncs with.
+    pub fn members(&self) -> Vec<Member> {
+        self.members_ref().members()
+    }
+
+    /// Removes a member: it is disconnected at once and refused from then on. Returns whether
+    /// it was a member.
+    pub async fn remove_member(&self, id: NodeId) -> Result<bool, Error> {
+        let Some(write) = self.members_ref().remove(&id) else {
+            return Ok(false);
+        };
+        self.inner.store.write(write).await?;
+        if let Some(net) = self.net() {
+            net.disconnect(&id, net::close::REMOVED, "removed from the cluster");
+        }
+        tracing::info!(peer = %id.short(), "member removed");
+        Ok(true)
+    }
+
+    /// Every known peer: connected or not, traffic, and whether we are in sync.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.net().map(Net::statuses).unwrap_or_default()
     }
 }

@@ -88,6 +88,11 @@ pub enum Write {
         /// Runs on the writer thread right after the commit succeeds (before the reply).
         after_commit: Option<Box<dyn FnOnce() + Send>>,
     },
+    /// Run one statement (membership and other small tables).
+    Exec {
+        sql: &'static str,
+        params: Vec<rusqlite::types::Value>,
+    },
     /// Record a compacted snapshot of `doc` (with its heads) covering every delta with rowid
     /// `<= upto`.
     Snapshot {
@@ -96,6 +101,27 @@ pub enum Write {
         heads: Vec<automerge::ChangeHash>,
         upto: i64,
     },
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Write::Deltas { deltas, heads, .. } => f
+                .debug_struct("Deltas")
+                .field("deltas", &deltas.len())
+                .field("heads", &heads.len())
+                .finish_non_exhaustive(),
+            Write::Exec { sql, .. } => f
+                .debug_struct("Exec")
+                .field("sql", sql)
+                .finish_non_exhaustive(),
+            Write::Snapshot { doc, upto, .. } => f
+                .debug_struct("Snapshot")
+                .field("doc", doc)
+                .field("upto", upto)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// A document as stored: what [`Store::load_doc`] returns.
@@ -171,7 +197,7 @@ pub struct Store {
     stats: Arc<WriterStats>,
 }
 
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

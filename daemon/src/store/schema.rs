@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -49,6 +49,21 @@ const MIGRATIONS: &[&str] = &[
         origin BLOB    PRIMARY KEY,
         prefix INTEGER NOT NULL,
         extra  BLOB    NOT NULL       -- postcard Vec<(u64, u64)>
+    ) WITHOUT ROWID;
+    "#,
+    // 1 -> 2: membership and invites.
+    r#"
+    CREATE TABLE members (
+        node     BLOB    PRIMARY KEY,
+        addrs    TEXT    NOT NULL DEFAULT '',   -- space-separated socket addresses last known
+        added_at INTEGER NOT NULL,
+        removed  INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    CREATE TABLE invites (
+        secret_hash BLOB    PRIMARY KEY,        -- SHA-256 of the secret; the secret is not stored
+        expires_at  INTEGER NOT NULL,           -- unix milliseconds
+        used_by     BLOB                        -- the node that redeemed it
     ) WITHOUT ROWID;
     "#,
 ];

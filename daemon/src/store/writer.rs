@@ -198,6 +198,10 @@ impl Writer {
                         docs.entry(*doc).or_default().heads = Some(heads_to_bytes(h));
                     }
                 }
+                Write::Exec { sql, params } => {
+                    tx.prepare_cached(sql)?
+                        .execute(rusqlite::params_from_iter(params.iter()))?;
+                }
                 Write::Snapshot {
                     doc,
                     snapshot,

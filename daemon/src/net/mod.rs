@@ -1,0 +1,546 @@
+//! Networking: one QUIC endpoint per node (client and server at once), the connection manager
+//! (dialing members with backoff, one connection per peer pair, per-peer status), the join
+//! handshake, and the sync sessions that run on each connection (`peer`).
+
+mod peer;
+pub mod tls;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tandem_crdt::NodeId;
+use tokio::sync::watch;
+
+use crate::members::{Invite, InviteError};
+use crate::node::{Inner, Node};
+use crate::store::now_ms;
+use crate::{Error, Identity};
+use wire::Msg;
+
+/// Networking options for [`crate::Config`].
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// UDP address to listen on; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Peers to dial at fixed addresses (they must also be members).
+    pub peers: Vec<(NodeId, SocketAddr)>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+    #[error("the inviter refused: {0}")]
+    Refused(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("networking is not enabled on this node")]
+    Disabled,
+}
+
+/// How a peer looks from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    pub id: Option<NodeId>,
+    pub connected: bool,
+    /// Where it is (or was last) connected.
+    pub addr: Option<SocketAddr>,
+    /// Unix milliseconds of the last frame from it.
+    pub last_seen: Option<i64>,
+    pub deltas_sent: u64,
+    pub deltas_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Our clocks are equal as far as we know.
+    pub in_sync: bool,
+}
+
+/// QUIC close codes.
+pub(crate) mod close {
+    pub const NORMAL: u32 = 0;
+    pub const NOT_MEMBER: u32 = 1;
+    pub const DUPLICATE: u32 = 2;
+    pub const PROTOCOL: u32 = 3;
+    pub const REMOVED: u32 = 4;
+    pub const SHUTDOWN: u32 = 5;
+}
+
+pub(crate) struct PeerEntry {
+    pub(crate) conn: Option<(quinn::Connection, bool)>,
+    pub(crate) status: PeerStatus,
+    addrs: Vec<SocketAddr>,
+    failures: u32,
+    next_attempt: Instant,
+}
+
+impl PeerEntry {
+    fn new(id: NodeId) -> Self {
+        Self {
+            conn: None,
+            status: PeerStatus {
+                id: Some(id),
+                ..Default::default()
+            },
+            addrs: Vec::new(),
+            failures: 0,
+            next_attempt: Instant::now(),
+        }
+    }
+}
+
+/// Failures after which a peer is tried only rarely (the circuit breaker opens).
+const BREAKER_FAILURES: u32 = 6;
+const BREAKER_RETRY: Duration = Duration::from_secs(300);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The network side of a node.
+pub(crate) struct Net {
+    endpoint: quinn::Endpoint,
+    sync_client: quinn::ClientConfig,
+    join_client: quinn::ClientConfig,
+    pub(crate) peers: Mutex<HashMap<NodeId, PeerEntry>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"shutting down");
+    }
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        30_000,
+    ))));
+    t.max_concurrent_uni_streams(8u32.into());
+    t.max_concurrent_bidi_streams(8u32.into());
+    Arc::new(t)
+}
+
+/// Starts networking for `node`.
+pub(crate) fn start(node: &Node, identity: &Identity, cfg: &NetConfig) -> Result<Net, NetError> {
+    let mut server = tls::server_config(identity)?;
+    server.transport_config(transport());
+    let mut sync_client = tls::client_config(identity, tls::ALPN_SYNC)?;
+    sync_client.transport_config(transport());
+    let mut join_client = tls::client_config(identity, tls::ALPN_JOIN)?;
+    join_client.transport_config(transport());
+    let endpoint =
+        quinn::Endpoint::server(server, cfg.listen).map_err(|source| NetError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let (shutdown, _) = watch::channel(false);
+    let net = Net {
+        endpoint: endpoint.clone(),
+        sync_client,
+        join_client,
+        peers: Mutex::new(HashMap::new()),
+        shutdown,
+    };
+    {
+        let mut peers = net.peers();
+        for (id, addr) in &cfg.peers {
+            peers
+                .entry(*id)
+                .or_insert_with(|| PeerEntry::new(*id))
+                .addrs
+                .push(*addr);
+        }
+    }
+    let weak = node.weak();
+    tokio::spawn(accept_loop(
+        weak.clone(),
+        endpoint,
+        net.shutdown.subscribe(),
+    ));
+    tokio::spawn(dial_loop(weak, net.shutdown.subscribe()));
+    tracing::info!(addr = ?net.local_addr(), "listening (QUIC)");
+    Ok(net)
+}
+
+impl Net {
+    /// Stops accepting and dialing and closes every connection.
+    pub(crate) fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"shutting down");
+    }
+
+    pub(crate) fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, PeerEntry>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Addresses others can dial: the bound one, or for a wildcard bind, loopback and the
+    /// address of the interface with the default route.
+    pub(crate) fn advertised_addrs(&self) -> Vec<String> {
+        let Some(local) = self.local_addr() else {
+            return Vec::new();
+        };
+        if !local.ip().is_unspecified() {
+            return vec![local.to_string()];
+        }
+        let mut out = vec![SocketAddr::from(([127, 0, 0, 1], local.port())).to_string()];
+        // Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+        if let Ok(s) = UdpSocket::bind("0.0.0.0:0")
+            && s.connect("192.0.2.1:9").is_ok()
+            && let Ok(a) = s.local_addr()
+            && !a.ip().is_loopback()
+        {
+            out.push(SocketAddr::new(a.ip(), local.port()).to_string());
+        }
+        out
+    }
+
+    /// Status of every known peer.
+    pub(crate) fn statuses(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<PeerStatus> = self.peers().values().map(|e| e.status.clone()).collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Learns addresses for a member (from an invite, a join, config or discovery) and makes
+    /// it eligible for an immediate dial.
+    pub(crate) fn learn(&self, id: NodeId, addrs: &[SocketAddr]) {
+        let mut peers = self.peers();
+        let e = peers.entry(id).or_insert_with(|| PeerEntry::new(id));
+        for a in addrs {
+            if !e.addrs.contains(a) {
+                e.addrs.push(*a);
+            }
+        }
+        e.failures = 0;
+        e.next_attempt = Instant::now();
+    }
+
+    /// Closes the connection to `id`, if any, with `code` and `reason`.
+    pub(crate) fn disconnect(&self, id: &NodeId, code: u32, reason: &str) {
+        if let Some(e) = self.peers().get_mut(id)
+            && let Some((conn, _)) = e.conn.take()
+        {
+            conn.close(code.into(), reason.as_bytes());
+            e.status.connected = false;
+        }
+    }
+
+    /// Registers a new connection; returns false if an existing one wins (then this one is
+    /// closed). Rule when both dialed at once: keep the connection dialed by the smaller NodeId.
+    fn register(&self, me: NodeId, id: NodeId, conn: &quinn::Connection, dialed: bool) -> bool {
+        let mut peers = self.peers();
+        let e = peers.entry(id).or_insert_with(|| PeerEntry::new(id));
+        if let Some((old, old_dialed)) = &e.conn
+            && old.close_reason().is_none()
+        {
+            let dialer_of = |d: bool| if d { me } else { id };
+            let keep_new = dialer_of(dialed) < dialer_of(*old_dialed);
+            if !keep_new {
+                conn.close(close::DUPLICATE.into(), b"duplicate connection");
+                return false;
+            }
+            old.close(close::DUPLICATE.into(), b"duplicate connection");
+        }
+        e.conn = Some((conn.clone(), dialed));
+        e.status.connected = true;
+        e.status.addr = Some(conn.remote_address());
+        e.status.last_seen = Some(now_ms());
+        e.failures = 0;
+        true
+    }
+
+    fn unregister(&self, id: &NodeId, conn: &quinn::Connection) {
+        if let Some(e) = self.peers().get_mut(id)
+            && e.conn
+                .as_ref()
+                .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+        {
+            e.conn = None;
+            e.status.connected = false;
+            e.status.in_sync = false;
+        }
+    }
+
+    /// Updates counters for a peer.
+    pub(crate) fn count(&self, id: &NodeId, f: impl FnOnce(&mut PeerStatus)) {
+        if let Some(e) = self.peers().get_mut(id) {
+            f(&mut e.status);
+        }
+    }
+}
+
+async fn accept_loop(
+    node: Weak<Inner>,
+    endpoint: quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "incoming handshake failed");
+                    return;
+                }
+            };
+            let Some(node) = Node::upgrade(&node) else {
+                return;
+            };
+            handle_incoming(node, conn).await;
+        });
+    }
+    tracing::debug!("accept loop stopped");
+}
+
+async fn handle_incoming(node: Node, conn: quinn::Connection) {
+    let Some(peer) = tls::peer_id(&conn) else {
+        conn.close(close::PROTOCOL.into(), b"no peer identity");
+        return;
+    };
+    let alpn = tls::alpn(&conn).unwrap_or_default();
+    if alpn == tls::ALPN_JOIN {
+        if let Err(e) = serve_join(&node, &conn, peer).await {
+            tracing::info!(peer = %peer.short(), error = %e, "join refused");
+        }
+        return;
+    }
+    if !node.members_ref().is_member(&peer) {
+        tracing::info!(peer = %peer.short(), addr = %conn.remote_address(), "refused: not a member");
+        conn.close(close::NOT_MEMBER.into(), b"not a member");
+        return;
+    }
+    run_connection(node, conn, peer, false).await;
+}
+
+/// Runs a sync session on an established connection until it ends.
+async fn run_connection(node: Node, conn: quinn::Connection, peer: NodeId, dialed: bool) {
+    let Some(net) = node.net() else { return };
+    if !net.register(node.id(), peer, &conn, dialed) {
+        return;
+    }
+    tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
+    let result = peer::session(&node, &conn, peer, dialed).await;
+    if let Err(e) = &result {
+        tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
+        conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
+    }
+    if let Some(net) = node.net() {
+        net.unregister(&peer, &conn);
+    }
+    tracing::debug!(peer = %peer.short(), "peer disconnected");
+}
+
+async fn dial_loop(node: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let Some(node) = Node::upgrade(&node) else {
+            break;
+        };
+        let Some(net) = node.net() else { break };
+        let members = node.members_ref().members();
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut peers = net.peers();
+            for m in members {
+                let e = peers.entry(m.id).or_insert_with(|| PeerEntry::new(m.id));
+                for a in m.addrs.iter().filter_map(|a| a.parse().ok()) {
+                    if !e.addrs.contains(&a) {
+                        e.addrs.push(a);
+                    }
+                }
+                let live = e
+                    .conn
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.close_reason().is_none());
+                if !live && now >= e.next_attempt && !e.addrs.is_empty() {
+                    // Back off until the attempt resolves (success resets, failure extends).
+                    e.next_attempt = now + MAX_BACKOFF;
+                    due.push((m.id, e.addrs.clone()));
+                }
+            }
+        }
+        for (id, addrs) in due {
+            let node = node.clone();
+            tokio::spawn(async move { dial(node, id, addrs).await });
+        }
+    }
+    tracing::debug!("dial loop stopped");
+}
+
+fn backoff(failures: u32) -> Duration {
+    if failures >= BREAKER_FAILURES {
+        return BREAKER_RETRY;
+    }
+    let base = Duration::from_millis(250) * 2u32.saturating_pow(failures.min(8));
+    let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+    base.min(MAX_BACKOFF) + jitter
+}
+
+async fn dial(node: Node, id: NodeId, addrs: Vec<SocketAddr>) {
+    let Some(net) = node.net() else { return };
+    let mut last = String::new();
+    for addr in addrs {
+        match connect(&net.endpoint, &net.sync_client, id, addr).await {
+            Ok(conn) => {
+                run_connection(node.clone(), conn, id, true).await;
+                if let Some(net) = node.net()
+                    && let Some(e) = net.peers().get_mut(&id)
+                {
+                    e.next_attempt = Instant::now() + backoff(0);
+                }
+                return;
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    if let Some(e) = net.peers().get_mut(&id) {
+        e.failures += 1;
+        e.next_attempt = Instant::now() + backoff(e.failures);
+        if e.failures == BREAKER_FAILURES {
+            tracing::info!(peer = %id.short(), "peer unreachable; trying rarely until it shows up");
+        }
+    }
+    tracing::debug!(peer = %id.short(), error = %last, "dial failed");
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    id: NodeId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, NetError> {
+    let connecting = endpoint
+        .connect_with(cfg.clone(), addr, &tls::server_name(&id))
+        .map_err(|e| NetError::Unreachable(format!("{addr}: {e}")))?;
+    tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| NetError::Unreachable(format!("{addr}: timed out")))?
+        .map_err(|e| NetError::Unreachable(format!("{addr}: {e}")))
+}
+
+/// Inviter side of the join handshake.
+async fn serve_join(node: &Node, conn: &quinn::Connection, peer: NodeId) -> Result<(), NetError> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .map_err(|_| NetError::Protocol("join timed out".into()))?
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+    let msg = wire::read(&mut recv)
+        .await
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+    let Some((Msg::JoinRequest { secret, addrs }, _)) = msg else {
+        conn.close(close::PROTOCOL.into(), b"expected a join request");
+        return Err(NetError::Protocol("expected a join request".into()));
+    };
+    let reply = match node
+        .redeem_invite(&secret, peer, addrs, conn.remote_address())
+        .await
+    {
+        Ok(members) => Msg::JoinAccepted { members },
+        Err(e) => Msg::JoinRefused {
+            reason: e.to_string(),
+        },
+    };
+    let refused = matches!(reply, Msg::JoinRefused { .. });
+    wire::write(&mut send, &reply)
+        .await
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(close::NORMAL.into(), b"join done");
+    if refused {
+        return Err(NetError::Refused("invalid invite".into()));
+    }
+    tracing::info!(peer = %peer.short(), "new member joined");
+    Ok(())
+}
+
+/// Joiner side: returns the inviter's member list.
+pub(crate) async fn join(
+    node: &Node,
+    invite: &Invite,
+) -> Result<Vec<(NodeId, Vec<String>)>, Error> {
+    let net = node.net().ok_or(NetError::Disabled)?;
+    if now_ms() > invite.expires_at {
+        return Err(NetError::Invite(InviteError::Expired).into());
+    }
+    let mut last = NetError::Unreachable("the invite lists no addresses".into());
+    for addr in invite
+        .addrs
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+    {
+        let conn = match connect(&net.endpoint, &net.join_client, invite.inviter, addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let result = async {
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| NetError::Protocol(e.to_string()))?;
+            let req = Msg::JoinRequest {
+                secret: invite.secret,
+                addrs: net.advertised_addrs(),
+            };
+            wire::write(&mut send, &req)
+                .await
+                .map_err(|e| NetError::Protocol(e.to_string()))?;
+            let _ = send.finish();
+            match wire::read(&mut recv)
+                .await
+                .map_err(|e| NetError::Protocol(e.to_string()))?
+            {
+                Some((Msg::JoinAccepted { members }, _)) => Ok(members),
+                Some((Msg::JoinRefused { reason }, _)) => Err(NetError::Refused(reason)),
+                _ => Err(NetError::Protocol("unexpected reply to join".into())),
+            }
+        }
+        .await;
+        conn.close(close::NORMAL.into(), b"join done");
+        return Ok(result?);
+    }
+    Err(last.into())
+}

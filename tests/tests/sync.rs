@@ -1,0 +1,350 @@
+//! Peers in sync over real QUIC sockets on loopback: invite and join, live writes, offline
+//! edits that merge, relaying through a middle node, cheap reconnects, and trust.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tandem::{Config, DocId, NetConfig, Node};
+
+async fn open(dir: &Path) -> Node {
+    // RUST_LOG=tandem=debug shows what the nodes do.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut cfg = Config::new(dir);
+    cfg.net = Some(NetConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        peers: Vec::new(),
+    });
+    Node::open(cfg).await.unwrap()
+}
+
+async fn pair(a: &Node, b: &Node) {
+    let token = a.invite(Duration::from_secs(60)).await.unwrap();
+    b.join(&token).await.unwrap();
+}
+
+/// Waits until `f` holds, or fails after 10 s with `what`.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn same_doc(a: &Node, b: &Node, doc: DocId) -> bool {
+    match (a.get(doc, "").await, b.get(doc, "").await) {
+        (Ok(x), Ok(y)) => x == y && a.heads(doc).await.ok() == b.heads(doc).await.ok(),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sync_and_merge_offline_edits() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(da.path()).await;
+    let b = open(db.path()).await;
+    pair(&a, &b).await;
+    assert!(a.members().iter().any(|m| m.id == b.id()));
+    assert!(b.members().iter().any(|m| m.id == a.id()));
+
+    let mut events = b.subscribe(None).unwrap();
+    let doc = a
+        .create(Some(json!({"title": "shared", "items": ["x"]})))
+        .await
+        .unwrap();
+    eventually("B to see A's document", || async {
+        b.get(doc, "/title").await.ok() == Some(json!("shared"))
+    })
+    .await;
+    let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.source, tandem::Source::Remote(a.id()));
+    assert_eq!(e.doc, doc);
+
+    // B goes offline; both edit the same text and list.
+    b.close().await.unwrap();
+    drop(b);
+    a.splice_text(doc, "/title", 0, 0, "A: ").await.unwrap();
+    a.insert(doc, "/items/-", json!("from a")).await.unwrap();
+    let b = open(db.path()).await;
+    b.splice_text(doc, "/title", 6, 0, " (b)").await.unwrap();
+    b.insert(doc, "/items/0", json!("from b")).await.unwrap();
+    eventually("A and B to converge", || same_doc(&a, &b, doc)).await;
+    let v = a.get(doc, "").await.unwrap();
+    assert_eq!(v["title"], json!("A: shared (b)"));
+    assert_eq!(v["items"].as_array().unwrap().len(), 3);
+    eventually("peer status in sync", || async {
+        a.peers().iter().any(|p| p.connected && p.in_sync)
+            && b.peers().iter().any(|p| p.connected && p.in_sync)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_relays_through_the_middle() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    let c = open(dirs[2].path()).await;
+    pair(&a, &b).await; // A - B
+    pair(&b, &c).await; // B - C; C learns A as a member from B, but A does not know C
+    let from_a = a.create(Some(json!({"by": "a"}))).await.unwrap();
+    let from_c = c.create(Some(json!({"by": "c"}))).await.unwrap();
+    eventually("C to get A's doc via B", || async {
+        c.get(from_a, "/by").await.ok() == Some(json!("a"))
+    })
+    .await;
+    eventually("A to get C's doc via B", || async {
+        a.get(from_c, "/by").await.ok() == Some(json!("c"))
+    })
+    .await;
+    a.put(from_c, "/a", json!(1)).await.unwrap();
+    c.put(from_a, "/c", json!(2)).await.unwrap();
+    eventually("all three converge", || async {
+        same_doc(&a, &c, from_a).await
+            && same_doc(&a, &c, from_c).await
+            && same_doc(&a, &b, from_a).await
+    })
+    .await;
+    assert!(
+        !a.peers()
+            .iter()
+            .any(|p| p.id == Some(c.id()) && p.connected),
+        "A and C never connect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_is_enforced() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    let stranger = open(dirs[2].path()).await;
+
+    // An expired invite, then a reused one.
+    let expired = a.invite(Duration::from_millis(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(b.join(&expired).await.is_err());
+    let token = a.invite(Duration::from_secs(60)).await.unwrap();
+    b.join(&token).await.unwrap();
+    let reuse = stranger.join(&token).await.unwrap_err();
+    assert!(reuse.to_string().contains("already been used"), "{reuse}");
+    assert!(stranger.join("tandem1garbage").await.is_err());
+
+    // A stranger that dials A is refused and learns nothing.
+    let secret = a.create(Some(json!({"secret": true}))).await.unwrap();
+    let mut cfg = Config::new(dirs[2].path().join("s2"));
+    cfg.net = Some(NetConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        peers: vec![(a.id(), a.listen_addr().unwrap())],
+    });
+    let s2 = Node::open(cfg).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s2.get(secret, "").await.is_err());
+    assert!(
+        !a.peers()
+            .iter()
+            .any(|p| p.id == Some(s2.id()) && p.connected)
+    );
+
+    // A removed member is cut off and refused.
+    eventually("B connected", || async {
+        a.peers()
+            .iter()
+            .any(|p| p.id == Some(b.id()) && p.connected)
+    })
+    .await;
+    eventually("B has the doc", || async {
+        b.get(secret, "").await.is_ok()
+    })
+    .await;
+    assert!(a.remove_member(b.id()).await.unwrap());
+    eventually("B disconnected", || async {
+        !a.peers()
+            .iter()
+            .any(|p| p.id == Some(b.id()) && p.connected)
+    })
+    .await;
+    a.put(secret, "/after", json!(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        b.get(secret, "/after").await.is_err(),
+        "removed member gets nothing new"
+    );
+    assert!(
+        !a.peers()
+            .iter()
+            .any(|p| p.id == Some(b.id()) && p.connected)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_costs_what_changed_not_what_exists() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(da.path()).await;
+    let b = open(db.path()).await;
+    pair(&a, &b).await;
+    let mut docs = Vec::new();
+    for i in 0..1000 {
+        docs.push(a.create(Some(json!({"i": i}))).await.unwrap());
+    }
+    eventually("B to hold 1000 docs", || async { b.clock() == a.clock() }).await;
+    b.close().await.unwrap();
+    drop(b);
+
+    for doc in &docs[..5] {
+        a.put(*doc, "/edited", json!(true)).await.unwrap();
+    }
+    let before: u64 = a
+        .peers()
+        .iter()
+        .map(|p| p.bytes_sent + p.bytes_received)
+        .sum();
+    let b = open(db.path()).await;
+    eventually("B to catch up", || async { b.clock() == a.clock() }).await;
+    eventually("A to see B in sync", || async {
+        a.peers().iter().any(|p| p.connected && p.in_sync)
+    })
+    .await;
+    let after: u64 = a
+        .peers()
+        .iter()
+        .map(|p| p.bytes_sent + p.bytes_received)
+        .sum();
+    let b_side: u64 = b
+        .peers()
+        .iter()
+        .map(|p| p.bytes_sent + p.bytes_received)
+        .sum();
+    // Five small changes are a few hundred bytes; the rest is Hello (clocks) and acks.
+    let limit = 64 * 1024 + 5 * 1024;
+    assert!(
+        after - before <= limit,
+        "A counted {} bytes for the reconnect",
+        after - before
+    );
+    assert!(
+        b_side <= limit,
+        "B counted {b_side} bytes for the reconnect"
+    );
+    eprintln!(
+        "reconnect after 5 edits among 1000 docs: A counted {} bytes, B {b_side}",
+        after - before
+    );
+    for doc in &docs[..5] {
+        assert_eq!(b.get(*doc, "/edited").await.unwrap(), json!(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_member_is_cut_off_and_others_are_served() {
+    use tandem::net::{tls, wire};
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    pair(&a, &b).await;
+    // A member whose process we replace with a raw, misbehaving client.
+    let h = open(dirs[2].path()).await;
+    pair(&a, &h).await;
+    let h_id = h.id();
+    h.close().await.unwrap();
+    drop(h);
+    let identity = tandem::Identity::load_or_create(dirs[2].path()).unwrap();
+    let mut client_cfg = tls::client_config(&identity, tls::ALPN_SYNC).unwrap();
+    client_cfg.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let target = a.listen_addr().unwrap();
+    let connect = || async {
+        endpoint
+            .connect_with(client_cfg.clone(), target, &tls::server_name(&a.id()))
+            .unwrap()
+            .await
+            .unwrap()
+    };
+
+    let hello = |clock| wire::Msg::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: h_id,
+        clock,
+    };
+    let good_change = {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        automerge::transaction::Transactable::put(&mut tx, automerge::ROOT, "k", 1).unwrap();
+        tx.commit();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    let mut bad_change = good_change.clone();
+    let last = bad_change.len() - 1;
+    bad_change[last] ^= 0xff;
+    let bad_delta = tandem::crdt::Delta {
+        id: tandem::crdt::DeltaId {
+            origin: h_id,
+            seq: 1,
+        },
+        doc: DocId::from_bytes([7; 16]),
+        body: tandem::crdt::DeltaBody::Change(bad_change),
+    };
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]),
+        ("truncated", {
+            let mut f = wire::encode(&hello(tandem::crdt::VersionVector::new())).unwrap();
+            f.truncate(f.len() - 3);
+            f
+        }),
+        (
+            "oversized",
+            ((wire::MAX_FRAME as u32) + 1).to_le_bytes().to_vec(),
+        ),
+        ("invalid change", {
+            let mut f = wire::encode(&hello(tandem::crdt::VersionVector::new())).unwrap();
+            f.extend(
+                wire::encode(&wire::Msg::Batch {
+                    seq: 1,
+                    deltas: vec![bad_delta],
+                })
+                .unwrap(),
+            );
+            f
+        }),
+    ];
+    for (name, bytes) in attacks {
+        let conn = connect().await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        // A answers with its Hello, then closes the connection with a reason.
+        let _ = wire::read(&mut recv).await;
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect(name);
+        eprintln!("{name}: closed with {reason}");
+        // Meanwhile A keeps serving B.
+        let doc = a.create(Some(json!({"after": name}))).await.unwrap();
+        eventually("B served", || async {
+            b.get(doc, "/after").await.ok() == Some(json!(name))
+        })
+        .await;
+    }
+    assert!(
+        a.get(DocId::from_bytes([7; 16]), "").await.is_err(),
+        "nothing bad was stored"
+    );
+    assert_eq!(a.clock().max_seq(&h_id), 0);
+}
