@@ -145,7 +145,8 @@ pub(crate) struct Inner {
     engine: Mutex<Engine>,
     cache: Mutex<DocCache>,
     events: Mutex<Option<broadcast::Sender<Arc<Event>>>>,
-    _lock: fs::File,
+    /// The data-dir lock; released by `close` (or on drop).
+    lock: Mutex<Option<fs::File>>,
 }
 
 /// A tandem node: documents on this machine, kept in sync with peers.
@@ -273,7 +274,7 @@ impl Node {
                 engine: Mutex::new(Engine::new(id, recovered.clock)),
                 cache: Mutex::new(DocCache::new(config.cache_docs)),
                 events: Mutex::new(Some(events)),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -288,9 +289,13 @@ impl Node {
             ev.take();
         }
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.store.close())
-            .await
-            .map_err(|_| Error::Closed)
+        tokio::task::spawn_blocking(move || {
+            inner.store.close();
+            // Background tasks may still hold the node for a moment; the data dir is free now.
+            inner.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        })
+        .await
+        .map_err(|_| Error::Closed)
     }
 
     /// This node's id.
@@ -776,7 +781,10 @@ impl Node {
             let was_loaded = self.cache().is_loaded(doc);
             let entry = match self.entry(doc).await {
                 Ok(e) => e,
-                Err(Error::DocNotFound(_)) => continue,
+                Err(Error::DocNotFound(_)) => {
+                    tracing::warn!(%doc, "document of a committed delta not found");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let mut st = entry.lock().ok_or(Error::DocNotFound(doc))?;
@@ -886,6 +894,24 @@ impl Node {
             .filter(|m| m.id != by)
             .map(|m| (m.id, m.addrs))
             .collect())
+    }
+
+    /// mDNS saw `id` at `addrs`: remember it as nearby, and if it is a member, dial it now
+    /// (this also closes its circuit breaker).
+    pub(crate) fn discovered(&self, id: NodeId, addrs: Vec<SocketAddr>) {
+        let Some(net) = self.net() else { return };
+        net.saw_nearby(id, &addrs);
+        if self.members_ref().is_member(&id) {
+            tracing::debug!(peer = %id.short(), ?addrs, "member discovered on the LAN");
+            net.learn(id, &addrs);
+        } else {
+            tracing::trace!(peer = %id.short(), "non-member seen nearby");
+        }
+    }
+
+    /// Nodes seen on the LAN (members or not): id, addresses, when (unix ms).
+    pub fn nearby(&self) -> Vec<(NodeId, Vec<SocketAddr>, i64)> {
+        self.net().map(Net::nearby).unwrap_or_default()
     }
 
     /// The nodes this node syncs with.

@@ -4,7 +4,20 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tandem::{Config, Node};
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use tandem::{Config, NetConfig, Node, NodeId};
+
+fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
+    let (id, addr) = s.split_once('@').ok_or("expected NODEID@HOST:PORT")?;
+    let id: NodeId = id.parse().map_err(|e| format!("{e}"))?;
+    let addr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    Ok((id, addr))
+}
 
 /// The tandem sync daemon.
 #[derive(Parser, Debug)]
@@ -13,6 +26,18 @@ struct Args {
     /// Data dir (identity, database, lock). Default: $XDG_DATA_HOME/tandem.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// QUIC listen address. Default: 0.0.0.0 on port 7373, or any free port if that is taken.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// A member to dial at a fixed address, as NODEID@HOST:PORT (repeatable).
+    #[arg(long, value_name = "NODEID@HOST:PORT", value_parser = parse_peer)]
+    peer: Vec<(NodeId, SocketAddr)>,
+    /// Do not advertise or browse on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Run without any networking (no sockets at all).
+    #[arg(long)]
+    offline: bool,
     /// Log format: `human` (default) or `json`.
     #[arg(long, value_name = "FORMAT", default_value = "human")]
     log_format: LogFormat,
@@ -60,7 +85,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logs(args.log_format);
     let dir = args.data_dir.unwrap_or_else(Config::default_data_dir);
-    let node = Node::open(Config::new(&dir))
+    let mut config = Config::new(&dir);
+    if !args.offline {
+        let mut net = NetConfig::default();
+        if let Some(listen) = args.listen {
+            net.listen = listen;
+            net.preferred_port = None;
+        }
+        net.peers = args.peer.clone();
+        net.mdns = !args.no_mdns;
+        config.net = Some(net);
+    }
+    let node = Node::open(config)
         .await
         .with_context(|| format!("cannot open node in {}", dir.display()))?;
     let (stats, _) = node.stats().await?;
@@ -71,7 +107,18 @@ async fn main() -> anyhow::Result<()> {
         deltas = stats.deltas,
         "tandemd running; Ctrl-C to stop"
     );
-    println!("node {} ready, data in {}", node.id(), dir.display());
+    match node.listen_addr() {
+        Some(addr) => println!(
+            "node {} ready, listening on {addr}, data in {}",
+            node.id(),
+            dir.display()
+        ),
+        None => println!(
+            "node {} ready (offline), data in {}",
+            node.id(),
+            dir.display()
+        ),
+    }
     let why = shutdown_signal().await?;
     tracing::info!(signal = why, "stopping: finishing in-flight commits");
     node.close().await?;

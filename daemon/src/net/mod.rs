@@ -2,6 +2,7 @@
 //! (dialing members with backoff, one connection per peer pair, per-peer status), the join
 //! handshake, and the sync sessions that run on each connection (`peer`).
 
+pub mod discovery;
 mod peer;
 pub mod tls;
 pub mod wire;
@@ -28,13 +29,26 @@ pub struct NetConfig {
     pub listen: SocketAddr,
     /// Peers to dial at fixed addresses (they must also be members).
     pub peers: Vec<(NodeId, SocketAddr)>,
+    /// Advertise and browse on the LAN with mDNS.
+    pub mdns: bool,
+    /// Restrict mDNS to these interfaces (names or addresses); empty means all.
+    pub interfaces: Vec<String>,
+    /// When `listen` has port 0, try this port first (default 7373); `None` always lets the
+    /// system pick.
+    pub preferred_port: Option<u16>,
 }
+
+/// The default preferred port.
+pub const PREFERRED_PORT: u16 = 7373;
 
 impl Default for NetConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             peers: Vec::new(),
+            mdns: true,
+            interfaces: Vec::new(),
+            preferred_port: Some(PREFERRED_PORT),
         }
     }
 }
@@ -122,6 +136,9 @@ pub(crate) struct Net {
     sync_client: quinn::ClientConfig,
     join_client: quinn::ClientConfig,
     pub(crate) peers: Mutex<HashMap<NodeId, PeerEntry>>,
+    /// Nodes seen on the LAN, members or not: addresses and when (unix ms).
+    nearby: Mutex<HashMap<NodeId, (Vec<SocketAddr>, i64)>>,
+    discovery: Mutex<Option<discovery::Discovery>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -152,19 +169,35 @@ pub(crate) fn start(node: &Node, identity: &Identity, cfg: &NetConfig) -> Result
     sync_client.transport_config(transport());
     let mut join_client = tls::client_config(identity, tls::ALPN_JOIN)?;
     join_client.transport_config(transport());
-    let endpoint =
-        quinn::Endpoint::server(server, cfg.listen).map_err(|source| NetError::Bind {
+    // Try the preferred port first so the node keeps its address across restarts.
+    let preferred = cfg
+        .preferred_port
+        .filter(|_| cfg.listen.port() == 0)
+        .map(|port| SocketAddr::new(cfg.listen.ip(), port));
+    let endpoint = match preferred.map(|addr| quinn::Endpoint::server(server.clone(), addr)) {
+        Some(Ok(e)) => e,
+        _ => quinn::Endpoint::server(server, cfg.listen).map_err(|source| NetError::Bind {
             addr: cfg.listen,
             source,
-        })?;
+        })?,
+    };
     let (shutdown, _) = watch::channel(false);
     let net = Net {
         endpoint: endpoint.clone(),
         sync_client,
         join_client,
         peers: Mutex::new(HashMap::new()),
+        nearby: Mutex::new(HashMap::new()),
+        discovery: Mutex::new(None),
         shutdown,
     };
+    if cfg.mdns {
+        let port = endpoint.local_addr().map(|a| a.port()).unwrap_or(0);
+        match discovery::start(node.weak(), node.id(), port, &cfg.interfaces) {
+            Ok(d) => *net.discovery.lock().unwrap_or_else(|p| p.into_inner()) = Some(d),
+            Err(e) => tracing::warn!(error = %e, "mDNS discovery unavailable; static peers only"),
+        }
+    }
     {
         let mut peers = net.peers();
         for (id, addr) in &cfg.peers {
@@ -189,6 +222,10 @@ pub(crate) fn start(node: &Node, identity: &Identity, cfg: &NetConfig) -> Result
 impl Net {
     /// Stops accepting and dialing and closes every connection.
     pub(crate) fn stop(&self) {
+        self.discovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let _ = self.shutdown.send(true);
         self.endpoint
             .close(close::SHUTDOWN.into(), b"shutting down");
@@ -242,6 +279,27 @@ impl Net {
         }
         e.failures = 0;
         e.next_attempt = Instant::now();
+    }
+
+    /// Records a node seen on the LAN.
+    pub(crate) fn saw_nearby(&self, id: NodeId, addrs: &[SocketAddr]) {
+        self.nearby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (addrs.to_vec(), now_ms()));
+    }
+
+    /// Nodes seen on the LAN with their addresses and when.
+    pub(crate) fn nearby(&self) -> Vec<(NodeId, Vec<SocketAddr>, i64)> {
+        let mut v: Vec<_> = self
+            .nearby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, (a, t))| (*id, a.clone(), *t))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
     }
 
     /// Closes the connection to `id`, if any, with `code` and `reason`.

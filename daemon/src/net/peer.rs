@@ -85,9 +85,13 @@ impl Shared {
 
     async fn receive(&self, deltas: Vec<Delta>, bytes: usize) -> Result<(), SessionError> {
         self.note_received(&deltas, bytes);
-        self.node
-            .apply_remote(self.peer, deltas)
+        // In its own task: if this session is torn down meanwhile, the deltas still get
+        // committed *and* applied to loaded documents and announced, never half of it.
+        let node = self.node.clone();
+        let peer = self.peer;
+        tokio::spawn(async move { node.apply_remote(peer, deltas).await })
             .await
+            .map_err(|e| SessionError::Node(e.to_string()))?
             .map_err(|e| SessionError::Node(e.to_string()))?;
         self.update_in_sync();
         Ok(())
@@ -156,7 +160,10 @@ pub(crate) async fn session(
     });
     shared.update_in_sync();
 
-    let (out_tx, out_rx) = mpsc::channel::<Msg>(WINDOW * 2);
+    // Unbounded by type, bounded by the protocol: at most WINDOW of our batches and WINDOW acks
+    // for the peer's are ever queued. A bounded queue here could deadlock both readers (each
+    // blocked queueing an ack while its writer waits on the other's flow control).
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Msg>();
     let window = Arc::new(Semaphore::new(WINDOW));
     tokio::try_join!(
         write_loop(shared.clone(), send, out_rx),
@@ -171,7 +178,7 @@ pub(crate) async fn session(
 async fn write_loop(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<Msg>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
 ) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await {
         let bytes = wire::write(&mut send, &msg).await?;
@@ -186,7 +193,7 @@ async fn write_loop(
 /// Streams what the peer lacks (as far as we know) from the store, in bounded batches.
 async fn catch_up(
     shared: Arc<Shared>,
-    out: mpsc::Sender<Msg>,
+    out: mpsc::UnboundedSender<Msg>,
     window: Arc<Semaphore>,
 ) -> Result<(), SessionError> {
     let peer_clock = shared.known().clone();
@@ -219,11 +226,11 @@ async fn catch_up(
             .map_err(|_| SessionError::Protocol("window closed".into()))?;
         permit.forget(); // returned by the Ack
         seq += 1;
-        if out.send(Msg::Batch { seq, deltas: batch }).await.is_err() {
+        if out.send(Msg::Batch { seq, deltas: batch }).is_err() {
             return Ok(());
         }
     }
-    let _ = out.send(Msg::CaughtUp).await;
+    let _ = out.send(Msg::CaughtUp);
     tracing::debug!(peer = %shared.peer.short(), batches = seq, "catch-up sent");
     Ok(())
 }
@@ -231,14 +238,14 @@ async fn catch_up(
 async fn read_loop(
     shared: Arc<Shared>,
     mut recv: quinn::RecvStream,
-    out: mpsc::Sender<Msg>,
+    out: mpsc::UnboundedSender<Msg>,
     window: Arc<Semaphore>,
 ) -> Result<(), SessionError> {
     while let Some((msg, bytes)) = wire::read(&mut recv).await? {
         match msg {
             Msg::Batch { seq, deltas } => {
                 shared.receive(deltas, bytes).await?;
-                if out.send(Msg::Ack { seq }).await.is_err() {
+                if out.send(Msg::Ack { seq }).is_err() {
                     return Ok(());
                 }
             }
