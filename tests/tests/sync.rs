@@ -264,6 +264,72 @@ async fn reconnect_costs_what_changed_not_what_exists() {
     }
 }
 
+/// A member of `a` whose process is replaced by a raw QUIC client speaking for it: its id, a
+/// client endpoint, and a client config presenting its key.
+async fn raw_member(
+    a: &Node,
+    dir: &Path,
+) -> (tandem::NodeId, quinn::Endpoint, quinn::ClientConfig) {
+    use tandem::net::tls;
+    let h = open(dir).await;
+    pair(a, &h).await;
+    let id = h.id();
+    h.close().await.unwrap();
+    drop(h);
+    let identity = tandem::Identity::load_or_create(dir).unwrap();
+    let cfg = tls::client_config(&identity, tls::ALPN_SYNC).unwrap();
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    (id, endpoint, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_blocks_neither_others_nor_local_writes() {
+    use tandem::net::{tls, wire};
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    pair(&a, &b).await;
+    let (h_id, endpoint, mut cfg) = raw_member(&a, dirs[2].path()).await;
+    // H advertises tiny receive windows and never reads: A's sends to it block almost at once.
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(8 * 1024));
+    transport.receive_window(quinn::VarInt::from_u32(16 * 1024));
+    cfg.transport_config(std::sync::Arc::new(transport));
+    let conn = endpoint
+        .connect_with(cfg, a.listen_addr().unwrap(), &tls::server_name(&a.id()))
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv_never_read) = conn.open_bi().await.unwrap();
+    let hello = wire::Msg::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: h_id,
+        clock: tandem::crdt::VersionVector::new(),
+    };
+    send.write_all(&wire::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    // 200 KB for the stalled peer, far past its windows.
+    let doc = a.create(Some(json!({"text": ""}))).await.unwrap();
+    let chunk = "x".repeat(1024);
+    let start = Instant::now();
+    for i in 0..200 {
+        a.splice_text(doc, "/text", i * chunk.len(), 0, &chunk)
+            .await
+            .unwrap();
+    }
+    let writes = start.elapsed();
+    eventually("B to receive everything while H stalls", || async {
+        b.clock() == a.clock()
+    })
+    .await;
+    assert!(
+        conn.close_reason().is_none(),
+        "the stalled peer is still connected"
+    );
+    eprintln!("200 x 1 KiB local writes took {writes:?} with a stalled peer connected");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_member_is_cut_off_and_others_are_served() {
     use tandem::net::{tls, wire};
@@ -271,16 +337,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
     let a = open(dirs[0].path()).await;
     let b = open(dirs[1].path()).await;
     pair(&a, &b).await;
-    // A member whose process we replace with a raw, misbehaving client.
-    let h = open(dirs[2].path()).await;
-    pair(&a, &h).await;
-    let h_id = h.id();
-    h.close().await.unwrap();
-    drop(h);
-    let identity = tandem::Identity::load_or_create(dirs[2].path()).unwrap();
-    let mut client_cfg = tls::client_config(&identity, tls::ALPN_SYNC).unwrap();
-    client_cfg.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let (h_id, endpoint, client_cfg) = raw_member(&a, dirs[2].path()).await;
     let target = a.listen_addr().unwrap();
     let connect = || async {
         endpoint

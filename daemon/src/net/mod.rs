@@ -552,7 +552,8 @@ async fn serve_join(node: &Node, conn: &quinn::Connection, peer: NodeId) -> Resu
     Ok(())
 }
 
-/// Joiner side: returns the inviter's member list.
+/// Joiner side: returns the inviter's member list. Tries the invite's addresses, then, if
+/// those are stale, wherever mDNS sees the inviter.
 pub(crate) async fn join(
     node: &Node,
     invite: &Invite,
@@ -562,43 +563,73 @@ pub(crate) async fn join(
         return Err(NetError::Invite(InviteError::Expired).into());
     }
     let mut last = NetError::Unreachable("the invite lists no addresses".into());
-    for addr in invite
-        .addrs
-        .iter()
-        .filter_map(|a| a.parse::<SocketAddr>().ok())
-    {
-        let conn = match connect(&net.endpoint, &net.join_client, invite.inviter, addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        let result = async {
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| NetError::Protocol(e.to_string()))?;
-            let req = Msg::JoinRequest {
-                secret: invite.secret,
-                addrs: net.advertised_addrs(),
-            };
-            wire::write(&mut send, &req)
-                .await
-                .map_err(|e| NetError::Protocol(e.to_string()))?;
-            let _ = send.finish();
-            match wire::read(&mut recv)
-                .await
-                .map_err(|e| NetError::Protocol(e.to_string()))?
-            {
-                Some((Msg::JoinAccepted { members }, _)) => Ok(members),
-                Some((Msg::JoinRefused { reason }, _)) => Err(NetError::Refused(reason)),
-                _ => Err(NetError::Protocol("unexpected reply to join".into())),
-            }
+    let listed: Vec<SocketAddr> = invite.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    for addr in &listed {
+        match join_at(net, invite, *addr).await {
+            Err(NetError::Unreachable(e)) => last = NetError::Unreachable(e),
+            other => return Ok(other?),
         }
-        .await;
-        conn.close(close::NORMAL.into(), b"join done");
-        return Ok(result?);
+    }
+    let mdns_on = net
+        .discovery
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some();
+    if mdns_on {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let seen: Vec<SocketAddr> = net
+                .nearby()
+                .into_iter()
+                .filter(|(id, _, _)| *id == invite.inviter)
+                .flat_map(|(_, a, _)| a)
+                .filter(|a| !listed.contains(a))
+                .collect();
+            if !seen.is_empty() || Instant::now() > deadline {
+                for addr in seen {
+                    match join_at(net, invite, addr).await {
+                        Err(NetError::Unreachable(e)) => last = NetError::Unreachable(e),
+                        other => return Ok(other?),
+                    }
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Err(last.into())
+}
+
+/// One join attempt at one address. `Unreachable` means: try another address.
+async fn join_at(
+    net: &Net,
+    invite: &Invite,
+    addr: SocketAddr,
+) -> Result<Vec<(NodeId, Vec<String>)>, NetError> {
+    let conn = connect(&net.endpoint, &net.join_client, invite.inviter, addr).await?;
+    let result = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Protocol(e.to_string()))?;
+        let req = Msg::JoinRequest {
+            secret: invite.secret,
+            addrs: net.advertised_addrs(),
+        };
+        wire::write(&mut send, &req)
+            .await
+            .map_err(|e| NetError::Protocol(e.to_string()))?;
+        let _ = send.finish();
+        match wire::read(&mut recv)
+            .await
+            .map_err(|e| NetError::Protocol(e.to_string()))?
+        {
+            Some((Msg::JoinAccepted { members }, _)) => Ok(members),
+            Some((Msg::JoinRefused { reason }, _)) => Err(NetError::Refused(reason)),
+            _ => Err(NetError::Protocol("unexpected reply to join".into())),
+        }
+    }
+    .await;
+    conn.close(close::NORMAL.into(), b"join done");
+    result
 }
