@@ -312,9 +312,9 @@ impl Node {
         &self.inner.data_dir
     }
 
-    /// The node clock: every delta this node holds.
+    /// The node clock: exactly the deltas this node has committed to disk.
     pub fn clock(&self) -> VersionVector {
-        self.engine().clock().clone()
+        self.inner.store.committed_clock()
     }
 
     /// Row counts from the store, plus loaded documents.
@@ -825,6 +825,29 @@ impl Node {
             })
             .await?;
         Ok(())
+    }
+
+    /// Deltas this node holds that a node with clock `clock` lacks, in `(origin, seq)` order:
+    /// what to carry to it by other means (a file, a USB stick), to be fed to [`Node::ingest`].
+    pub async fn deltas_missing_from(&self, clock: &VersionVector) -> Result<Vec<Delta>, Error> {
+        let node = self.clone();
+        let mut plan = self.engine_snapshot().catch_up(clock);
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            while let Some(batch) = node.load_batch(&mut plan, 1 << 20)? {
+                out.extend(batch);
+            }
+            Ok::<_, Error>(out)
+        })
+        .await
+        .map_err(|_| Error::Closed)?
+    }
+
+    /// Stores deltas that came from elsewhere (from `from`): what a sync session does with a
+    /// received batch, without a network. Invalid deltas are refused with an error; the valid
+    /// ones are kept.
+    pub async fn ingest(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        self.apply_remote(from, deltas).await
     }
 
     /// The QUIC address this node listens on, if networking is on.

@@ -195,6 +195,7 @@ pub struct Store {
     readers: Arc<ReadPool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<WriterStats>,
+    committed: Arc<Mutex<VersionVector>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -268,6 +269,7 @@ impl Store {
         });
         let (requests, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
+        let committed = Arc::new(Mutex::new(clock.clone()));
         let (compact_tx, compact_rx) = mpsc::channel();
         let writer = writer::Writer::new(
             conn,
@@ -275,6 +277,7 @@ impl Store {
             compact_tx,
             i64::from(opts.compact_after),
             stats.clone(),
+            committed.clone(),
         );
         let w = std::thread::Builder::new()
             .name("tandem-writer".into())
@@ -291,6 +294,7 @@ impl Store {
                 readers,
                 threads: Mutex::new(vec![w, c]),
                 stats,
+                committed,
             },
             Recovered { incarnation, clock },
         ))
@@ -303,6 +307,14 @@ impl Store {
         // A send error means the writer is gone; the dropped reply then reads as Closed.
         let _ = self.requests.send(Request::Write { write, reply });
         rx
+    }
+
+    /// The clock of exactly the deltas committed so far.
+    pub fn committed_clock(&self) -> VersionVector {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The writer's counters: commits, writes, time spent committing.

@@ -38,6 +38,8 @@ pub struct WriterStats {
 
 pub(super) struct Writer {
     stats: Arc<WriterStats>,
+    /// The clock of what is committed, shared with readers.
+    committed: Arc<std::sync::Mutex<VersionVector>>,
     conn: Connection,
     clock: VersionVector,
     compact: mpsc::Sender<DocId>,
@@ -60,9 +62,11 @@ impl Writer {
         compact: mpsc::Sender<DocId>,
         compact_after: i64,
         stats: Arc<WriterStats>,
+        committed: Arc<std::sync::Mutex<VersionVector>>,
     ) -> Self {
         Self {
             stats,
+            committed,
             conn,
             clock,
             compact,
@@ -103,7 +107,6 @@ impl Writer {
             return;
         }
         let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        let before = self.clock.clone();
         let started = Instant::now();
         let result = self.apply(&writes);
         let n = replies.len();
@@ -115,6 +118,8 @@ impl Writer {
         match result {
             Ok(to_compact) => {
                 tracing::trace!(requests = n, "group committed");
+                // Published before anyone is told of the commit.
+                *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = self.clock.clone();
                 for w in writes {
                     if let Write::Deltas {
                         after_commit: Some(f),
@@ -134,7 +139,11 @@ impl Writer {
             Err(e) => {
                 let why = e.to_string();
                 tracing::error!(error = %why, "commit failed; refusing further writes");
-                self.clock = before;
+                self.clock = self
+                    .committed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 self.failed = Some(why.clone());
                 for reply in replies {
                     let _ = reply.send(Err(StoreError::CommitFailed(why.clone())));
