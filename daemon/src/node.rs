@@ -66,7 +66,8 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub doc: DocId,
-    /// Made here, or received from a peer.
+    /// Made here, or received: then the NodeId of the node that made it (its origin, even when
+    /// a third node relayed it; for a batch mixing origins, the origin of the last delta).
     pub source: Source,
     /// The document's heads after the change.
     pub heads: Vec<ChangeHash>,
@@ -762,9 +763,13 @@ impl Node {
     /// Brings documents touched by committed remote deltas up to date in memory, records their
     /// heads, and emits the events.
     async fn refresh_docs(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
-        let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool)> = BTreeMap::new();
+        // Per document: its changes, whether it was deleted, and the origin of its last delta.
+        let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
         for d in deltas {
-            let e = by_doc.entry(d.doc).or_default();
+            let e = by_doc
+                .entry(d.doc)
+                .or_insert_with(|| (Vec::new(), false, from));
+            e.2 = d.id.origin;
             match &d.body {
                 DeltaBody::Change(bytes) => {
                     if let Ok(c) = automerge::Change::try_from(bytes.as_slice()) {
@@ -777,7 +782,7 @@ impl Node {
         let sender = self.event_sender();
         let mut heads = Vec::new();
         let mut events = Vec::new();
-        for (doc, (changes, tombstone)) in by_doc {
+        for (doc, (changes, tombstone, origin)) in by_doc {
             let was_loaded = self.cache().is_loaded(doc);
             let entry = match self.entry(doc).await {
                 Ok(e) => e,
@@ -797,7 +802,7 @@ impl Node {
             if sender.is_some() {
                 events.push(Event {
                     doc,
-                    source: Source::Remote(from),
+                    source: Source::Remote(origin),
                     patches: if was_loaded {
                         st.am.diff(&before, &after)
                     } else {

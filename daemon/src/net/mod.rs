@@ -633,3 +633,25 @@ async fn join_at(
     conn.close(close::NORMAL.into(), b"join done");
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_the_breaker_opens() {
+        let mut prev = Duration::ZERO;
+        for f in 0..BREAKER_FAILURES {
+            let d = backoff(f);
+            assert!(d <= MAX_BACKOFF + Duration::from_millis(250), "{f}: {d:?}");
+            assert!(
+                d + Duration::from_millis(250) >= prev,
+                "non-decreasing up to jitter"
+            );
+            prev = d;
+        }
+        assert_eq!(backoff(BREAKER_FAILURES), BREAKER_RETRY);
+        let samples: std::collections::BTreeSet<_> = (0..20).map(|_| backoff(2)).collect();
+        assert!(samples.len() > 1, "jitter");
+    }
+}
