@@ -68,7 +68,8 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
     let key = doc.as_bytes().as_slice();
     let row: Option<(Option<Vec<u8>>, i64)> = tx
         .query_row(
-            "SELECT snapshot, snapshot_upto FROM documents WHERE doc = ?1",
+            "SELECT s.snapshot, d.snapshot_upto FROM documents d
+             LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
             [key],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

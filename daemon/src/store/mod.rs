@@ -373,7 +373,8 @@ pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, Stor
     let tx = conn.unchecked_transaction()?;
     let row: Option<(Option<Vec<u8>>, i64, bool)> = tx
         .query_row(
-            "SELECT snapshot, snapshot_upto, deleted FROM documents WHERE doc = ?1",
+            "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
+             LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
             [doc.as_bytes().as_slice()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -434,7 +435,7 @@ pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
     Ok(StoreStats {
         documents: q("SELECT count(*) FROM documents WHERE deleted = 0")?,
         deltas: q("SELECT count(*) FROM deltas")?,
-        snapshots: q("SELECT count(*) FROM documents WHERE snapshot IS NOT NULL")?,
+        snapshots: q("SELECT count(*) FROM snapshots")?,
     })
 }
 

@@ -32,9 +32,7 @@ const MIGRATIONS: &[&str] = &[
 
     CREATE TABLE documents (
         doc             BLOB    PRIMARY KEY,
-        snapshot        BLOB,              -- Automerge save() of the deltas folded so far
-        snapshot_heads  BLOB,              -- Automerge heads of the snapshot: the clock it covers
-        snapshot_upto   INTEGER NOT NULL DEFAULT 0,  -- deltas with rowid <= this are in snapshot
+        snapshot_upto   INTEGER NOT NULL DEFAULT 0,  -- deltas with rowid <= this are in the snapshot
         pending         INTEGER NOT NULL DEFAULT 0,  -- deltas not yet folded into snapshot
         folded          INTEGER NOT NULL DEFAULT 0,  -- deltas folded into snapshot
         heads           BLOB    NOT NULL DEFAULT x'',
@@ -43,6 +41,14 @@ const MIGRATIONS: &[&str] = &[
         updated_at      INTEGER NOT NULL,
         deleted         INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
+
+    -- Compacted documents, apart from their small, often-updated `documents` row: SQLite
+    -- rewrites a whole row on UPDATE, and a snapshot in it would be rewritten on every write.
+    CREATE TABLE snapshots (
+        doc      BLOB PRIMARY KEY,
+        snapshot BLOB NOT NULL,             -- Automerge save() of the deltas folded so far
+        heads    BLOB NOT NULL              -- its Automerge heads: the clock it covers
+    );
 
     -- The node clock: per origin a contiguous prefix and the ranges held above it.
     CREATE TABLE clock (

@@ -221,18 +221,15 @@ impl Writer {
         }
         {
             let mut upsert = tx.prepare_cached(
-                "INSERT INTO documents (doc, created_at, updated_at) VALUES (?1, ?2, ?2)
-                 ON CONFLICT (doc) DO NOTHING",
-            )?;
-            let mut update = tx.prepare_cached(
-                "UPDATE documents SET pending = pending + ?2, size = size + ?3, updated_at = ?4,
-                     deleted = max(deleted, ?5), heads = coalesce(?6, heads)
-                 WHERE doc = ?1 RETURNING pending, folded",
+                "INSERT INTO documents (doc, created_at, updated_at, pending, size, deleted, heads)
+                 VALUES (?1, ?4, ?4, ?2, ?3, ?5, coalesce(?6, x''))
+                 ON CONFLICT (doc) DO UPDATE SET pending = pending + ?2, size = size + ?3,
+                     updated_at = ?4, deleted = max(deleted, ?5), heads = coalesce(?6, heads)
+                 RETURNING pending, folded",
             )?;
             for (doc, d) in &docs {
                 let key = doc.as_bytes().as_slice();
-                upsert.execute(params![key, now])?;
-                let (pending, folded): (i64, i64) = update.query_row(
+                let (pending, folded): (i64, i64) = upsert.query_row(
                     params![key, d.pending, d.size, now, d.deleted, d.heads],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
@@ -273,13 +270,19 @@ fn write_snapshot(
     let heads = heads_to_bytes(heads);
     let key = doc.as_bytes().as_slice();
     // Only move forward: a slower compaction of an older state must not replace a newer one.
-    tx.execute(
-        "UPDATE documents SET snapshot = ?2, snapshot_heads = ?3, snapshot_upto = ?4,
-             pending = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid > ?4),
-             folded = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid <= ?4),
-             size = length(?2) + (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1 AND rowid > ?4)
-         WHERE doc = ?1 AND snapshot_upto < ?4",
-        params![key, snapshot, heads, upto],
+    let moved = tx.execute(
+        "UPDATE documents SET snapshot_upto = ?2,
+             pending = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid > ?2),
+             folded = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid <= ?2),
+             size = ?3 + (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1 AND rowid > ?2)
+         WHERE doc = ?1 AND snapshot_upto < ?2",
+        params![key, upto, snapshot.len() as i64],
     )?;
+    if moved == 1 {
+        tx.execute(
+            "INSERT OR REPLACE INTO snapshots (doc, snapshot, heads) VALUES (?1, ?2, ?3)",
+            params![key, snapshot, heads],
+        )?;
+    }
     Ok(())
 }
