@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,13 +26,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 async fn open(dir: &Path, net: bool) -> Node {
     let mut cfg = Config::new(dir);
     if net {
-        cfg.net = Some(NetConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            peers: Vec::new(),
-            mdns: false,
-            interfaces: Vec::new(),
-            preferred_port: None,
-        });
+        cfg.net = Some(NetConfig::loopback());
     }
     Node::open(cfg).await.unwrap()
 }

@@ -17,13 +17,7 @@ async fn open(dir: &Path) -> Node {
         .with_test_writer()
         .try_init();
     let mut cfg = Config::new(dir);
-    cfg.net = Some(NetConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        peers: Vec::new(),
-        mdns: false,
-        interfaces: Vec::new(),
-        preferred_port: None,
-    });
+    cfg.net = Some(NetConfig::loopback());
     Node::open(cfg).await.unwrap()
 }
 
@@ -155,11 +149,8 @@ async fn trust_is_enforced() {
     let secret = a.create(Some(json!({"secret": true}))).await.unwrap();
     let mut cfg = Config::new(dirs[2].path().join("s2"));
     cfg.net = Some(NetConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         peers: vec![(a.id(), a.listen_addr().unwrap())],
-        mdns: false,
-        interfaces: Vec::new(),
-        preferred_port: None,
+        ..NetConfig::loopback()
     });
     let s2 = Node::open(cfg).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -426,11 +417,9 @@ async fn members_rediscover_each_other_over_mdns() {
     let open_mdns = |dir: std::path::PathBuf| async move {
         let mut cfg = Config::new(dir);
         cfg.net = Some(NetConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            peers: Vec::new(),
             mdns: true,
             interfaces: vec!["lo".into()],
-            preferred_port: None,
+            ..NetConfig::loopback()
         });
         Node::open(cfg).await.unwrap()
     };

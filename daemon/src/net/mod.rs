@@ -38,6 +38,19 @@ pub struct NetConfig {
     pub preferred_port: Option<u16>,
 }
 
+impl NetConfig {
+    /// Loopback only, any free port, no mDNS: for tests, benchmarks and local experiments.
+    pub fn loopback() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peers: Vec::new(),
+            mdns: false,
+            interfaces: Vec::new(),
+            preferred_port: None,
+        }
+    }
+}
+
 /// The default preferred port.
 pub const PREFERRED_PORT: u16 = 7373;
 

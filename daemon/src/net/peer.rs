@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_crdt::{Causality, Delta, NodeId, VersionVector};
+use tandem_crdt::{CatchUp, Causality, Delta, NodeId, VersionVector};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
 use super::wire::{self, BATCH_BYTES, Msg, PROTOCOL_VERSION};
@@ -43,7 +43,8 @@ impl Shared {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn note_sent(&self, deltas: &[Delta], bytes: usize) {
+    /// Records deltas that crossed the connection either way: the peer holds them now.
+    fn note(&self, deltas: &[Delta], bytes: usize, sent: bool) {
         {
             let mut k = self.known();
             for d in deltas {
@@ -52,27 +53,46 @@ impl Shared {
         }
         if let Some(net) = self.node.net() {
             net.count(&self.peer, |s| {
-                s.deltas_sent += deltas.len() as u64;
-                s.bytes_sent += bytes as u64;
+                let (n, b) = if sent {
+                    (&mut s.deltas_sent, &mut s.bytes_sent)
+                } else {
+                    s.last_seen = Some(now_ms());
+                    (&mut s.deltas_received, &mut s.bytes_received)
+                };
+                *n += deltas.len() as u64;
+                *b += bytes as u64;
             });
         }
-        self.update_in_sync();
+        if sent {
+            self.update_in_sync();
+        }
+    }
+
+    fn note_sent(&self, deltas: &[Delta], bytes: usize) {
+        self.note(deltas, bytes, true);
     }
 
     fn note_received(&self, deltas: &[Delta], bytes: usize) {
-        {
-            let mut k = self.known();
-            for d in deltas {
-                k.insert(d.id);
-            }
-        }
-        if let Some(net) = self.node.net() {
-            net.count(&self.peer, |s| {
-                s.deltas_received += deltas.len() as u64;
-                s.bytes_received += bytes as u64;
-                s.last_seen = Some(now_ms());
-            });
-        }
+        self.note(deltas, bytes, false);
+    }
+
+    /// The next batch of `plan` from the store (on a blocking thread).
+    async fn next_batch(
+        &self,
+        plan: &mut Option<CatchUp>,
+    ) -> Result<Option<Vec<Delta>>, SessionError> {
+        let Some(mut p) = plan.take() else {
+            return Ok(None);
+        };
+        let node = self.node.clone();
+        let (p, batch) = tokio::task::spawn_blocking(move || {
+            let r = node.load_batch(&mut p, BATCH_BYTES);
+            (p, r)
+        })
+        .await
+        .map_err(|e| SessionError::Node(e.to_string()))?;
+        *plan = Some(p);
+        batch.map_err(|e| SessionError::Node(e.to_string()))
     }
 
     fn update_in_sync(&self) {
@@ -197,20 +217,9 @@ async fn catch_up(
     window: Arc<Semaphore>,
 ) -> Result<(), SessionError> {
     let peer_clock = shared.known().clone();
-    let mut plan = shared.node.engine_snapshot().catch_up(&peer_clock);
+    let mut plan = Some(shared.node.engine_snapshot().catch_up(&peer_clock));
     let mut seq = 0u64;
-    loop {
-        let node = shared.node.clone();
-        let (back, batch) = tokio::task::spawn_blocking(move || {
-            let r = node.load_batch(&mut plan, BATCH_BYTES);
-            (plan, r)
-        })
-        .await
-        .map_err(|e| SessionError::Node(e.to_string()))?;
-        plan = back;
-        let Some(batch) = batch.map_err(|e| SessionError::Node(e.to_string()))? else {
-            break;
-        };
+    while let Some(batch) = shared.next_batch(&mut plan).await? {
         // Skip what the peer received meanwhile (by push or from others).
         let batch: Vec<Delta> = {
             let k = shared.known();
@@ -289,19 +298,8 @@ async fn push_out(
                 // We fell behind the feed: send what the peer lacks from the store instead.
                 tracing::debug!(peer = %shared.peer.short(), skipped = n, "push feed lagged; catching up");
                 let peer_clock = shared.known().clone();
-                let mut plan = shared.node.engine_snapshot().catch_up(&peer_clock);
-                loop {
-                    let node = shared.node.clone();
-                    let (back, batch) = tokio::task::spawn_blocking(move || {
-                        let r = node.load_batch(&mut plan, BATCH_BYTES);
-                        (plan, r)
-                    })
-                    .await
-                    .map_err(|e| SessionError::Node(e.to_string()))?;
-                    plan = back;
-                    let Some(batch) = batch.map_err(|e| SessionError::Node(e.to_string()))? else {
-                        break;
-                    };
+                let mut plan = Some(shared.node.engine_snapshot().catch_up(&peer_clock));
+                while let Some(batch) = shared.next_batch(&mut plan).await? {
                     let bytes = wire::write(
                         &mut send,
                         &Msg::Push {
