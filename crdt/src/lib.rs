@@ -12,6 +12,7 @@ pub mod delta;
 pub mod engine;
 pub mod id;
 pub mod json;
+pub mod peer;
 pub mod pointer;
 
 pub use automerge;
@@ -19,6 +20,7 @@ pub use clock::{Causality, LamportClock, VersionVector};
 pub use delta::{Delta, DeltaBody, DeltaError};
 pub use engine::{Action, CatchUp, DeltaStore, Engine, Input, MemStore, Source};
 pub use id::{DeltaId, DocId, IdError, NodeId};
+pub use peer::PeerSync;
 pub use pointer::{PathError, Pointer};
 
 /// The Automerge actor id for `node` in its `incarnation`-th process start. Actors are never

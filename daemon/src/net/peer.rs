@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_crdt::{CatchUp, Causality, Delta, NodeId, VersionVector};
+use tandem_crdt::{CatchUp, Delta, NodeId, PeerSync};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
 use super::wire::{self, BATCH_BYTES, Msg, PROTOCOL_VERSION};
@@ -34,23 +34,18 @@ pub(crate) enum SessionError {
 struct Shared {
     node: Node,
     peer: NodeId,
-    /// What the peer holds, as far as we know: its Hello, plus what we sent and it sent.
-    known: Mutex<VersionVector>,
+    /// What the peer holds, as far as we know, and the decisions that follow.
+    sync: Mutex<PeerSync>,
 }
 
 impl Shared {
-    fn known(&self) -> std::sync::MutexGuard<'_, VersionVector> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    fn sync(&self) -> std::sync::MutexGuard<'_, PeerSync> {
+        self.sync.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records deltas that crossed the connection either way: the peer holds them now.
     fn note(&self, deltas: &[Delta], bytes: usize, sent: bool) {
-        {
-            let mut k = self.known();
-            for d in deltas {
-                k.insert(d.id);
-            }
-        }
+        self.sync().note(deltas);
         if let Some(net) = self.node.net() {
             net.count(&self.peer, |s| {
                 let (n, b) = if sent {
@@ -96,8 +91,7 @@ impl Shared {
     }
 
     fn update_in_sync(&self) {
-        let ours = self.node.clock();
-        let in_sync = ours.compare(&self.known()) == Causality::Equal;
+        let in_sync = self.sync().in_sync(&self.node.clock());
         if let Some(net) = self.node.net() {
             net.count(&self.peer, |s| s.in_sync = in_sync);
         }
@@ -176,7 +170,7 @@ pub(crate) async fn session(
     let shared = Arc::new(Shared {
         node: node.clone(),
         peer,
-        known: Mutex::new(their_clock),
+        sync: Mutex::new(PeerSync::new(their_clock)),
     });
     shared.update_in_sync();
 
@@ -216,15 +210,11 @@ async fn catch_up(
     out: mpsc::UnboundedSender<Msg>,
     window: Arc<Semaphore>,
 ) -> Result<(), SessionError> {
-    let peer_clock = shared.known().clone();
-    let mut plan = Some(shared.node.engine_snapshot().catch_up(&peer_clock));
+    let mut plan = Some(shared.sync().plan(&shared.node.engine_snapshot()));
     let mut seq = 0u64;
     while let Some(batch) = shared.next_batch(&mut plan).await? {
         // Skip what the peer received meanwhile (by push or from others).
-        let batch: Vec<Delta> = {
-            let k = shared.known();
-            batch.into_iter().filter(|d| !k.contains(d.id)).collect()
-        };
+        let batch = shared.sync().unknown(&batch);
         if batch.is_empty() {
             continue;
         }
@@ -286,19 +276,11 @@ async fn push_out(
     let mut send = conn.open_uni().await?;
     loop {
         let deltas: Vec<Delta> = match pushes.recv().await {
-            Ok(batch) => {
-                let k = shared.known();
-                batch
-                    .iter()
-                    .filter(|d| !k.contains(d.id))
-                    .cloned()
-                    .collect()
-            }
+            Ok(batch) => shared.sync().unknown(batch.iter()),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 // We fell behind the feed: send what the peer lacks from the store instead.
                 tracing::debug!(peer = %shared.peer.short(), skipped = n, "push feed lagged; catching up");
-                let peer_clock = shared.known().clone();
-                let mut plan = Some(shared.node.engine_snapshot().catch_up(&peer_clock));
+                let mut plan = Some(shared.sync().plan(&shared.node.engine_snapshot()));
                 while let Some(batch) = shared.next_batch(&mut plan).await? {
                     let bytes = wire::write(
                         &mut send,
