@@ -178,6 +178,27 @@ impl Sim {
         }
     }
 
+    /// Only nodes in the same group may talk.
+    fn partition(&mut self, groups: Vec<Vec<usize>>) {
+        let group_of = move |n: usize| groups.iter().position(|g| g.contains(&n));
+        self.allowed = Box::new(move |a, b| group_of(a).is_some() && group_of(a) == group_of(b));
+    }
+
+    /// `i` can reach nobody.
+    fn isolate(&mut self, i: usize) {
+        self.allowed = Box::new(move |a, b| a != i && b != i);
+    }
+
+    /// `a` and `b` cannot reach each other (everything else can).
+    fn cut(&mut self, x: usize, y: usize) {
+        self.allowed = Box::new(move |a, b| pair(a, b) != pair(x, y));
+    }
+
+    /// Everyone can reach everyone.
+    fn heal(&mut self) {
+        self.allowed = Box::new(|_, _| true);
+    }
+
     fn connected(&self, a: usize, b: usize) -> bool {
         self.nodes[a].sessions.contains_key(&b) || self.nodes[b].sessions.contains_key(&a)
     }
@@ -486,15 +507,16 @@ fn scenario(seed: u64, bug: Bug) -> Result<(String, u64), String> {
     let phases = 3 + rng.below(4);
     for _ in 0..phases {
         // A random partition (or none), some crashes, a burst of writes.
-        match rng.below(3) {
-            0 => sim.allowed = Box::new(|_, _| true),
+        match rng.below(4) {
+            0 => sim.heal(),
             1 => {
                 let cut = 1 + rng.below(n as u64 - 1) as usize;
-                sim.allowed = Box::new(move |a, b| (a < cut) == (b < cut));
+                sim.partition(vec![(0..cut).collect(), (cut..n).collect()]);
             }
+            2 => sim.isolate(rng.below(n as u64) as usize),
             _ => {
-                let iso = rng.below(n as u64) as usize;
-                sim.allowed = Box::new(move |a, b| a != iso && b != iso);
+                let (x, y) = (rng.below(n as u64) as usize, rng.below(n as u64) as usize);
+                sim.cut(x, y);
             }
         }
         for i in 0..n {
@@ -514,7 +536,7 @@ fn scenario(seed: u64, bug: Bug) -> Result<(String, u64), String> {
         sim.run_until(t);
     }
     // Heal: everyone up, no partition; convergence must follow within the stated bound.
-    sim.allowed = Box::new(|_, _| true);
+    sim.heal();
     for node in &mut sim.nodes {
         node.up = true;
     }
@@ -641,7 +663,8 @@ fn partition_matrix_every_two_three_split_of_five() {
         let side = move |i: usize| mask & (1 << i) != 0;
         let mut sim = Sim::new(u64::from(mask), 5, Bug::None);
         sim.loss = 0.0;
-        sim.allowed = Box::new(move |a, b| side(a) == side(b));
+        let (left, right): (Vec<usize>, Vec<usize>) = (0..5).partition(|i| side(*i));
+        sim.partition(vec![left, right]);
         for i in 0..40 {
             sim.local_write(i % 5, 2);
             let t = sim.now + 3;
@@ -653,7 +676,7 @@ fn partition_matrix_every_two_three_split_of_five() {
             sim.check(2).is_err(),
             "split {mask:05b}: the two sides cannot agree yet"
         );
-        sim.allowed = Box::new(|_, _| true);
+        sim.heal();
         let t = sim.now + 2_000;
         sim.run_until(t);
         sim.check(2)
