@@ -81,7 +81,7 @@ impl Identity {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically (temp file, fsync, rename).
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension("tmp");
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);

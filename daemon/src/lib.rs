@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 mod cache;
 mod error;
 mod identity;

@@ -38,6 +38,10 @@ struct Args {
     /// Run without any networking (no sockets at all).
     #[arg(long)]
     offline: bool,
+    /// Local API address (HTTP, loopback only). Default: 127.0.0.1 on any free port; the
+    /// chosen address is written to `<data dir>/api.json` for the CLI.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    api: SocketAddr,
     /// Log format: `human` (default) or `json`.
     #[arg(long, value_name = "FORMAT", default_value = "human")]
     log_format: LogFormat,
@@ -107,6 +111,21 @@ async fn main() -> anyhow::Result<()> {
         deltas = stats.deltas,
         "tandemd running; Ctrl-C to stop"
     );
+    if !args.api.ip().is_loopback() {
+        anyhow::bail!(
+            "--api {} is not a loopback address; the local API serves this machine only",
+            args.api
+        );
+    }
+    let token = tandem::api::load_or_create_token(&dir)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (api_addr, api_task) = tandem::api::serve(node.clone(), args.api, token, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .with_context(|| format!("cannot serve the local API on {}", args.api))?;
+    tandem::api::write_api_file(&dir, api_addr)?;
+    tracing::info!(api = %api_addr, "local API listening");
     match node.listen_addr() {
         Some(addr) => println!(
             "node {} ready, listening on {addr}, data in {}",
@@ -121,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let why = shutdown_signal().await?;
     tracing::info!(signal = why, "stopping: finishing in-flight commits");
+    let _ = stop_tx.send(());
+    let _ = api_task.await;
+    let _ = std::fs::remove_file(dir.join(tandem::api::API_FILE));
     node.close().await?;
     tracing::info!("stopped");
     Ok(())

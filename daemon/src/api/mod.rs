@@ -1,0 +1,385 @@
+//! The local HTTP API: JSON over HTTP on 127.0.0.1, a bearer token from a 0600 file on every
+//! route but `/v1/health`. Bad requests get a JSON body `{"code", "message"}` with a stable
+//! code and a 4xx status, never a 500 for user input.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tandem_crdt::{DocId, NodeId, PathError};
+
+use crate::members::InviteError;
+use crate::net::NetError;
+use crate::{Error, Node};
+
+/// Largest request body accepted (an import of a large document).
+pub const MAX_BODY: usize = 64 << 20;
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        use StatusCode as S;
+        let (status, code) = match &e {
+            Error::DocNotFound(_) => (S::NOT_FOUND, "doc_not_found"),
+            Error::DocDeleted(_) => (S::GONE, "doc_deleted"),
+            Error::Path(PathError::Syntax { .. }) => (S::BAD_REQUEST, "bad_path"),
+            Error::Path(PathError::NotFound { .. }) => (S::NOT_FOUND, "path_not_found"),
+            Error::Path(PathError::TypeMismatch { .. }) => (S::CONFLICT, "type_mismatch"),
+            Error::Path(PathError::OutOfRange { .. }) => (S::BAD_REQUEST, "out_of_range"),
+            Error::Path(PathError::Automerge { .. }) => (S::BAD_REQUEST, "bad_edit"),
+            Error::Id(_) => (S::BAD_REQUEST, "bad_id"),
+            Error::NotAnObject(_) => (S::BAD_REQUEST, "not_an_object"),
+            Error::CorruptImport(_) => (S::BAD_REQUEST, "corrupt_import"),
+            Error::Net(NetError::Invite(InviteError::Malformed(_))) => {
+                (S::BAD_REQUEST, "bad_invite")
+            }
+            Error::Net(NetError::Invite(_)) | Error::Net(NetError::Refused(_)) => {
+                (S::FORBIDDEN, "invite_refused")
+            }
+            Error::Net(NetError::Unreachable(_)) => (S::BAD_GATEWAY, "unreachable"),
+            Error::Net(NetError::Disabled) => (S::CONFLICT, "offline"),
+            Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
+            _ => (S::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Clone)]
+struct Api {
+    node: Node,
+    token: String,
+}
+
+async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let ok = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()));
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn doc_id(s: &str) -> ApiResult<DocId> {
+    s.parse().map_err(|e: tandem_crdt::IdError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_id", e.to_string())
+    })
+}
+
+fn json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct PathQuery {
+    #[serde(default)]
+    path: String,
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"ok": true}))
+}
+
+async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    let n = &api.node;
+    let (stats, loaded) = n.stats().await?;
+    let clock = n.clock();
+    Ok(Json(json!({
+        "id": n.id(),
+        "listen": n.listen_addr(),
+        "documents": stats.documents,
+        "deltas": stats.deltas,
+        "loaded": loaded,
+        "clock": {"origins": clock.iter().count(), "deltas": clock.count(), "digest": hex(&clock.digest())},
+        "members": n.members().len(),
+        "connected": n.peers().iter().filter(|p| p.connected).count(),
+    })))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn list_docs(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    let docs = api.node.list().await?;
+    Ok(Json(json!(
+        docs.iter()
+            .map(|d| json!({
+                "id": d.id,
+                "heads": d.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "size": d.size,
+                "updated_at": d.updated_at,
+            }))
+            .collect::<Vec<_>>()
+    )))
+}
+
+async fn create_doc(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+    let initial = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(json_body(Ok(bytes))?)
+    };
+    let id = api.node.create(initial).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))))
+}
+
+async fn get_doc(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(api.node.get(doc_id(&id)?, &q.path).await?))
+}
+
+async fn put_doc(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let value = json_body(body)?;
+    api.node.put(doc_id(&id)?, &q.path, value).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_doc(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<StatusCode> {
+    let doc = doc_id(&id)?;
+    if q.path.is_empty() {
+        api.node.delete(doc).await?;
+    } else {
+        api.node.delete_at(doc, &q.path).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn export_doc(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {
+    let bytes = api.node.export(doc_id(&id)?).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn import_doc(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+    let id = api.node.import(&bytes).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))))
+}
+
+async fn peers(State(api): State<Api>) -> Json<Value> {
+    Json(json!(api.node.peers()))
+}
+
+async fn members(State(api): State<Api>) -> Json<Value> {
+    let peers = api.node.peers();
+    Json(json!(
+        api.node
+            .members()
+            .iter()
+            .map(|m| {
+                let p = peers.iter().find(|p| p.id == Some(m.id));
+                json!({
+                    "id": m.id,
+                    "addrs": m.addrs,
+                    "added_at": m.added_at,
+                    "connected": p.is_some_and(|p| p.connected),
+                    "last_seen": p.and_then(|p| p.last_seen),
+                    "in_sync": p.is_some_and(|p| p.in_sync),
+                })
+            })
+            .collect::<Vec<_>>()
+    ))
+}
+
+#[derive(Deserialize)]
+struct InviteReq {
+    #[serde(default = "default_ttl")]
+    ttl_secs: u64,
+}
+
+fn default_ttl() -> u64 {
+    600
+}
+
+async fn invite(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+    let req: InviteReq = if bytes.iter().all(u8::is_ascii_whitespace) {
+        InviteReq {
+            ttl_secs: default_ttl(),
+        }
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?
+    };
+    let token = api.node.invite(Duration::from_secs(req.ttl_secs)).await?;
+    Ok(Json(json!({"token": token})))
+}
+
+async fn join(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let v = json_body(body)?;
+    let token = v["token"].as_str().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "expected {\"token\": \"...\"}",
+        )
+    })?;
+    api.node.join(token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id: NodeId = id.parse().map_err(|e: tandem_crdt::IdError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_id", e.to_string())
+    })?;
+    if api.node.remove_member(id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_a_member",
+            format!("{id} is not a member"),
+        ))
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
+}
+
+/// The API's routes for `node`, guarded by `token`.
+pub fn router(node: Node, token: String) -> Router {
+    let api = Api { node, token };
+    let guarded = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/docs", get(list_docs).post(create_doc))
+        .route("/v1/docs/import", post(import_doc))
+        .route(
+            "/v1/docs/{id}",
+            get(get_doc).put(put_doc).delete(delete_doc),
+        )
+        .route("/v1/docs/{id}/export", get(export_doc))
+        .route("/v1/peers", get(peers))
+        .route("/v1/members", get(members))
+        .route("/v1/members/{id}", delete(remove_member))
+        .route("/v1/invite", post(invite))
+        .route("/v1/join", post(join))
+        .route_layer(middleware::from_fn_with_state(api.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(guarded)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(api)
+}
+
+/// Serves the API on `addr` until `shutdown` resolves; returns the bound address.
+pub async fn serve(
+    node: Node,
+    addr: SocketAddr,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(node, token);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok((bound, task))
+}
+
+/// File in the data dir holding the running daemon's API address (JSON `{"addr": ...}`).
+pub const API_FILE: &str = "api.json";
+/// File in the data dir holding the bearer token (mode 0600).
+pub const TOKEN_FILE: &str = "api-token";
+
+/// Reads the token, or makes one (32 random bytes, hex) on first use.
+pub fn load_or_create_token(dir: &std::path::Path) -> Result<String, Error> {
+    let path = dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    let token = hex(&rand::random::<[u8; 32]>());
+    crate::identity::write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+/// Records where the API listens, for clients that know only the data dir.
+pub fn write_api_file(dir: &std::path::Path, addr: SocketAddr) -> Result<(), Error> {
+    let path = dir.join(API_FILE);
+    let body = json!({"addr": addr.to_string(), "pid": std::process::id()}).to_string();
+    std::fs::write(&path, body).map_err(|e| Error::io(&path, e))
+}
