@@ -335,8 +335,8 @@ fn run(cli: &Cli) -> Res<()> {
                         } else {
                             "offline"
                         },
-                        p["bytes_sent"],
-                        p["bytes_received"],
+                        p["bytes_sent"].as_u64().unwrap_or(0),
+                        p["bytes_received"].as_u64().unwrap_or(0),
                         if p["in_sync"] == json!(true) {
                             "yes"
                         } else {
