@@ -2,12 +2,20 @@
 //! Finds the daemon from its data dir (`api.json`, `api-token`), or `--api URL --token-file F`.
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running.
 
-use std::io::{Read as _, Write as _};
+mod client;
+mod doc;
+mod progress;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use serde_json::{Value, json};
+
+use client::{Body, Client, Failure, Res, enc};
+use doc::DocAction;
+use progress::Progress;
 
 /// Command-line tool for tandem, the offline-first sync daemon.
 #[derive(Parser, Debug)]
@@ -59,44 +67,29 @@ enum Command {
         #[command(subcommand)]
         action: DocAction,
     },
+    /// Wait for sync.
+    Sync {
+        #[command(subcommand)]
+        action: SyncAction,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncAction {
+    /// Block until in sync with every connected member (a progress bar on a terminal).
+    Wait {
+        /// Give up after this long (exit 1), e.g. 30s, 2m.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum MembersAction {
     /// Remove a member: it is cut off at once.
     Rm { id: String },
-}
-
-#[derive(Subcommand, Debug)]
-enum DocAction {
-    /// Create a document (from a JSON object); prints its id.
-    New {
-        #[arg(value_name = "JSON")]
-        value: Option<String>,
-    },
-    /// List documents.
-    Ls,
-    /// Print a document, or the value at a JSON Pointer PATH.
-    Get { doc: String, path: Option<String> },
-    /// Set the value at PATH.
-    Put {
-        doc: String,
-        path: String,
-        #[arg(value_name = "JSON")]
-        value: String,
-    },
-    /// Delete the key or element at PATH.
-    Rm { doc: String, path: String },
-    /// Delete the document.
-    Del { doc: String },
-    /// Write the document as .automerge bytes (to stdout or FILE).
-    Export {
-        doc: String,
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-    },
-    /// Import .automerge bytes (from FILE or stdin); prints the new id.
-    Import { file: Option<PathBuf> },
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -112,105 +105,6 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("not a duration: {s:?} (try 30s, 10m, 1h)"))
 }
 
-enum Failure {
-    /// exit 1
-    Error(String),
-    /// exit 3
-    NotRunning(String),
-}
-
-type Res<T> = Result<T, Failure>;
-
-struct Client {
-    base: String,
-    token: String,
-}
-
-impl Client {
-    fn find(cli: &Cli, dir: &std::path::Path) -> Res<Client> {
-        let hint = || {
-            format!(
-                "tandemd is not running for {}\nhint: start it with `tandemd --data-dir {}`",
-                dir.display(),
-                dir.display()
-            )
-        };
-        if let (Some(api), Some(tf)) = (&cli.api, &cli.token_file) {
-            let token = std::fs::read_to_string(tf).map_err(|e| {
-                Failure::Error(format!("cannot read token file {}: {e}", tf.display()))
-            })?;
-            return Ok(Client {
-                base: api.trim_end_matches('/').to_string(),
-                token: token.trim().to_string(),
-            });
-        }
-        let api: Value = std::fs::read_to_string(dir.join("api.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .ok_or_else(|| Failure::NotRunning(hint()))?;
-        let addr = api["addr"]
-            .as_str()
-            .ok_or_else(|| Failure::NotRunning(hint()))?;
-        let token = std::fs::read_to_string(dir.join("api-token"))
-            .map_err(|e| Failure::Error(format!("cannot read the API token: {e}")))?;
-        Ok(Client {
-            base: format!("http://{addr}"),
-            token: token.trim().to_string(),
-        })
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Body>) -> Res<ureq::Response> {
-        let req = ureq::request(method, &format!("{}{path}", self.base))
-            .set("Authorization", &format!("Bearer {}", self.token));
-        let r = match body {
-            None => req.call(),
-            Some(Body::Json(v)) => req.send_json(v),
-            Some(Body::Bytes(b)) => req.send_bytes(&b),
-        };
-        match r {
-            Ok(resp) => Ok(resp),
-            Err(ureq::Error::Status(_, resp)) => {
-                let v: Value = resp.into_json().unwrap_or(Value::Null);
-                let msg = v["message"].as_str().unwrap_or("request failed");
-                Err(Failure::Error(msg.to_string()))
-            }
-            Err(ureq::Error::Transport(t)) => Err(Failure::NotRunning(format!(
-                "cannot reach tandemd at {}: {t}\nhint: start it with `tandemd`",
-                self.base
-            ))),
-        }
-    }
-
-    fn json(&self, method: &str, path: &str, body: Option<Body>) -> Res<Value> {
-        let resp = self.call(method, path, body)?;
-        if resp.status() == 204 {
-            return Ok(Value::Null);
-        }
-        resp.into_json()
-            .map_err(|e| Failure::Error(format!("bad reply from tandemd: {e}")))
-    }
-}
-
-enum Body {
-    Json(Value),
-    Bytes(Vec<u8>),
-}
-
-fn parse_json(s: &str) -> Res<Value> {
-    serde_json::from_str(s).map_err(|e| Failure::Error(format!("not JSON: {e}")))
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn print(v: &Value, json_out: bool) {
     if json_out {
         println!("{v}");
@@ -219,8 +113,83 @@ fn print(v: &Value, json_out: bool) {
     }
 }
 
+/// The short form of an id or hash for tables: its first 8 characters.
 fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Polls the peers until every connected one is in sync, or `timeout` passes.
+fn sync_wait(c: &Client, timeout: Duration, j: bool) -> Res<()> {
+    let start = Instant::now();
+    let mut bar = Progress::new(0, "syncing");
+    loop {
+        let peers = c.json("GET", "/v1/peers", None)?;
+        let connected: Vec<&Value> = peers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["connected"] == json!(true) && p["id"].is_string())
+            .collect();
+        let in_sync = connected
+            .iter()
+            .filter(|p| p["in_sync"] == json!(true))
+            .count();
+        bar.set_total(connected.len() as u64);
+        bar.draw(in_sync as u64, "peers in sync");
+        if in_sync == connected.len() {
+            bar.finish();
+            if j {
+                println!("{}", json!({"in_sync": true, "peers": connected.len()}));
+            } else if connected.is_empty() {
+                eprintln!("no connected members: nothing to wait for");
+            } else {
+                eprintln!("in sync with {} connected members", connected.len());
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bar.finish();
+            let behind: Vec<&str> = connected
+                .iter()
+                .filter(|p| p["in_sync"] != json!(true))
+                .filter_map(|p| p["id"].as_str())
+                .map(short)
+                .collect();
+            if j {
+                println!(
+                    "{}",
+                    json!({"in_sync": false, "peers": connected.len(), "behind": behind})
+                );
+            }
+            return Err(Failure::error(format!(
+                "not in sync after {}s: waiting on {}",
+                timeout.as_secs(),
+                behind.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn run(cli: &Cli) -> Res<()> {
@@ -238,10 +207,19 @@ fn run(cli: &Cli) -> Res<()> {
         println!("{}", if *s { id.short() } else { id.to_string() });
         return Ok(());
     }
-    let c = Client::find(cli, &dir)?;
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "tandem",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    let c = Client::find(cli.api.as_deref(), cli.token_file.as_deref(), &dir)?;
     let j = cli.json;
     match &cli.command {
-        Command::Id { .. } => {}
+        Command::Id { .. } | Command::Completions { .. } => {}
         Command::Status => {
             let v = c.json("GET", "/v1/status", None)?;
             if j {
@@ -346,99 +324,10 @@ fn run(cli: &Cli) -> Res<()> {
                 }
             }
         }
-        Command::Doc { action } => doc(&c, action, j)?,
-    }
-    Ok(())
-}
-
-fn doc(c: &Client, action: &DocAction, j: bool) -> Res<()> {
-    match action {
-        DocAction::New { value } => {
-            let body = match value {
-                Some(s) => Body::Json(parse_json(s)?),
-                None => Body::Bytes(Vec::new()),
-            };
-            let v = c.json("POST", "/v1/docs", Some(body))?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
-        }
-        DocAction::Ls => {
-            let v = c.json("GET", "/v1/docs", None)?;
-            if j {
-                print(&v, true);
-            } else {
-                println!("{:<30} {:>10} UPDATED (unix ms)", "ID", "SIZE");
-                for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<30} {:>10} {}",
-                        d["id"].as_str().unwrap_or(""),
-                        d["size"],
-                        d["updated_at"]
-                    );
-                }
-            }
-        }
-        DocAction::Get { doc, path } => {
-            let p = path.as_deref().unwrap_or("");
-            let v = c.json(
-                "GET",
-                &format!("/v1/docs/{}?path={}", enc(doc), enc(p)),
-                None,
-            )?;
-            print(&v, j);
-        }
-        DocAction::Put { doc, path, value } => {
-            let v = parse_json(value)?;
-            c.json(
-                "PUT",
-                &format!("/v1/docs/{}?path={}", enc(doc), enc(path)),
-                Some(Body::Json(v)),
-            )?;
-        }
-        DocAction::Rm { doc, path } => {
-            if path.is_empty() {
-                return Err(Failure::Error(
-                    "PATH is empty; use `tandem doc del` to delete the document".into(),
-                ));
-            }
-            c.json(
-                "DELETE",
-                &format!("/v1/docs/{}?path={}", enc(doc), enc(path)),
-                None,
-            )?;
-        }
-        DocAction::Del { doc } => {
-            c.json("DELETE", &format!("/v1/docs/{}", enc(doc)), None)?;
-        }
-        DocAction::Export { doc, output } => {
-            let resp = c.call("GET", &format!("/v1/docs/{}/export", enc(doc)), None)?;
-            let mut bytes = Vec::new();
-            resp.into_reader()
-                .read_to_end(&mut bytes)
-                .map_err(|e| Failure::Error(format!("reading export: {e}")))?;
-            match output {
-                Some(f) => std::fs::write(f, &bytes)
-                    .map_err(|e| Failure::Error(format!("{}: {e}", f.display())))?,
-                None => std::io::stdout()
-                    .write_all(&bytes)
-                    .map_err(|e| Failure::Error(e.to_string()))?,
-            }
-        }
-        DocAction::Import { file } => {
-            let bytes = match file {
-                Some(f) => {
-                    std::fs::read(f).map_err(|e| Failure::Error(format!("{}: {e}", f.display())))?
-                }
-                None => {
-                    let mut b = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut b)
-                        .map_err(|e| Failure::Error(e.to_string()))?;
-                    b
-                }
-            };
-            let v = c.json("POST", "/v1/docs/import", Some(Body::Bytes(bytes)))?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
-        }
+        Command::Doc { action } => doc::run(&c, action, j)?,
+        Command::Sync {
+            action: SyncAction::Wait { timeout },
+        } => sync_wait(&c, Duration::from_secs(*timeout), j)?,
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub enum Error {
     Closed,
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    #[error("the base heads are not in this document: {0}")]
+    BadBase(String),
     #[error("a peer sent an invalid delta: {0}")]
     BadDelta(String),
 }

@@ -36,6 +36,7 @@
 
 pub mod api;
 mod cache;
+pub mod config;
 mod error;
 mod identity;
 pub mod members;
@@ -48,7 +49,7 @@ pub use error::Error;
 pub use identity::Identity;
 pub use members::Member;
 pub use net::{NetConfig, PeerStatus};
-pub use node::{Config, Event, Node, Subscription, SubscriptionError};
+pub use node::{Config, Event, HistoryEntry, Node, Subscription, SubscriptionError};
 pub use store::{DocInfo, Durability, StoreStats};
 pub use tandem_crdt as crdt;
 pub use tandem_crdt::{DocId, NodeId, Source};

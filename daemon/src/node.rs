@@ -77,6 +77,34 @@ pub struct Event {
     pub deleted: bool,
 }
 
+/// One change in a document's history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    /// The change's hash; the document's heads are the hashes no later change depends on.
+    pub hash: ChangeHash,
+    /// The Automerge actor that made it, in hex.
+    pub actor: String,
+    /// The node that made it, when the actor is a tandem actor (NodeId + incarnation); `None`
+    /// for changes imported from elsewhere.
+    pub origin: Option<NodeId>,
+    /// The actor's sequence number for it.
+    pub seq: u64,
+    /// Wall-clock time of the change on the node that made it, in Unix seconds (0 if unknown).
+    pub time: i64,
+    pub message: Option<String>,
+    /// The changes it came after.
+    pub deps: Vec<ChangeHash>,
+}
+
+/// Commit options for a local change: stamped with the wall-clock time in Unix seconds, as
+/// automerge-js does.
+fn commit_options() -> automerge::transaction::CommitOptions {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    automerge::transaction::CommitOptions::default().with_time(now)
+}
+
 /// Why a subscription yielded no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscriptionError {
@@ -509,7 +537,11 @@ impl Node {
                 return Err(Error::DocDeleted(doc));
             }
             let before = st.am.get_heads();
-            let out = st.am.transact(f).map_err(|fail| fail.error)?.result;
+            let out = st
+                .am
+                .transact_with(|_| commit_options(), f)
+                .map_err(|fail| fail.error)?
+                .result;
             let after = st.am.get_heads();
             if after == before {
                 return Ok(out);
@@ -543,11 +575,14 @@ impl Node {
         let mut am = Automerge::new().with_actor(self.inner.actor.clone());
         match &initial {
             Some(value) => {
-                am.transact(|tx| pointer::put(tx, &Pointer::root(), value))
-                    .map_err(|f| f.error)?;
+                am.transact_with(
+                    |_| commit_options(),
+                    |tx| pointer::put(tx, &Pointer::root(), value),
+                )
+                .map_err(|f| f.error)?;
             }
             None => {
-                am.empty_commit(Default::default());
+                am.empty_commit(commit_options());
             }
         }
         let change = am
@@ -656,6 +691,75 @@ impl Node {
         let ptr = Pointer::parse(path)?;
         self.change(doc, |tx| Ok(pointer::update_text(tx, &ptr, text)?))
             .await
+    }
+
+    /// Replaces the text at `path` with `text`, where `text` was edited from the text as it
+    /// stood at `base` (the document's heads when the editing began). The edit is made against
+    /// that old state and merged, so whatever others changed in the text since then survives
+    /// alongside it: a three-way merge, as `tandem doc edit` does while an editor is open.
+    pub async fn update_text_from(
+        &self,
+        doc: DocId,
+        path: &str,
+        base: &[ChangeHash],
+        text: &str,
+    ) -> Result<(), Error> {
+        let ptr = Pointer::parse(path)?;
+        let entry = self.entry(doc).await?;
+        let pending = {
+            let mut st = entry.lock().ok_or(Error::DocNotFound(doc))?;
+            if st.deleted {
+                return Err(Error::DocDeleted(doc));
+            }
+            let mut fork = st
+                .am
+                .fork_at(base)
+                .map_err(|e| Error::BadBase(e.to_string()))?;
+            // A fresh actor: this node's own actor may have moved on since `base`, and two
+            // changes with one actor and one sequence number cannot both exist.
+            fork.set_actor(actor_id(&self.inner.identity.id(), rand::random()));
+            fork.transact_with(
+                |_| commit_options(),
+                |tx| pointer::update_text(tx, &ptr, text),
+            )
+            .map_err(|f| f.error)?;
+            let Some(change) = fork.get_last_local_change() else {
+                return Ok(()); // the text is what it was at `base`
+            };
+            let before = st.am.get_heads();
+            st.am.apply_changes([change.clone()])?;
+            let after = st.am.get_heads();
+            let event = self.local_event(doc, &st.am, &before, false);
+            let body = DeltaBody::Change(change.raw_bytes().to_vec());
+            self.commit_local(doc, vec![body], after, event, entry.clone())
+        };
+        pending.wait().await
+    }
+
+    /// Every change in the document's history, oldest first (in causal order).
+    pub async fn history(&self, doc: DocId) -> Result<Vec<HistoryEntry>, Error> {
+        self.read(doc, |am| {
+            Ok(am
+                .get_changes_meta(&[])
+                .into_iter()
+                .map(|c| {
+                    let bytes = c.actor.to_bytes();
+                    let origin = <[u8; 32]>::try_from(bytes.get(..32).unwrap_or_default())
+                        .ok()
+                        .map(NodeId::from_bytes);
+                    HistoryEntry {
+                        hash: c.hash,
+                        actor: c.actor.to_hex_string(),
+                        origin,
+                        seq: c.seq,
+                        time: c.timestamp,
+                        message: c.message.map(|m| m.into_owned()),
+                        deps: c.deps,
+                    }
+                })
+                .collect())
+        })
+        .await
     }
 
     /// The whole document as standard `.automerge` bytes (what automerge-js `load` reads).
@@ -963,6 +1067,12 @@ impl Node {
 
     /// Every known peer: connected or not, traffic, and whether we are in sync.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        self.net().map(Net::statuses).unwrap_or_default()
+        let mut peers = self.net().map(Net::statuses).unwrap_or_default();
+        // A commit since a session last checked (not yet pushed) means not in sync yet.
+        let now = self.clock().count();
+        for p in &mut peers {
+            p.in_sync &= p.in_sync_at == now;
+        }
+        peers
     }
 }

@@ -1,8 +1,13 @@
 //! The local HTTP API: JSON over HTTP on 127.0.0.1, a bearer token from a 0600 file on every
 //! route but `/v1/health`. Bad requests get a JSON body `{"code", "message"}` with a stable
-//! code and a 4xx status, never a 500 for user input.
+//! code and a 4xx status, never a 500 for user input. The routes are described by the OpenAPI
+//! document served at `/v1/openapi.json` (`openapi.json` beside this file).
+
+pub mod events;
+pub mod metrics;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -11,7 +16,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -74,6 +79,7 @@ impl From<Error> for ApiError {
             }
             Error::Net(NetError::Unreachable(_)) => (S::BAD_GATEWAY, "unreachable"),
             Error::Net(NetError::Disabled) => (S::CONFLICT, "offline"),
+            Error::BadBase(_) => (S::CONFLICT, "bad_base"),
             Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
@@ -87,6 +93,7 @@ type ApiResult<T> = Result<T, ApiError>;
 struct Api {
     node: Node,
     token: String,
+    journal: Arc<events::Journal>,
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -180,12 +187,128 @@ async fn create_doc(
     Ok((StatusCode::CREATED, Json(json!({"id": id}))))
 }
 
+/// Response header with the document's heads (comma-separated) that a read saw; send them
+/// back as `base` to edit text against that state (`PUT /v1/docs/{id}/text`).
+pub const HEADS_HEADER: &str = "tandem-heads";
+
 async fn get_doc(
     State(api): State<Api>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(api.node.get(doc_id(&id)?, &q.path).await?))
+) -> ApiResult<Response> {
+    let ptr = tandem_crdt::Pointer::parse(&q.path).map_err(Error::from)?;
+    let (value, heads) = api
+        .node
+        .read(doc_id(&id)?, |am| {
+            let value = tandem_crdt::pointer::get(am, &ptr)?;
+            Ok((value, am.get_heads()))
+        })
+        .await?;
+    let heads = heads
+        .iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(([(HEADS_HEADER, heads)], Json(value)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextEdit {
+    text: String,
+    /// Heads the edit started from; omitted: the current heads (a plain diff).
+    #[serde(default)]
+    base: Option<Vec<String>>,
+}
+
+async fn put_text(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let edit: TextEdit = serde_json::from_value(json_body(body)?)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
+    let doc = doc_id(&id)?;
+    match edit.base {
+        None => api.node.update_text(doc, &q.path, &edit.text).await?,
+        Some(base) => {
+            let base = base
+                .iter()
+                .map(|h| h.parse::<automerge::ChangeHash>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_base", format!("base: {e}"))
+                })?;
+            api.node
+                .update_text_from(doc, &q.path, &base, &edit.text)
+                .await?
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn history(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let doc = doc_id(&id)?;
+    let changes = api.node.history(doc).await?;
+    let heads = api.node.heads(doc).await?;
+    Ok(Json(json!({
+        "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "changes": changes,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    doc: Option<String>,
+}
+
+async fn events(
+    State(api): State<Api>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let doc = q.doc.as_deref().map(doc_id).transpose()?;
+    if let Some(doc) = doc {
+        // An unknown or deleted document is an error now, not a stream that never speaks.
+        api.node.heads(doc).await?;
+    }
+    let last = headers
+        .get("last-event-id")
+        .map(|v| v.to_str())
+        .transpose()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_event_id",
+                "Last-Event-ID is not text",
+            )
+        })?;
+    let sse = api
+        .journal
+        .stream(doc, last)
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "bad_event_id", why))?;
+    Ok(sse)
+}
+
+async fn metrics_page(State(api): State<Api>) -> ApiResult<Response> {
+    let text = metrics::render(&api.node).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// The OpenAPI 3.1 description of these routes.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn put_doc(
@@ -314,11 +437,18 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
 }
 
-/// The API's routes for `node`, guarded by `token`.
-pub fn router(node: Node, token: String) -> Router {
-    let api = Api { node, token };
+/// The API's routes for `node`, guarded by `token`, with `journal` behind `/v1/events`.
+pub fn router(node: Node, token: String, journal: Arc<events::Journal>) -> Router {
+    let api = Api {
+        node,
+        token,
+        journal,
+    };
     let guarded = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_page))
         .route("/v1/docs", get(list_docs).post(create_doc))
         .route("/v1/docs/import", post(import_doc))
         .route(
@@ -326,6 +456,8 @@ pub fn router(node: Node, token: String) -> Router {
             get(get_doc).put(put_doc).delete(delete_doc),
         )
         .route("/v1/docs/{id}/export", get(export_doc))
+        .route("/v1/docs/{id}/history", get(history))
+        .route("/v1/docs/{id}/text", put(put_text))
         .route("/v1/peers", get(peers))
         .route("/v1/members", get(members))
         .route("/v1/members/{id}", delete(remove_member))
@@ -349,10 +481,16 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(node, token);
+    let journal = events::Journal::start(&node, events::JOURNAL_EVENTS)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let app = router(node, token, journal.clone());
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Event streams never end by themselves; a graceful stop waits for them.
+                journal.close();
+            })
             .await
     });
     Ok((bound, task))
@@ -382,4 +520,53 @@ pub fn write_api_file(dir: &std::path::Path, addr: SocketAddr) -> Result<(), Err
     let path = dir.join(API_FILE);
     let body = json!({"addr": addr.to_string(), "pid": std::process::id()}).to_string();
     std::fs::write(&path, body).map_err(|e| Error::io(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeSet;
+
+    /// The (method, path) pairs the router declares, read from this file's source.
+    fn declared_routes() -> BTreeSet<(String, String)> {
+        let src = include_str!("mod.rs");
+        let body =
+            &src[src.find("pub fn router(").unwrap()..src.find("/// Serves the API").unwrap()];
+        let mut out = BTreeSet::new();
+        for chunk in body.split(".route(").skip(1) {
+            let path = chunk.split('"').nth(1).unwrap().to_string();
+            let call = chunk.split(".route").next().unwrap();
+            for method in ["get", "post", "put", "delete"] {
+                let found = call.match_indices(&format!("{method}(")).any(|(i, _)| {
+                    i == 0
+                        || !call.as_bytes()[i - 1].is_ascii_alphanumeric()
+                            && call.as_bytes()[i - 1] != b'_'
+                });
+                if found {
+                    out.insert((method.to_string(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if method != "parameters" {
+                    documented.insert((method.clone(), path.clone()));
+                }
+            }
+        }
+        let declared = declared_routes();
+        assert!(
+            declared.len() > 10,
+            "the source scan found too few routes: {declared:?}"
+        );
+        assert_eq!(documented, declared);
+    }
 }

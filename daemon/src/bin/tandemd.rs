@@ -4,22 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 
+use tandem::config::{self, FileConfig, parse_peer};
 use tandem::{Config, NetConfig, Node, NodeId};
 
-fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
-    let (id, addr) = s.split_once('@').ok_or("expected NODEID@HOST:PORT")?;
-    let id: NodeId = id.parse().map_err(|e| format!("{e}"))?;
-    let addr = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    Ok((id, addr))
-}
-
 /// The tandem sync daemon.
+///
+/// Settings come from flags, then the config file, then defaults.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -29,7 +21,8 @@ struct Args {
     /// QUIC listen address. Default: 0.0.0.0 on port 7373, or any free port if that is taken.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// A member to dial at a fixed address, as NODEID@HOST:PORT (repeatable).
+    /// A member to dial at a fixed address, as NODEID@HOST:PORT (repeatable; adds to the
+    /// config file's `peers`).
     #[arg(long, value_name = "NODEID@HOST:PORT", value_parser = parse_peer)]
     peer: Vec<(NodeId, SocketAddr)>,
     /// Do not advertise or browse on the LAN with mDNS.
@@ -40,11 +33,14 @@ struct Args {
     offline: bool,
     /// Local API address (HTTP, loopback only). Default: 127.0.0.1 on any free port; the
     /// chosen address is written to `<data dir>/api.json` for the CLI.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-    api: SocketAddr,
+    #[arg(long, value_name = "ADDR")]
+    api: Option<SocketAddr>,
+    /// Config file (TOML). Default: $XDG_CONFIG_HOME/tandem/config.toml, if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log format: `human` (default) or `json`.
-    #[arg(long, value_name = "FORMAT", default_value = "human")]
-    log_format: LogFormat,
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -53,16 +49,28 @@ enum LogFormat {
     Json,
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The config file: the one named by `--config` (which must exist), else the default one if
+/// it exists.
+fn file_config(args: &Args) -> anyhow::Result<FileConfig> {
+    Ok(match (&args.config, config::default_path()) {
+        (Some(path), _) => config::load(path, true)?,
+        (None, Some(path)) => config::load(&path, false)?,
+        (None, None) => FileConfig::default(),
+    })
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
@@ -87,17 +95,43 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_format);
-    let dir = args.data_dir.unwrap_or_else(Config::default_data_dir);
+    let file = match file_config(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tandemd: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let log_format = args.log_format.unwrap_or(match file.log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Human,
+    });
+    init_logs(log_format, file.log.as_deref().unwrap_or("info"));
+    let dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(Config::default_data_dir);
+    let api = args
+        .api
+        .or(file.api)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    if !api.ip().is_loopback() {
+        anyhow::bail!(
+            "--api {api} is not a loopback address; the local API serves this machine only"
+        );
+    }
     let mut config = Config::new(&dir);
-    if !args.offline {
+    if !(args.offline || file.offline == Some(true)) {
         let mut net = NetConfig::default();
-        if let Some(listen) = args.listen {
+        if let Some(listen) = args.listen.or(file.listen) {
             net.listen = listen;
             net.preferred_port = None;
         }
-        net.peers = args.peer.clone();
-        net.mdns = !args.no_mdns;
+        net.peers = file.peers.clone();
+        net.peers.extend(args.peer.iter().copied());
+        net.mdns = !args.no_mdns && file.mdns.unwrap_or(true);
+        net.interfaces = file.interfaces.clone();
         config.net = Some(net);
     }
     let node = Node::open(config)
@@ -111,29 +145,23 @@ async fn main() -> anyhow::Result<()> {
         deltas = stats.deltas,
         "tandemd running; Ctrl-C to stop"
     );
-    if !args.api.ip().is_loopback() {
-        anyhow::bail!(
-            "--api {} is not a loopback address; the local API serves this machine only",
-            args.api
-        );
-    }
     let token = tandem::api::load_or_create_token(&dir)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (api_addr, api_task) = tandem::api::serve(node.clone(), args.api, token, async {
+    let (api_addr, api_task) = tandem::api::serve(node.clone(), api, token, async {
         let _ = stop_rx.await;
     })
     .await
-    .with_context(|| format!("cannot serve the local API on {}", args.api))?;
+    .with_context(|| format!("cannot serve the local API on {}", api))?;
     tandem::api::write_api_file(&dir, api_addr)?;
     tracing::info!(api = %api_addr, "local API listening");
     match node.listen_addr() {
         Some(addr) => println!(
-            "node {} ready, listening on {addr}, data in {}",
+            "node {} ready, listening on {addr}, api on {api_addr}, data in {}",
             node.id(),
             dir.display()
         ),
         None => println!(
-            "node {} ready (offline), data in {}",
+            "node {} ready (offline), api on {api_addr}, data in {}",
             node.id(),
             dir.display()
         ),

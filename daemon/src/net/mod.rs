@@ -101,8 +101,11 @@ pub struct PeerStatus {
     pub deltas_received: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// Our clocks are equal as far as we know.
+    /// Our clocks are equal as far as we know (and ours has not moved since we last checked).
     pub in_sync: bool,
+    /// How many deltas our clock held when `in_sync` was last computed.
+    #[serde(skip)]
+    pub(crate) in_sync_at: u64,
 }
 
 /// QUIC close codes.

@@ -91,9 +91,13 @@ impl Shared {
     }
 
     fn update_in_sync(&self) {
-        let in_sync = self.sync().in_sync(&self.node.clock());
+        let clock = self.node.clock();
+        let in_sync = self.sync().in_sync(&clock);
         if let Some(net) = self.node.net() {
-            net.count(&self.peer, |s| s.in_sync = in_sync);
+            net.count(&self.peer, |s| {
+                s.in_sync = in_sync;
+                s.in_sync_at = clock.count();
+            });
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 pub use schema::SCHEMA_VERSION;
 use writer::Request;
-pub use writer::WriterStats;
+pub use writer::{COMMIT_BUCKETS_MICROS, WriterStats};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]

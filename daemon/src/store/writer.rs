@@ -34,6 +34,25 @@ pub struct WriterStats {
     pub writes: AtomicU64,
     /// Total time spent committing (SQL and fsync), in microseconds.
     pub commit_micros: AtomicU64,
+    /// Commit latencies: `commit_histogram[i]` counts commits that took at most
+    /// [`COMMIT_BUCKETS_MICROS`]`[i]` and more than the bucket before; the last slot counts the
+    /// rest.
+    pub commit_histogram: [AtomicU64; COMMIT_BUCKETS_MICROS.len() + 1],
+}
+
+/// Upper bounds of the commit latency histogram's buckets, in microseconds.
+pub const COMMIT_BUCKETS_MICROS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+impl WriterStats {
+    fn record_commit(&self, writes: usize, micros: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        self.commit_micros.fetch_add(micros, Ordering::Relaxed);
+        let bucket = COMMIT_BUCKETS_MICROS.partition_point(|&b| b < micros);
+        self.commit_histogram[bucket].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub(super) struct Writer {
@@ -110,11 +129,8 @@ impl Writer {
         let started = Instant::now();
         let result = self.apply(&writes);
         let n = replies.len();
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
         self.stats
-            .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .record_commit(n, started.elapsed().as_micros() as u64);
         match result {
             Ok(to_compact) => {
                 tracing::trace!(requests = n, "group committed");

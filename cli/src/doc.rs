@@ -1,0 +1,428 @@
+//! `tandem doc ...`: documents, their history, watching them change, and editing text in
+//! `$EDITOR`.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::client::{Body, Client, Failure, Res, enc};
+use crate::progress::Progress;
+use crate::{print, short, utc};
+
+#[derive(Subcommand, Debug)]
+pub enum DocAction {
+    /// Create a document (from a JSON object); prints its id.
+    New {
+        #[arg(value_name = "JSON")]
+        value: Option<String>,
+    },
+    /// List documents.
+    Ls,
+    /// Print a document, or the value at a JSON Pointer PATH.
+    Get { doc: String, path: Option<String> },
+    /// Set the value at PATH (`-` at the end of an array path appends).
+    Put {
+        doc: String,
+        path: String,
+        #[arg(value_name = "JSON")]
+        value: String,
+    },
+    /// Delete the key or element at PATH.
+    Rm { doc: String, path: String },
+    /// Delete the document.
+    Del { doc: String },
+    /// Print one line per change, to one document or all, until Ctrl-C.
+    Watch { doc: Option<String> },
+    /// Edit the text at PATH in $VISUAL or $EDITOR; saved as a text diff, merged with what
+    /// others changed meanwhile.
+    Edit { doc: String, path: String },
+    /// The document's changes: hash, origin, time.
+    History { doc: String },
+    /// Write the document as .automerge bytes (to stdout or FILE).
+    Export {
+        doc: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Import .automerge files (or stdin); prints each new id on its own line.
+    Import { files: Vec<PathBuf> },
+}
+
+fn doc_path(doc: &str, path: &str) -> String {
+    format!("/v1/docs/{}?path={}", enc(doc), enc(path))
+}
+
+fn parse_json(s: &str) -> Res<Value> {
+    serde_json::from_str(s).map_err(|e| Failure::error(format!("not JSON: {e}")))
+}
+
+pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
+    match action {
+        DocAction::New { value } => {
+            let body = match value {
+                Some(s) => Body::Json(parse_json(s)?),
+                None => Body::Bytes(Vec::new()),
+            };
+            let v = c.json("POST", "/v1/docs", Some(body))?;
+            println!("{}", v["id"].as_str().unwrap_or(""));
+        }
+        DocAction::Ls => {
+            let v = c.json("GET", "/v1/docs", None)?;
+            if j {
+                print(&v, true);
+            } else {
+                println!("{:<30} {:>10}  UPDATED (UTC)", "ID", "SIZE");
+                for d in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<30} {:>10}  {}",
+                        d["id"].as_str().unwrap_or(""),
+                        d["size"],
+                        utc(d["updated_at"].as_i64().unwrap_or(0) / 1000)
+                    );
+                }
+            }
+        }
+        DocAction::Get { doc, path } => {
+            let v = c.json("GET", &doc_path(doc, path.as_deref().unwrap_or("")), None)?;
+            print(&v, j);
+        }
+        DocAction::Put { doc, path, value } => {
+            let v = parse_json(value)?;
+            c.json("PUT", &doc_path(doc, path), Some(Body::Json(v)))?;
+        }
+        DocAction::Rm { doc, path } => {
+            if path.is_empty() {
+                return Err(Failure::error(
+                    "PATH is empty; use `tandem doc del` to delete the document",
+                ));
+            }
+            c.json("DELETE", &doc_path(doc, path), None)?;
+        }
+        DocAction::Del { doc } => {
+            c.json("DELETE", &format!("/v1/docs/{}", enc(doc)), None)?;
+        }
+        DocAction::Watch { doc } => watch(c, doc.as_deref(), j)?,
+        DocAction::Edit { doc, path } => edit(c, doc, path)?,
+        DocAction::History { doc } => {
+            let v = c.json("GET", &format!("/v1/docs/{}/history", enc(doc)), None)?;
+            if j {
+                print(&v, true);
+            } else {
+                println!(
+                    "{:<10} {:<10} {:>5}  {:<19}  DEPS",
+                    "CHANGE", "ORIGIN", "SEQ", "TIME (UTC)"
+                );
+                for ch in v["changes"].as_array().into_iter().flatten() {
+                    let deps: Vec<&str> = ch["deps"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(short)
+                        .collect();
+                    let origin = match ch["origin"].as_str() {
+                        Some(o) => short(o).to_string(),
+                        None => format!("actor:{}", short(ch["actor"].as_str().unwrap_or(""))),
+                    };
+                    let time = match ch["time"].as_i64() {
+                        Some(t) if t > 0 => utc(t),
+                        _ => "-".into(),
+                    };
+                    println!(
+                        "{:<10} {:<10} {:>5}  {:<19}  {}",
+                        short(ch["hash"].as_str().unwrap_or("")),
+                        origin,
+                        ch["seq"],
+                        time,
+                        deps.join(",")
+                    );
+                }
+            }
+        }
+        DocAction::Export { doc, output } => {
+            let resp = c.call("GET", &format!("/v1/docs/{}/export", enc(doc)), None)?;
+            let mut bytes = Vec::new();
+            resp.into_reader()
+                .read_to_end(&mut bytes)
+                .map_err(|e| Failure::error(format!("reading export: {e}")))?;
+            match output {
+                Some(f) => std::fs::write(f, &bytes)
+                    .map_err(|e| Failure::error(format!("{}: {e}", f.display())))?,
+                None => std::io::stdout()
+                    .write_all(&bytes)
+                    .map_err(|e| Failure::error(e.to_string()))?,
+            }
+        }
+        DocAction::Import { files } => import(c, files)?,
+    }
+    Ok(())
+}
+
+fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
+    if files.is_empty() {
+        let mut b = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut b)
+            .map_err(|e| Failure::error(e.to_string()))?;
+        let v = c.json("POST", "/v1/docs/import", Some(Body::Bytes(b)))?;
+        println!("{}", v["id"].as_str().unwrap_or(""));
+        return Ok(());
+    }
+    let bar = Progress::new(files.len() as u64, "importing");
+    // Each file is imported on its own: one bad file fails the command (exit 1) after the
+    // others, and the ids already printed stay valid.
+    let mut failed = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        bar.draw(i as u64, &f.display().to_string());
+        let result = std::fs::read(f)
+            .map_err(|e| Failure::error(e.to_string()))
+            .and_then(|b| c.json("POST", "/v1/docs/import", Some(Body::Bytes(b))));
+        match result {
+            Ok(v) => println!("{}", v["id"].as_str().unwrap_or("")),
+            Err(Failure::NotRunning(m)) => {
+                bar.finish();
+                return Err(Failure::NotRunning(m));
+            }
+            Err(Failure::Error(m)) => failed.push(format!("{}: {m}", f.display())),
+        }
+    }
+    bar.finish();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::error(format!(
+            "{} of {} files not imported:\n  {}",
+            failed.len(),
+            files.len(),
+            failed.join("\n  ")
+        )))
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Default)]
+struct Sse {
+    event: String,
+    id: Option<String>,
+    data: String,
+}
+
+/// Follows `/v1/events` until Ctrl-C; reconnects with `Last-Event-ID` if the daemon goes away,
+/// so a restart shows up as a `lagged` notice rather than a silent gap.
+fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
+    let path = match doc {
+        Some(d) => format!("/v1/events?doc={}", enc(d)),
+        None => "/v1/events".to_string(),
+    };
+    let mut last: Option<String> = None;
+    let mut connected = false;
+    loop {
+        let headers: Vec<(&str, &str)> = last
+            .as_deref()
+            .map(|l| vec![("Last-Event-ID", l)])
+            .unwrap_or_default();
+        let resp = match c.get_with(&path, &headers) {
+            Ok(r) => r,
+            Err(Failure::NotRunning(_)) if connected => {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if !connected && !j {
+            eprintln!(
+                "watching {}; Ctrl-C to stop",
+                doc.unwrap_or("all documents")
+            );
+        }
+        connected = true;
+        let mut ev = Sse::default();
+        for line in std::io::BufReader::new(resp.into_reader()).lines() {
+            let Ok(line) = line else { break };
+            if line.is_empty() {
+                if let Some(id) = ev.id.take() {
+                    last = Some(id);
+                }
+                show_event(&std::mem::take(&mut ev), j);
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => ev.event = value.to_string(),
+                "id" => ev.id = Some(value.to_string()),
+                "data" => {
+                    if !ev.data.is_empty() {
+                        ev.data.push('\n');
+                    }
+                    ev.data.push_str(value);
+                }
+                _ => {} // a comment (keep-alive) or an unknown field
+            }
+        }
+        eprintln!("lost the connection to tandemd; reconnecting");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn show_event(ev: &Sse, j: bool) {
+    if ev.data.is_empty() {
+        return;
+    }
+    let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::String(ev.data.clone()));
+    match ev.event.as_str() {
+        "lagged" => {
+            if j {
+                println!("{}", json!({"event": "lagged", "id": ev.id, "data": data}));
+            }
+            eprintln!(
+                "warning: {}",
+                data["message"].as_str().unwrap_or("events were missed")
+            );
+        }
+        _ if j => println!("{}", json!({"event": ev.event, "id": ev.id, "data": data})),
+        _ => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let source = match data["source"].as_str() {
+                Some("local") | None => "local".to_string(),
+                Some(id) => short(id).to_string(),
+            };
+            let what = if data["deleted"] == json!(true) {
+                "deleted".to_string()
+            } else {
+                let paths: Vec<&str> = data["paths"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(|p| if p.is_empty() { "/" } else { p })
+                    .collect();
+                if paths.is_empty() {
+                    "changed".to_string()
+                } else if data["more"] == json!(true) {
+                    format!("{} ...", paths.join(" "))
+                } else {
+                    paths.join(" ")
+                }
+            };
+            println!(
+                "{}  {}  {:<8}  {what}",
+                &utc(now)[11..],
+                data["doc"].as_str().unwrap_or(""),
+                source
+            );
+        }
+    }
+}
+
+/// Opens the text at `path` in the user's editor and saves the result as a diff against the
+/// text it started from.
+fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
+    let resp = c.call("GET", &doc_path(doc, path), None)?;
+    let heads: Vec<String> = resp
+        .header(tandem::api::HEADS_HEADER)
+        .unwrap_or("")
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect();
+    let value: Value = resp
+        .into_json()
+        .map_err(|e| Failure::error(format!("bad reply from tandemd: {e}")))?;
+    let Value::String(before) = value else {
+        return Err(Failure::error(format!(
+            "{path} holds {}, not text; `doc edit` edits text (use `doc put` for other values)",
+            json_type(&value)
+        )));
+    };
+    let file = temp_file(doc)?;
+    let result = (|| {
+        std::fs::write(&file, &before)
+            .map_err(|e| Failure::error(format!("{}: {e}", file.display())))?;
+        run_editor(&file)?;
+        let mut after = std::fs::read_to_string(&file)
+            .map_err(|e| Failure::error(format!("{}: {e}", file.display())))?;
+        // Editors add a final newline; keep the text's own ending.
+        if !before.ends_with('\n') && after.ends_with('\n') {
+            after.pop();
+            if after.ends_with('\r') {
+                after.pop();
+            }
+        }
+        if after == before {
+            eprintln!("no change");
+            return Ok(());
+        }
+        c.json(
+            "PUT",
+            &format!("/v1/docs/{}/text?path={}", enc(doc), enc(path)),
+            Some(Body::Json(json!({"text": after, "base": heads}))),
+        )?;
+        eprintln!("saved");
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "text",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn temp_file(doc: &str) -> Res<PathBuf> {
+    let name = format!(
+        "tandem-edit-{}-{}-{}.txt",
+        short(doc),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let path = std::env::temp_dir().join(name);
+    // create_new: never follow or overwrite someone else's file in a shared temp dir.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Failure::error(format!("{}: {e}", path.display())))?;
+    Ok(path)
+}
+
+/// Runs `$VISUAL`, else `$EDITOR`, else `vi` on `file` (the variable may carry arguments, as in
+/// `code --wait`).
+fn run_editor(file: &Path) -> Res<()> {
+    let editor = std::env::var("VISUAL")
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+        .or_else(|| {
+            std::env::var("EDITOR")
+                .ok()
+                .filter(|e| !e.trim().is_empty())
+        })
+        .unwrap_or_else(|| "vi".to_string());
+    let mut words = editor.split_whitespace();
+    let program = words.next().unwrap_or("vi");
+    let status = std::process::Command::new(program)
+        .args(words)
+        .arg(file)
+        .status()
+        .map_err(|e| Failure::error(format!("cannot run editor {editor:?}: {e}")))?;
+    if !status.success() {
+        return Err(Failure::error(format!(
+            "editor {editor:?} exited with {status}; nothing saved"
+        )));
+    }
+    Ok(())
+}

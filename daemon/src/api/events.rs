@@ -1,0 +1,360 @@
+//! `GET /v1/events`: the node's change events as Server-Sent Events.
+//!
+//! A [`Journal`] keeps the most recent events in a numbered ring. Every event gets an id
+//! `<epoch>-<n>` (the epoch is the node's incarnation, so ids from before a restart are told
+//! apart). A client that reconnects with `Last-Event-ID` gets everything after that id that the
+//! ring still holds; if the ring has moved past it, or the daemon restarted, it first gets a
+//! `lagged` event saying so, never a silent gap. Slow clients read from the shared ring at
+//! their own pace, so one slow client holds no one else up.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use automerge::{PatchAction, Prop};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tandem_crdt::{DocId, Source};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Event, Node, SubscriptionError};
+
+/// Events the ring holds by default.
+pub const JOURNAL_EVENTS: usize = 10_000;
+/// Paths listed per event at most; more are summarised by `"more": true`.
+const MAX_PATHS: usize = 64;
+
+enum Entry {
+    Change(Arc<Event>),
+    /// The journal itself fell behind the node and lost this many events.
+    Gap(u64),
+}
+
+struct Ring {
+    /// The id of `entries[0]`.
+    first: u64,
+    entries: VecDeque<Entry>,
+    cap: usize,
+}
+
+impl Ring {
+    /// The id the next entry will get.
+    fn end(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+}
+
+/// The numbered ring of recent events behind `/v1/events`.
+pub struct Journal {
+    epoch: u64,
+    ring: Mutex<Ring>,
+    /// The ring's end, bumped on every append; `None` once the journal is closed.
+    tick: watch::Sender<Option<u64>>,
+}
+
+impl Journal {
+    /// A journal of `node`'s events, fed by a task until the node closes or [`Journal::close`].
+    pub fn start(node: &Node, cap: usize) -> Result<Arc<Journal>, crate::Error> {
+        let journal = Arc::new(Journal {
+            epoch: node.incarnation(),
+            ring: Mutex::new(Ring {
+                first: 1,
+                entries: VecDeque::new(),
+                cap: cap.max(1),
+            }),
+            tick: watch::channel(Some(1)).0,
+        });
+        let mut sub = node.subscribe(None)?;
+        let weak = Arc::downgrade(&journal);
+        tokio::spawn(async move {
+            loop {
+                let entry = match sub.recv().await {
+                    Ok(e) => Entry::Change(e),
+                    Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
+                    Err(SubscriptionError::Closed) => break,
+                };
+                let Some(j) = weak.upgrade() else { return };
+                j.push(entry);
+            }
+            if let Some(j) = weak.upgrade() {
+                j.close();
+            }
+        });
+        Ok(journal)
+    }
+
+    fn push(&self, entry: Entry) {
+        let end = {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            if ring.entries.len() == ring.cap {
+                ring.entries.pop_front();
+                ring.first += 1;
+            }
+            ring.entries.push_back(entry);
+            ring.end()
+        };
+        self.tick.send_if_modified(|t| {
+            if t.is_some() {
+                *t = Some(end);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Ends every event stream (the daemon is stopping).
+    pub fn close(&self) {
+        self.tick.send_replace(None);
+    }
+
+    /// Parses a `Last-Event-ID` into the id to resume from, or a reason why that is
+    /// impossible (the id came from before a restart).
+    fn resume_from(&self, last: &str) -> Result<Result<u64, String>, String> {
+        let (epoch, n) = last
+            .split_once('-')
+            .and_then(|(e, n)| Some((e.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+            .ok_or_else(|| format!("Last-Event-ID {last:?} is not an event id (EPOCH-N)"))?;
+        if epoch != self.epoch {
+            return Ok(Err(format!(
+                "the daemon restarted since event {last}; its events are gone, re-read the documents"
+            )));
+        }
+        Ok(Ok(n.saturating_add(1)))
+    }
+
+    /// The SSE response for one client: events for `doc` (or all) after `last_event_id`, or
+    /// from now on.
+    pub fn stream(
+        self: &Arc<Self>,
+        doc: Option<DocId>,
+        last_event_id: Option<&str>,
+    ) -> Result<Response, String> {
+        let end = self.ring.lock().unwrap_or_else(|p| p.into_inner()).end();
+        let (mut next, notice) = match last_event_id {
+            None => (end, None),
+            Some(last) => match self.resume_from(last)? {
+                Ok(n) => (n.min(end), None),
+                Err(why) => (end, Some(why)),
+            },
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let journal = self.clone();
+        let mut tick = self.tick.subscribe();
+        tokio::spawn(async move {
+            if let Some(why) = notice {
+                let ev = SseEvent::default()
+                    .event("lagged")
+                    .id(format!("{}-{}", journal.epoch, next.saturating_sub(1)))
+                    .data(json!({"code": "restarted", "missed": null, "message": why}).to_string());
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let batch = journal.read(&mut next, doc);
+                for item in batch {
+                    if tx.send(Ok(journal.sse(item))).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                let state = *tick.borrow_and_update();
+                match state {
+                    None => return, // the daemon is stopping
+                    Some(end) if next < end => continue,
+                    Some(_) => {
+                        if tick.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let stream: ReceiverStream<Result<SseEvent, Infallible>> = ReceiverStream::new(rx);
+        Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    }
+
+    /// Up to 256 events from `*next` on, advancing `*next`; a `lagged` notice first if the
+    /// ring has dropped some of them.
+    fn read(&self, next: &mut u64, doc: Option<DocId>) -> Vec<Item> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        if *next < ring.first {
+            out.push(Item::Lagged {
+                next: ring.first,
+                missed: Some(ring.first - *next),
+                why: "this client fell behind and the daemon no longer holds the events it \
+                      missed; re-read the documents",
+            });
+            *next = ring.first;
+        }
+        let skip = (*next - ring.first) as usize;
+        for entry in ring.entries.iter().skip(skip).take(256) {
+            let id = *next;
+            *next += 1;
+            match entry {
+                Entry::Change(e) if doc.is_none_or(|d| d == e.doc) => {
+                    out.push(Item::Change(id, event_json(e)));
+                }
+                Entry::Change(_) => {}
+                Entry::Gap(n) => out.push(Item::Lagged {
+                    next: id + 1,
+                    missed: Some(*n),
+                    why: "the daemon's event feed fell behind and lost events; re-read the \
+                          documents",
+                }),
+            }
+        }
+        out
+    }
+
+    /// The SSE form of an item; a `lagged` event's id makes a reconnect resume where it points.
+    fn sse(&self, item: Item) -> SseEvent {
+        match item {
+            Item::Change(id, data) => SseEvent::default()
+                .event("change")
+                .id(format!("{}-{id}", self.epoch))
+                .data(data.to_string()),
+            Item::Lagged { next, missed, why } => SseEvent::default()
+                .event("lagged")
+                .id(format!("{}-{}", self.epoch, next.saturating_sub(1)))
+                .data(json!({"code": "fell_behind", "missed": missed, "message": why}).to_string()),
+        }
+    }
+}
+
+/// What a client is sent.
+#[derive(Debug, PartialEq)]
+enum Item {
+    /// An event and its number.
+    Change(u64, Value),
+    /// Events were lost to this client; it resumes at `next`.
+    Lagged {
+        next: u64,
+        missed: Option<u64>,
+        why: &'static str,
+    },
+}
+
+/// An event as JSON: the document, where it came from, its heads after, whether it was deleted,
+/// and the JSON Pointer paths the change touched.
+pub fn event_json(e: &Event) -> Value {
+    let source = match e.source {
+        Source::Local => json!("local"),
+        Source::Remote(id) => json!(id),
+    };
+    let mut paths: Vec<String> = Vec::new();
+    let mut more = false;
+    for p in &e.patches {
+        let mut path = String::new();
+        for (_, prop) in &p.path {
+            push_prop(&mut path, prop);
+        }
+        match &p.action {
+            PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                push_prop(&mut path, &Prop::Map(key.clone()))
+            }
+            PatchAction::PutSeq { index, .. }
+            | PatchAction::Insert { index, .. }
+            | PatchAction::DeleteSeq { index, .. } => push_prop(&mut path, &Prop::Seq(*index)),
+            PatchAction::Increment { prop, .. } | PatchAction::Conflict { prop } => {
+                push_prop(&mut path, prop)
+            }
+            // Text splices and marks name the text itself.
+            PatchAction::SpliceText { .. } | PatchAction::Mark { .. } => {}
+        }
+        if !paths.contains(&path) {
+            if paths.len() == MAX_PATHS {
+                more = true;
+                break;
+            }
+            paths.push(path);
+        }
+    }
+    json!({
+        "doc": e.doc,
+        "source": source,
+        "heads": e.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "deleted": e.deleted,
+        "paths": paths,
+        "more": more,
+    })
+}
+
+fn push_prop(path: &mut String, prop: &Prop) {
+    path.push('/');
+    match prop {
+        Prop::Map(k) => path.push_str(&k.replace('~', "~0").replace('/', "~1")),
+        Prop::Seq(i) => path.push_str(&i.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::Config;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(Config::new(dir.path())).await.unwrap();
+        let journal = Journal::start(&node, 4).unwrap();
+        let doc = node.create(None).await.unwrap();
+        for i in 0..9 {
+            node.put(doc, "/n", json!(i)).await.unwrap();
+        }
+        // 10 events (the create and 9 puts): the ring keeps the last 4, ids 7..=10.
+        let start = Instant::now();
+        while journal.ring.lock().unwrap().end() < 11 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut next = 3; // resuming after event 2
+        let items = journal.read(&mut next, None);
+        assert!(
+            matches!(
+                items[0],
+                Item::Lagged {
+                    next: 7,
+                    missed: Some(4),
+                    ..
+                }
+            ),
+            "{items:?}"
+        );
+        let ids: Vec<u64> = items[1..]
+            .iter()
+            .map(|i| match i {
+                Item::Change(id, v) => {
+                    assert_eq!(v["doc"], json!(doc));
+                    assert_eq!(v["source"], "local");
+                    assert_eq!(v["paths"], json!(["/n"]));
+                    *id
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [7, 8, 9, 10]);
+        assert_eq!(next, 11);
+        // Caught up: nothing more, and a filter on another document sees nothing.
+        assert!(journal.read(&mut next, None).is_empty());
+        let mut from = 7;
+        let other = DocId::from_bytes([9; 16]);
+        assert!(journal.read(&mut from, Some(other)).is_empty());
+        assert_eq!(from, 11);
+        // Ids from another epoch (a restart) cannot resume; garbage is an error.
+        assert!(journal.resume_from("999-3").unwrap().is_err());
+        assert_eq!(
+            journal.resume_from(&format!("{}-3", node.incarnation())),
+            Ok(Ok(4))
+        );
+        assert!(journal.resume_from("nope").is_err());
+        node.close().await.unwrap();
+    }
+}
