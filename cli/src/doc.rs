@@ -79,7 +79,7 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
                     println!(
                         "{:<30} {:>10}  {}",
                         d["id"].as_str().unwrap_or(""),
-                        d["size"],
+                        d["size"].as_u64().unwrap_or(0),
                         utc(d["updated_at"].as_i64().unwrap_or(0) / 1000)
                     );
                 }
@@ -135,7 +135,7 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
                         "{:<10} {:<10} {:>5}  {:<19}  {}",
                         short(ch["hash"].as_str().unwrap_or("")),
                         origin,
-                        ch["seq"],
+                        ch["seq"].as_u64().unwrap_or(0),
                         time,
                         deps.join(",")
                     );

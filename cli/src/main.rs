@@ -118,6 +118,34 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// A peer's or member's state: connected, connecting or offline.
+fn state(p: &Value) -> &'static str {
+    if p["connected"] == json!(true) {
+        "connected"
+    } else if p["connecting"] == json!(true) {
+        "connecting"
+    } else {
+        "offline"
+    }
+}
+
+/// Unix milliseconds as a time before now: `3s ago`, `5m ago`, or `never`.
+fn ago(ms: Option<i64>) -> String {
+    let Some(ms) = ms else {
+        return "never".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let s = (now - ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
 fn utc(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -139,47 +167,49 @@ fn utc(secs: i64) -> String {
     )
 }
 
-/// Polls the peers until every connected one is in sync, or `timeout` passes.
+/// Polls the peers until every connected one is in sync and none is still connecting, or
+/// `timeout` passes.
 fn sync_wait(c: &Client, timeout: Duration, j: bool) -> Res<()> {
     let start = Instant::now();
     let mut bar = Progress::new(0, "syncing");
     loop {
         let peers = c.json("GET", "/v1/peers", None)?;
-        let connected: Vec<&Value> = peers
+        let is = |p: &Value, k: &str| p[k] == json!(true);
+        let relevant: Vec<&Value> = peers
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|p| p["connected"] == json!(true) && p["id"].is_string())
+            .filter(|p| p["id"].is_string() && (is(p, "connected") || is(p, "connecting")))
             .collect();
-        let in_sync = connected
+        let done = relevant
             .iter()
-            .filter(|p| p["in_sync"] == json!(true))
+            .filter(|p| is(p, "connected") && is(p, "in_sync"))
             .count();
-        bar.set_total(connected.len() as u64);
-        bar.draw(in_sync as u64, "peers in sync");
-        if in_sync == connected.len() {
+        bar.set_total(relevant.len() as u64);
+        bar.draw(done as u64, "peers in sync");
+        if done == relevant.len() {
             bar.finish();
             if j {
-                println!("{}", json!({"in_sync": true, "peers": connected.len()}));
-            } else if connected.is_empty() {
+                println!("{}", json!({"in_sync": true, "peers": relevant.len()}));
+            } else if relevant.is_empty() {
                 eprintln!("no connected members: nothing to wait for");
             } else {
-                eprintln!("in sync with {} connected members", connected.len());
+                eprintln!("in sync with {} connected members", relevant.len());
             }
             return Ok(());
         }
         if start.elapsed() >= timeout {
             bar.finish();
-            let behind: Vec<&str> = connected
+            let behind: Vec<&str> = relevant
                 .iter()
-                .filter(|p| p["in_sync"] != json!(true))
+                .filter(|p| !(is(p, "connected") && is(p, "in_sync")))
                 .filter_map(|p| p["id"].as_str())
                 .map(short)
                 .collect();
             if j {
                 println!(
                     "{}",
-                    json!({"in_sync": false, "peers": connected.len(), "behind": behind})
+                    json!({"in_sync": false, "peers": relevant.len(), "behind": behind})
                 );
             }
             return Err(Failure::error(format!(
@@ -268,16 +298,16 @@ fn run(cli: &Cli) -> Res<()> {
             if j {
                 print(&v, true);
             } else {
-                println!("{:<10} {:<10} {:<8} ADDRESSES", "ID", "STATE", "IN SYNC");
+                println!(
+                    "{:<10} {:<10} {:<14} {:<8} ADDRESSES",
+                    "ID", "STATE", "LAST SEEN", "IN SYNC"
+                );
                 for m in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<10} {:<8} {}",
+                        "{:<10} {:<10} {:<14} {:<8} {}",
                         short(m["id"].as_str().unwrap_or("")),
-                        if m["connected"] == json!(true) {
-                            "connected"
-                        } else {
-                            "offline"
-                        },
+                        state(m),
+                        ago(m["last_seen"].as_i64()),
                         if m["in_sync"] == json!(true) {
                             "yes"
                         } else {
@@ -301,18 +331,14 @@ fn run(cli: &Cli) -> Res<()> {
                 print(&v, true);
             } else {
                 println!(
-                    "{:<10} {:<10} {:>10} {:>10} {:<8}",
-                    "ID", "STATE", "SENT", "RECEIVED", "IN SYNC"
+                    "{:<10} {:<10} {:>10} {:>10} IN SYNC",
+                    "ID", "STATE", "SENT", "RECEIVED"
                 );
                 for p in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<10} {:>10} {:>10} {:<8}",
+                        "{:<10} {:<10} {:>10} {:>10} {}",
                         short(p["id"].as_str().unwrap_or("")),
-                        if p["connected"] == json!(true) {
-                            "connected"
-                        } else {
-                            "offline"
-                        },
+                        state(p),
                         p["bytes_sent"].as_u64().unwrap_or(0),
                         p["bytes_received"].as_u64().unwrap_or(0),
                         if p["in_sync"] == json!(true) {

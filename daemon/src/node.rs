@@ -898,20 +898,25 @@ impl Node {
             };
             let mut st = entry.lock().ok_or(Error::DocNotFound(doc))?;
             let before = st.am.get_heads();
+            let received = changes.len();
             st.am.apply_changes(changes)?;
             st.deleted |= tombstone;
             let after = st.am.get_heads();
-            // Every touched document gets an event: these deltas were new to this node. (If a
-            // reader loaded the document between the commit and here, the patches are empty.)
+            // Every touched document gets an event: these deltas were new to this node. A
+            // document loaded just now already holds them, so its patches are known only when
+            // these deltas are all of it (a new document); otherwise they are empty.
             if sender.is_some() {
+                let patches = if was_loaded {
+                    st.am.diff(&before, &after)
+                } else if st.am.get_changes_meta(&[]).len() == received {
+                    st.am.diff(&[], &after)
+                } else {
+                    Vec::new()
+                };
                 events.push(Event {
                     doc,
                     source: Source::Remote(origin),
-                    patches: if was_loaded {
-                        st.am.diff(&before, &after)
-                    } else {
-                        Vec::new()
-                    },
+                    patches,
                     heads: after.clone(),
                     deleted: st.deleted,
                 });

@@ -367,6 +367,7 @@ async fn members(State(api): State<Api>) -> Json<Value> {
                     "addrs": m.addrs,
                     "added_at": m.added_at,
                     "connected": p.is_some_and(|p| p.connected),
+                    "connecting": p.is_some_and(|p| p.connecting),
                     "last_seen": p.and_then(|p| p.last_seen),
                     "in_sync": p.is_some_and(|p| p.in_sync),
                 })

@@ -93,6 +93,9 @@ pub enum NetError {
 pub struct PeerStatus {
     pub id: Option<NodeId>,
     pub connected: bool,
+    /// Not connected, but being dialed with no failed attempt yet (just learned, or it went
+    /// away politely): expect it to connect soon. After a failed dial it is simply offline.
+    pub connecting: bool,
     /// Where it is (or was last) connected.
     pub addr: Option<SocketAddr>,
     /// Unix milliseconds of the last frame from it.
@@ -278,7 +281,14 @@ impl Net {
 
     /// Status of every known peer.
     pub(crate) fn statuses(&self) -> Vec<PeerStatus> {
-        let mut v: Vec<PeerStatus> = self.peers().values().map(|e| e.status.clone()).collect();
+        let mut v: Vec<PeerStatus> = self
+            .peers()
+            .values()
+            .map(|e| PeerStatus {
+                connecting: !e.status.connected && e.failures == 0 && !e.addrs.is_empty(),
+                ..e.status.clone()
+            })
+            .collect();
         v.sort_by_key(|s| s.id);
         v
     }
