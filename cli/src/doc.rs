@@ -243,8 +243,8 @@ fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
         for line in std::io::BufReader::new(resp.into_reader()).lines() {
             let Ok(line) = line else { break };
             if line.is_empty() {
-                if let Some(id) = ev.id.take() {
-                    last = Some(id);
+                if let Some(id) = &ev.id {
+                    last = Some(id.clone());
                 }
                 show_event(&std::mem::take(&mut ev), j);
                 continue;

@@ -573,17 +573,16 @@ impl Node {
         }
         let doc = DocId::from_bytes(rand::random());
         let mut am = Automerge::new().with_actor(self.inner.actor.clone());
-        match &initial {
-            Some(value) => {
-                am.transact_with(
-                    |_| commit_options(),
-                    |tx| pointer::put(tx, &Pointer::root(), value),
-                )
-                .map_err(|f| f.error)?;
-            }
-            None => {
-                am.empty_commit(commit_options());
-            }
+        if let Some(value) = &initial {
+            am.transact_with(
+                |_| commit_options(),
+                |tx| pointer::put(tx, &Pointer::root(), value),
+            )
+            .map_err(|f| f.error)?;
+        }
+        if am.get_heads().is_empty() {
+            // Empty (`None` or `{}`): the document still needs a first change to exist.
+            am.empty_commit(commit_options());
         }
         let change = am
             .get_last_local_change()

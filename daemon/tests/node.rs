@@ -14,6 +14,17 @@ async fn open(dir: &std::path::Path) -> Node {
 }
 
 #[tokio::test]
+async fn an_empty_object_is_a_document() {
+    // It once failed: `{}` makes no ops, so the document had no first change.
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let empty = node.create(Some(json!({}))).await.unwrap();
+    assert_eq!(node.get(empty, "").await.unwrap(), json!({}));
+    assert_eq!(node.history(empty).await.unwrap().len(), 1);
+    node.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn documents_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let node = open(dir.path()).await;

@@ -3,121 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::result_large_err)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn bin(name: &str) -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the workspace's binaries one level up.
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built; run `cargo build --workspace` first",
-        path.display()
-    );
-    path
-}
-
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(bin("tandemd"))
-            .args([
-                "--data-dir",
-                dir.path().to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--no-mdns",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !dir.path().join("api.json").exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tandemd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, dir }
-    }
-
-    fn tandem(&self, args: &[&str]) -> Output {
-        tandem(self.dir.path(), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.tandem(args);
-        assert!(
-            out.status.success(),
-            "tandem {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    fn api(&self) -> (String, String) {
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(self.dir.path().join("api.json")).unwrap(),
-        )
-        .unwrap();
-        let token = std::fs::read_to_string(self.dir.path().join("api-token")).unwrap();
-        (
-            format!("http://{}", v["addr"].as_str().unwrap()),
-            token.trim().to_string(),
-        )
-    }
-
-    fn stop(&mut self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "tandemd exits 0 on SIGTERM: {status}");
-        assert!(
-            !self.dir.path().join("api.json").exists(),
-            "api.json removed on exit"
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // A failed test must not leave a daemon running (it would also hold the test's pipes).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tandem(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("tandem"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod support;
+use support::{Daemon, bin, tandem};
 
 #[test]
 fn cli_without_a_daemon_exits_3_with_a_hint() {
@@ -164,7 +54,63 @@ fn two_daemons_pair_and_sync_through_the_cli() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(b.ok(&["members"]).contains(&a.ok(&["id", "--short"])));
+    let a_short = a.ok(&["id", "--short"]);
+    assert!(b.ok(&["members"]).contains(&a_short));
+
+    // B watches; A's change shows up there as a line naming A.
+    let watch = b.watch(&[&doc]);
+    let line = watch.poke_until(
+        20,
+        || {
+            a.ok(&["doc", "put", &doc, "/title", r#""hello again""#]);
+        },
+        |l| l.contains("/title"),
+    );
+    assert!(line.contains(&doc) && line.contains(&a_short), "{line}");
+    drop(watch);
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    let synced = json(&b.ok(&["sync", "wait", "--timeout", "20s", "--json"]));
+    assert_eq!(synced["in_sync"], true);
+    assert_eq!(synced["peers"], 1);
+
+    // `doc edit` merges: while A's editor is open, B edits the same text; both edits survive.
+    a.ok(&["doc", "put", &doc, "/body", r#""the quick brown fox""#]);
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    let dir = a.dir.path();
+    let bin_tandem = bin("tandem");
+    let b_dir = b.dir.path().to_str().unwrap();
+    support::script(dir, "jump.sh", "sed -i 's/fox/fox jumps/' \"$1\"");
+    let outer = support::script(
+        dir,
+        "slow.sh",
+        &format!(
+            "VISUAL={jump} {t} --data-dir {b_dir} doc edit {doc} /body || exit 1\n\
+             {t} --data-dir {b_dir} sync wait --timeout 20s || exit 1\n\
+             sed -i 's/the quick/the slow/' \"$1\"",
+            jump = dir.join("jump.sh").display(),
+            t = bin_tandem.display(),
+        ),
+    );
+    let out = a.tandem_env(
+        &["doc", "edit", &doc, "/body"],
+        &[("VISUAL", outer.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    let want = r#""the slow brown fox jumps""#;
+    assert_eq!(a.ok(&["doc", "get", &doc, "/body", "--json"]), want);
+    let start = Instant::now();
+    while b.ok(&["doc", "get", &doc, "/body", "--json"]) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "B did not converge"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(a.ok(&["doc", "ls"]).contains(&doc));
     let status: serde_json::Value = serde_json::from_str(&a.ok(&["status", "--json"])).unwrap();
     assert_eq!(status["documents"], 1);
@@ -175,7 +121,7 @@ fn two_daemons_pair_and_sync_through_the_cli() {
     let copy = a.ok(&["doc", "import", file.to_str().unwrap()]);
     assert_eq!(
         a.ok(&["doc", "get", &copy, "/title", "--json"]),
-        r#""hello""#
+        r#""hello again""#
     );
 
     // Bad input: exit 1 with a message.
@@ -278,4 +224,497 @@ fn api_requires_the_token_and_answers_errors_in_json() {
     expect(call("GET", "/v1/nothing", None), 404, "no_route");
     let mut a = a;
     a.stop();
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn every_command_in_human_and_json_form() {
+    use serde_json::json;
+    let a = Daemon::start();
+    let id = a.ok(&["id"]);
+    let short = a.ok(&["id", "--short"]);
+    assert_eq!(short.len(), 8);
+    assert!(id.starts_with(&short));
+
+    let human = a.ok(&["status"]);
+    assert!(
+        human.contains(&id) && human.contains("documents"),
+        "{human}"
+    );
+    let status = json(&a.ok(&["status", "--json"]));
+    assert_eq!(status["id"], id.as_str());
+    assert!(status["listen"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    assert!(a.ok(&["invite"]).starts_with("tandem1"));
+    assert_eq!(
+        a.tandem(&["invite", "--ttl", "soon"]).status.code(),
+        Some(2)
+    );
+    assert!(a.ok(&["members"]).starts_with("ID"));
+    assert!(json(&a.ok(&["members", "--json"])).is_array());
+    assert!(a.ok(&["peers"]).starts_with("ID"));
+    assert_eq!(json(&a.ok(&["peers", "--json"])), json!([]));
+
+    // Documents.
+    let empty = a.ok(&["doc", "new"]);
+    assert_eq!(json(&a.ok(&["doc", "get", &empty, "--json"])), json!({}));
+    let doc = a.ok(&["doc", "new", r#"{"title":"hello","n":1}"#]);
+    assert_eq!(a.tandem(&["doc", "new", "[1]"]).status.code(), Some(1));
+    let ls = a.ok(&["doc", "ls"]);
+    assert!(
+        ls.starts_with("ID") && ls.contains(&doc) && ls.contains(&empty),
+        "{ls}"
+    );
+    let ids: Vec<String> = json(&a.ok(&["doc", "ls", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&doc));
+    let pretty = a.ok(&["doc", "get", &doc]);
+    assert!(pretty.lines().count() > 1, "human output is pretty-printed");
+    assert_eq!(json(&pretty), json!({"title": "hello", "n": 1}));
+    assert_eq!(a.ok(&["doc", "get", &doc, "/n", "--json"]), "1");
+    a.ok(&["doc", "put", &doc, "/n", "2"]);
+    a.ok(&["doc", "put", &doc, "/tags", r#"["x","y"]"#]);
+    a.ok(&["doc", "rm", &doc, "/tags/0"]);
+    assert_eq!(a.ok(&["doc", "get", &doc, "/tags", "--json"]), r#"["y"]"#);
+    assert_eq!(a.tandem(&["doc", "rm", &doc, ""]).status.code(), Some(1));
+
+    // History: one line per change, each with this node as its origin and a time.
+    let history = a.ok(&["doc", "history", &doc]);
+    assert!(history.starts_with("CHANGE"), "{history}");
+    assert_eq!(history.lines().count(), 1 + 4, "{history}");
+    assert!(history.contains(&short));
+    let h = json(&a.ok(&["doc", "history", &doc, "--json"]));
+    let changes = h["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 4);
+    assert!(changes.iter().all(|c| c["origin"] == id.as_str()));
+    assert!(
+        changes
+            .iter()
+            .all(|c| c["time"].as_i64().unwrap() > 1_700_000_000)
+    );
+    assert_eq!(h["heads"], json!([changes[3]["hash"]]));
+
+    // Edit: the editor's change is saved as a diff; an unchanged file saves nothing; a failed
+    // editor saves nothing; a non-text path is refused.
+    let scripts = a.dir.path();
+    let shout = support::script(scripts, "shout.sh", "sed -i 's/hello/hello world/' \"$1\"");
+    let out = a.tandem_env(
+        &["doc", "edit", &doc, "/title"],
+        &[("EDITOR", shout.to_str().unwrap()), ("VISUAL", "")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        a.ok(&["doc", "get", &doc, "/title", "--json"]),
+        r#""hello world""#
+    );
+    let before = a.ok(&["doc", "history", &doc, "--json"]);
+    let out = a.tandem_env(&["doc", "edit", &doc, "/title"], &[("VISUAL", "true")]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no change"));
+    assert_eq!(a.ok(&["doc", "history", &doc, "--json"]), before);
+    let out = a.tandem_env(&["doc", "edit", &doc, "/title"], &[("VISUAL", "false")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing saved"));
+    let out = a.tandem_env(&["doc", "edit", &doc, "/n"], &[("VISUAL", "true")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not text"));
+
+    // Watch, human and JSON: one line per change.
+    let watch = a.watch(&[&doc]);
+    let line = watch.poke_until(
+        20,
+        || {
+            a.ok(&["doc", "put", &doc, "/n", "3"]);
+        },
+        |l| l.contains(&doc),
+    );
+    assert!(line.contains("local") && line.contains("/n"), "{line}");
+    let watch = a.watch(&["--json"]);
+    let line = watch.poke_until(
+        20,
+        || {
+            a.ok(&["doc", "put", &doc, "/flag", "true"]);
+        },
+        |_| true,
+    );
+    let v = json(&line);
+    assert_eq!(v["event"], "change");
+    assert_eq!(v["data"]["doc"], doc.as_str());
+    assert_eq!(v["data"]["paths"], json!(["/flag"]));
+    assert!(v["id"].as_str().unwrap().contains('-'));
+    drop(watch);
+
+    // Export, then import several files at once: one bad file fails the command after the
+    // good ones are in, and their ids are printed.
+    let good = a.dir.path().join("good.automerge");
+    let bad = a.dir.path().join("bad.automerge");
+    a.ok(&["doc", "export", &doc, "-o", good.to_str().unwrap()]);
+    std::fs::write(&bad, b"not automerge").unwrap();
+    let out = a.tandem(&[
+        "doc",
+        "import",
+        good.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 3 files not imported"));
+    for copy in stdout.lines() {
+        assert_eq!(a.ok(&["doc", "get", copy, "/n", "--json"]), "3");
+    }
+
+    // Sync wait with no peers returns at once; completions.
+    a.ok(&["sync", "wait", "--timeout", "5s"]);
+    assert_eq!(
+        json(&a.ok(&["sync", "wait", "--json"])),
+        json!({"in_sync": true, "peers": 0})
+    );
+    assert!(a.ok(&["completions", "bash"]).contains("_tandem"));
+    assert!(a.ok(&["completions", "zsh"]).contains("#compdef tandem"));
+    assert_eq!(a.tandem(&["completions", "cmd"]).status.code(), Some(2));
+
+    a.ok(&["doc", "del", &empty]);
+    assert_eq!(a.tandem(&["doc", "get", &empty]).status.code(), Some(1));
+    let mut a = a;
+    a.stop();
+    // And with the daemon gone: exit 3 for anything that needs it, `id` still works.
+    assert_eq!(a.tandem(&["doc", "ls"]).status.code(), Some(3));
+    assert_eq!(a.ok(&["id"]), id);
+}
+
+/// Parses Prometheus text exposition: every sample line is `name{labels} value`, every
+/// sample's family has HELP and TYPE, and a histogram's buckets grow up to `+Inf` == count.
+fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut samples = std::collections::BTreeMap::new();
+    let mut typed = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["gauge", "counter", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line {line:?}"
+        );
+        let (key, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = key.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(typed.contains_key(family), "no TYPE for {name}");
+        if let Some(labels) = key.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1].split(',') {
+                let (_, v) = pair.split_once('=').unwrap();
+                assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+            }
+        }
+        samples.insert(key.to_string(), value);
+    }
+    samples
+}
+
+#[test]
+fn api_metrics_openapi_events_and_text_edits() {
+    use std::io::BufRead as _;
+    let a = Daemon::start();
+    let (base, token) = a.api();
+    let bearer = format!("Bearer {token}");
+    let get = |path: &str| {
+        ureq::get(&format!("{base}{path}"))
+            .set("Authorization", &bearer)
+            .call()
+    };
+    let doc = a.ok(&["doc", "new", r#"{"text":"abc"}"#]);
+    for i in 0..5 {
+        a.ok(&["doc", "put", &doc, "/n", &i.to_string()]);
+    }
+
+    // Metrics parse, and say what they should.
+    let resp = get("/metrics").unwrap();
+    assert!(resp.content_type().starts_with("text/plain"));
+    let m = parse_prometheus(&resp.into_string().unwrap());
+    assert_eq!(m["tandem_documents"], 1.0);
+    assert_eq!(m["tandem_deltas"], 6.0);
+    assert_eq!(m["tandem_peers_connected"], 0.0);
+    let count = m["tandem_commit_duration_seconds_count"];
+    assert!(count >= 6.0, "{count}");
+    assert_eq!(
+        m["tandem_commit_duration_seconds_bucket{le=\"+Inf\"}"],
+        count
+    );
+    let buckets: Vec<f64> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("tandem_commit_duration_seconds_bucket"))
+        .map(|(_, v)| *v)
+        .collect();
+    assert!(buckets.len() > 5);
+    assert!(m["tandem_commit_duration_seconds_sum"] > 0.0);
+
+    // Every route in the OpenAPI document is served (not the no-route fallback, not 405).
+    let spec: serde_json::Value = get("/v1/openapi.json").unwrap().into_json().unwrap();
+    let mut checked = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        let path = path.replace("{id}", "zzz");
+        for method in item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| *m != "parameters")
+        {
+            if path == "/v1/events" {
+                continue; // a stream; checked below
+            }
+            let r = ureq::request(&method.to_uppercase(), &format!("{base}{path}"))
+                .set("Authorization", &bearer)
+                .send_bytes(b"{}");
+            let (status, body) = match r {
+                Ok(r) => (r.status(), String::new()),
+                Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+                Err(e) => panic!("{method} {path}: {e}"),
+            };
+            assert_ne!(status, 405, "{method} {path}");
+            assert!(!body.contains("no_route"), "{method} {path}: {body}");
+            assert!(
+                status < 500 || status == 502,
+                "{method} {path}: {status} {body}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 18, "{checked}");
+
+    // Events: ids, resume with Last-Event-ID, and a notice for ids from before a restart.
+    let open = |last: Option<&str>| {
+        let mut req =
+            ureq::get(&format!("{base}/v1/events?doc={doc}")).set("Authorization", &bearer);
+        if let Some(l) = last {
+            req = req.set("Last-Event-ID", l);
+        }
+        let resp = req.call().unwrap();
+        assert_eq!(resp.content_type(), "text/event-stream");
+        std::io::BufReader::new(resp.into_reader()).lines()
+    };
+    // Reads one event: (event, id, data).
+    fn next_event(
+        lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    ) -> (String, String, serde_json::Value) {
+        let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
+        for line in lines {
+            let line = line.unwrap();
+            if line.is_empty() && !data.is_empty() {
+                return (event, id, serde_json::from_str(&data).unwrap());
+            }
+            if let Some(v) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
+                event = v.to_string();
+            } else if let Some(v) = line.strip_prefix("id: ").or(line.strip_prefix("id:")) {
+                id = v.to_string();
+            } else if let Some(v) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+                data = v.to_string();
+            }
+        }
+        panic!("stream ended");
+    }
+    let mut live = open(None);
+    // The stream starts now: poke until the first event arrives (the subscription may lag the
+    // request by a moment), then resume from it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        loop {
+            if tx.send(next_event(&mut live)).is_err() {
+                break;
+            }
+        }
+    });
+    let first = loop {
+        a.ok(&["doc", "put", &doc, "/poke", "true"]);
+        if let Ok(e) = rx.recv_timeout(Duration::from_secs(1)) {
+            break e;
+        }
+    };
+    assert_eq!(first.0, "change");
+    assert_eq!(first.2["paths"], serde_json::json!(["/poke"]));
+    a.ok(&["doc", "put", &doc, "/after", "1"]);
+    a.ok(&["doc", "put", &doc, "/after", "2"]);
+    let mut resumed = open(Some(&first.1));
+    let (ev, id2, data) = next_event(&mut resumed);
+    assert_eq!(
+        (ev.as_str(), data["paths"].clone()),
+        ("change", serde_json::json!(["/after"]))
+    );
+    let (_, id3, _) = next_event(&mut resumed);
+    let n = |id: &str| id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap();
+    assert!(n(&first.1) < n(&id2) && n(&id2) < n(&id3));
+    let mut stale = open(Some("99999-5"));
+    let (ev, _, data) = next_event(&mut stale);
+    assert_eq!(ev, "lagged");
+    assert!(data["message"].as_str().unwrap().contains("restarted"));
+    let bad = ureq::get(&format!("{base}/v1/events"))
+        .set("Authorization", &bearer)
+        .set("Last-Event-ID", "garbage")
+        .call();
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
+    assert!(matches!(
+        get("/v1/events?doc=nope"),
+        Err(ureq::Error::Status(400, _))
+    ));
+
+    // Text edits against a base: a bad base is a 4xx with a JSON error; a good one merges.
+    let r = get(&format!("/v1/docs/{doc}?path=/text")).unwrap();
+    let heads = r.header("tandem-heads").unwrap().to_string();
+    a.ok(&["doc", "put", &doc, "/other", "1"]);
+    let put = |body: serde_json::Value| {
+        ureq::put(&format!("{base}/v1/docs/{doc}/text?path=/text"))
+            .set("Authorization", &bearer)
+            .send_json(body)
+    };
+    let code = |r: Result<ureq::Response, ureq::Error>| match r {
+        Err(ureq::Error::Status(s, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap();
+            (s, v["code"].as_str().unwrap().to_string())
+        }
+        Ok(r) => (r.status(), String::new()),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        code(put(serde_json::json!({"text": "x", "base": ["zz"]}))),
+        (400, "bad_base".into())
+    );
+    let unknown = "00".repeat(32);
+    assert_eq!(
+        code(put(serde_json::json!({"text": "x", "base": [unknown]}))),
+        (409, "bad_base".into())
+    );
+    assert_eq!(
+        code(put(serde_json::json!({"txt": "x"}))),
+        (400, "bad_json".into())
+    );
+    let base_heads: Vec<&str> = heads.split(',').collect();
+    assert_eq!(
+        code(put(serde_json::json!({"text": "abcd", "base": base_heads}))),
+        (204, String::new())
+    );
+    assert_eq!(a.ok(&["doc", "get", &doc, "/text", "--json"]), r#""abcd""#);
+    let put_n = ureq::put(&format!("{base}/v1/docs/{doc}/text?path=/n"))
+        .set("Authorization", &bearer)
+        .send_json(serde_json::json!({"text": "x"}));
+    assert_eq!(code(put_n).0, 409, "not text");
+    let mut a = a;
+    a.stop();
+}
+
+#[test]
+fn tandemd_config_file_flags_win_and_bad_keys_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("tandem.toml");
+    let run = |args: &[&str], xdg: &std::path::Path| {
+        Command::new(bin("tandemd"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", xdg)
+            .output()
+            .unwrap()
+    };
+    // An unknown key and a bad value: exit 2, the message names the key and the file.
+    for (text, key) in [
+        ("listn = \"127.0.0.1:0\"\n", "unknown key `listn`"),
+        ("api = \"10.0.0.1:80\"\n", "key `api`"),
+        ("version = 7\n", "key `version`"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = run(&["--config", cfg.to_str().unwrap()], tmp.path());
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains("tandem.toml"), "{err}");
+    }
+    let out = run(&["--config", "/nonexistent/tandem.toml"], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+
+    // The default file ($XDG_CONFIG_HOME/tandem/config.toml) is read; flags win over it.
+    let xdg = tmp.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("tandem")).unwrap();
+    let from_file = tmp.path().join("from-file");
+    let from_flag = tmp.path().join("from-flag");
+    std::fs::write(
+        xdg.join("tandem/config.toml"),
+        format!(
+            "version = 1\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nmdns = false\nlog_format = \"json\"\n",
+            from_file.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("tandemd"))
+        .args(["--data-dir", from_flag.to_str().unwrap()])
+        .env("XDG_CONFIG_HOME", &xdg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::wait_for_file(&from_flag.join("api.json"));
+    assert!(!from_file.exists(), "the flag's data dir wins");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = {
+        use std::io::Read as _;
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        (stdout, stderr)
+    };
+    // JSON logs from the file; the ready line reports the chosen ports.
+    let first = out.1.lines().next().unwrap();
+    assert!(json(first).is_object(), "{first}");
+    assert!(
+        out.0.contains("listening on 127.0.0.1:") && out.0.contains("api on 127.0.0.1:"),
+        "{}",
+        out.0
+    );
 }

@@ -1,0 +1,236 @@
+//! Helpers shared by the end-to-end tests that run the real binaries.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn bin(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; the workspace's binaries one level up.
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(&[], &[])
+    }
+
+    /// A daemon on a fresh data dir, loopback only, with extra flags and environment. Its
+    /// config dir is an empty temp dir so the user's own config cannot leak in.
+    pub fn start_with(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(bin("tandemd"))
+            .args([
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--no-mdns",
+            ])
+            .args(extra)
+            .env("XDG_CONFIG_HOME", dir.path().join("no-config"))
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_file(&dir.path().join("api.json"));
+        Daemon { child, dir }
+    }
+
+    pub fn tandem(&self, args: &[&str]) -> Output {
+        tandem(self.dir.path(), args)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.tandem(args);
+        assert!(
+            out.status.success(),
+            "tandem {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn api(&self) -> (String, String) {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir.path().join("api.json")).unwrap(),
+        )
+        .unwrap();
+        let token = std::fs::read_to_string(self.dir.path().join("api-token")).unwrap();
+        (
+            format!("http://{}", v["addr"].as_str().unwrap()),
+            token.trim().to_string(),
+        )
+    }
+
+    pub fn stop(&mut self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "tandemd exits 0 on SIGTERM: {status}");
+        assert!(
+            !self.dir.path().join("api.json").exists(),
+            "api.json removed on exit"
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave a daemon running (it would also hold the test's pipes).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_file(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tandemd did not start ({} missing)",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn tandem(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("tandem"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+impl Daemon {
+    /// Runs `tandem` on this daemon with extra environment; returns the output.
+    pub fn tandem_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(bin("tandem"))
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `tandem doc watch` (with `args` after it) on this daemon.
+    pub fn watch(&self, args: &[&str]) -> Lines {
+        Lines::spawn(
+            Command::new(bin("tandem"))
+                .arg("--data-dir")
+                .arg(self.dir.path())
+                .args(["doc", "watch"])
+                .args(args),
+        )
+    }
+}
+
+/// A running process whose stdout arrives line by line; killed on drop.
+pub struct Lines {
+    child: Child,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Lines {
+    pub fn spawn(cmd: &mut Command) -> Lines {
+        use std::io::BufRead as _;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { child, rx }
+    }
+
+    /// The next line within `secs` seconds.
+    pub fn next(&self, secs: u64) -> Option<String> {
+        self.rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+
+    /// Reads lines until one satisfies `f` (panics after `secs` seconds).
+    pub fn until(&self, secs: u64, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if f(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no matching line within {secs}s"),
+            }
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an executable shell script.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+impl Lines {
+    /// Calls `poke` (which should cause a line) every second until a line satisfies `f`: a
+    /// watcher started a moment ago may not be listening yet, so one poke could go unseen.
+    pub fn poke_until(&self, secs: u64, poke: impl Fn(), f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            poke();
+            while let Some(line) = self.next(1) {
+                if f(&line) {
+                    return line;
+                }
+            }
+        }
+        panic!("no matching line within {secs}s");
+    }
+}
