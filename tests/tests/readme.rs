@@ -58,9 +58,18 @@ fn the_readme_tour_works_as_written() {
         "the tour failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     // What the tour's comments promise.
-    assert!(stdout.contains("ready, listening on 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains("ready, listening on 127.0.0.1:"),
+        "{stdout}"
+    );
     assert!(stdout.contains(r#"["milk"]"#), "{stdout}");
-    assert!(stdout.contains("/items/0"), "the watch saw A's write: {stdout}");
-    assert!(stdout.contains("connected") && stdout.contains("yes"), "{stdout}");
+    assert!(
+        stdout.contains("/items/0"),
+        "the watch saw A's write: {stdout}"
+    );
+    assert!(
+        stdout.contains("connected") && stdout.contains("yes"),
+        "{stdout}"
+    );
     assert!(stdout.contains("CHANGE"), "{stdout}");
 }
