@@ -256,6 +256,7 @@ fn run(cli: &Cli) -> Res<()> {
                 print(&v, true);
             } else {
                 println!("node        {}", v["id"].as_str().unwrap_or(""));
+                println!("name        {}", v["name"].as_str().unwrap_or(""));
                 println!("listening   {}", v["listen"].as_str().unwrap_or("offline"));
                 println!("documents   {}", v["documents"]);
                 println!("deltas      {}", v["deltas"]);
@@ -299,13 +300,17 @@ fn run(cli: &Cli) -> Res<()> {
                 print(&v, true);
             } else {
                 println!(
-                    "{:<10} {:<10} {:<14} {:<8} ADDRESSES",
-                    "ID", "STATE", "LAST SEEN", "IN SYNC"
+                    "{:<10} {:<16} {:<10} {:<14} {:<8} ADDRESSES",
+                    "ID", "NAME", "STATE", "LAST SEEN", "IN SYNC"
                 );
                 for m in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<10} {:<14} {:<8} {}",
+                        "{:<10} {:<16} {:<10} {:<14} {:<8} {}",
                         short(m["id"].as_str().unwrap_or("")),
+                        m["name"]
+                            .as_str()
+                            .filter(|n| !n.is_empty())
+                            .map_or("-".to_string(), |n| n.chars().take(16).collect()),
                         state(m),
                         ago(m["last_seen"].as_i64()),
                         if m["in_sync"] == json!(true) {

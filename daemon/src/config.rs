@@ -13,6 +13,7 @@
 //! offline = false
 //! log_format = "human"              # or "json"
 //! log = "info"                      # a tracing filter; RUST_LOG wins over it
+//! name = "work laptop"              # shown to peers; default: the host name
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -35,6 +36,7 @@ pub struct FileConfig {
     pub offline: Option<bool>,
     pub log_format: Option<String>,
     pub log: Option<String>,
+    pub name: Option<String>,
 }
 
 /// A config file that cannot be used.
@@ -62,7 +64,8 @@ pub enum ConfigError {
     },
 }
 
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 11] = [
+    "name",
     "version",
     "data_dir",
     "listen",
@@ -207,6 +210,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                 cfg.log_format = Some(f);
             }
             "log" => cfg.log = Some(string()?),
+            "name" => cfg.name = Some(string()?),
             _ => {
                 return Err(ConfigError::UnknownKey {
                     path: path.to_path_buf(),

@@ -18,6 +18,9 @@ use crate::store::{StoreError, Write, now_ms};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Member {
     pub id: NodeId,
+    /// What it calls itself (its host name unless configured), as it said when it last
+    /// connected; empty until then.
+    pub name: String,
     /// Addresses it was last reachable at, `host:port`.
     pub addrs: Vec<String>,
     /// Unix milliseconds when it was added.
@@ -86,6 +89,19 @@ struct State {
     invites: HashMap<Vec<u8>, PendingInvite>,
 }
 
+/// Longest name kept, in characters.
+pub const MAX_NAME: usize = 64;
+
+/// A name fit to show: no control characters, at most [`MAX_NAME`] characters, trimmed.
+pub fn clean_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_NAME)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
 /// The member list and invites of one node.
 pub struct Membership {
     me: NodeId,
@@ -96,7 +112,7 @@ impl Membership {
     /// Loads from the store.
     pub fn load(me: NodeId, conn: &Connection) -> Result<Self, StoreError> {
         let mut state = State::default();
-        let mut stmt = conn.prepare("SELECT node, addrs, added_at, removed FROM members")?;
+        let mut stmt = conn.prepare("SELECT node, addrs, added_at, removed, name FROM members")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             let node: Vec<u8> = r.get(0)?;
@@ -116,6 +132,7 @@ impl Membership {
                     id,
                     Member {
                         id,
+                        name: r.get(4)?,
                         addrs: addrs.split_whitespace().map(str::to_string).collect(),
                         added_at,
                     },
@@ -172,10 +189,16 @@ impl Membership {
         } else {
             addrs
         };
+        let name = st
+            .members
+            .get(&id)
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         st.members.insert(
             id,
             Member {
                 id,
+                name,
                 addrs: addrs.clone(),
                 added_at,
             },
@@ -188,6 +211,23 @@ impl Membership {
                 Value::Text(addrs.join(" ")),
                 Value::Integer(added_at),
             ],
+        })
+    }
+
+    /// Records what a member calls itself; returns the write that persists it, or `None` if
+    /// it is not a member or the name is unchanged. The name comes from the peer: it is cut to
+    /// [`MAX_NAME`] characters and control characters are dropped.
+    pub fn set_name(&self, id: &NodeId, name: &str) -> Option<Write> {
+        let name = clean_name(name);
+        let mut st = self.state();
+        let m = st.members.get_mut(id)?;
+        if m.name == name {
+            return None;
+        }
+        m.name = name.clone();
+        Some(Write::Exec {
+            sql: "UPDATE members SET name = ?2 WHERE node = ?1",
+            params: vec![Value::Blob(id.as_bytes().to_vec()), Value::Text(name)],
         })
     }
 
@@ -259,6 +299,22 @@ mod tests {
             me,
             state: Mutex::new(State::default()),
         }
+    }
+
+    #[test]
+    fn names_are_cleaned_and_kept_across_address_updates() {
+        let m = empty(n(1));
+        assert!(m.set_name(&n(2), "x").is_none(), "not a member");
+        m.add(n(2), vec!["127.0.0.1:1".into()]);
+        assert!(m.set_name(&n(2), " bad\u{1b}[31m\nname ").is_some());
+        assert_eq!(m.members()[0].name, "bad[31mname");
+        assert!(
+            m.set_name(&n(2), "bad[31mname").is_none(),
+            "unchanged: no write"
+        );
+        m.add(n(2), vec!["127.0.0.1:2".into()]);
+        assert_eq!(m.members()[0].name, "bad[31mname");
+        assert_eq!(clean_name(&"é".repeat(100)).chars().count(), MAX_NAME);
     }
 
     #[test]

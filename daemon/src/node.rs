@@ -39,6 +39,9 @@ pub struct Config {
     pub event_buffer: usize,
     /// Networking: `None` keeps the node offline (no sockets at all).
     pub net: Option<NetConfig>,
+    /// What this node calls itself to its peers (shown in their member lists). Default: the
+    /// host name.
+    pub name: String,
 }
 
 impl Config {
@@ -51,6 +54,7 @@ impl Config {
             compact_after: 64,
             event_buffer: 4096,
             net: None,
+            name: host_name(),
         }
     }
 
@@ -60,6 +64,15 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("."))
             .join("tandem")
     }
+}
+
+/// The host name: from the kernel on Linux, else `$HOSTNAME`, else empty.
+fn host_name() -> String {
+    let raw = fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    crate::members::clean_name(&raw)
 }
 
 /// One change to one document, as subscribers see it.
@@ -169,6 +182,7 @@ pub(crate) struct Inner {
     pushes: PushFeed,
     id: NodeId,
     incarnation: u64,
+    name: String,
     actor: automerge::ActorId,
     data_dir: PathBuf,
     engine: Mutex<Engine>,
@@ -298,6 +312,7 @@ impl Node {
                 pushes,
                 id,
                 incarnation: recovered.incarnation,
+                name: crate::members::clean_name(&config.name),
                 actor: actor_id(&id, recovered.incarnation),
                 data_dir: dir,
                 engine: Mutex::new(Engine::new(id, recovered.clock)),
@@ -332,7 +347,12 @@ impl Node {
         self.inner.id
     }
 
-    /// This run's incarnation (bumped on every open).
+    /// What this node calls itself to its peers.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// This run's incarnation number (bumped on every open).
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
     }
@@ -1053,6 +1073,15 @@ impl Node {
     /// The nodes this node syncs with.
     pub fn members(&self) -> Vec<Member> {
         self.members_ref().members()
+    }
+
+    /// Records the name a member gave in its Hello (a failed write only loses the name).
+    pub(crate) async fn note_member_name(&self, id: NodeId, name: &str) {
+        if let Some(write) = self.members_ref().set_name(&id, name)
+            && let Err(e) = self.inner.store.write(write).await
+        {
+            tracing::warn!(peer = %id.short(), error = %e, "could not record a member's name");
+        }
     }
 
     /// Removes a member: it is disconnected at once and refused from then on. Returns whether

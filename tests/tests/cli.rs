@@ -56,6 +56,16 @@ fn two_daemons_pair_and_sync_through_the_cli() {
     }
     let a_short = a.ok(&["id", "--short"]);
     assert!(b.ok(&["members"]).contains(&a_short));
+    // Members know each other by name (the host name by default), learned from the Hello.
+    let a_name = json(&a.ok(&["status", "--json"]))["name"].clone();
+    let start = Instant::now();
+    while json(&b.ok(&["members", "--json"]))[0]["name"] != a_name {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "B never learned A's name"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // B watches; A's change shows up there as a line naming A.
     let watch = b.watch(&[&doc]);
@@ -669,7 +679,7 @@ fn tandemd_config_file_flags_win_and_bad_keys_are_named() {
     std::fs::write(
         xdg.join("tandem/config.toml"),
         format!(
-            "version = 1\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nmdns = false\nlog_format = \"json\"\n",
+            "version = 1\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nmdns = false\nlog_format = \"json\"\nname = \"work laptop\"\n",
             from_file.display()
         ),
     )
@@ -683,6 +693,10 @@ fn tandemd_config_file_flags_win_and_bad_keys_are_named() {
         .unwrap();
     support::wait_for_file(&from_flag.join("api.json"));
     assert!(!from_file.exists(), "the flag's data dir wins");
+    let status = json(
+        &String::from_utf8(support::tandem(&from_flag, &["status", "--json"]).stdout).unwrap(),
+    );
+    assert_eq!(status["name"], "work laptop");
     assert!(
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

@@ -138,6 +138,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
         Msg::Hello {
             version: wire::PROTOCOL_VERSION,
             node,
+            name: "laptop".into(),
             clock,
         },
         Msg::Batch {

@@ -295,6 +295,7 @@ async fn a_stalled_peer_blocks_neither_others_nor_local_writes() {
     let hello = wire::Msg::Hello {
         version: wire::PROTOCOL_VERSION,
         node: h_id,
+        name: "x".into(),
         clock: tandem::crdt::VersionVector::new(),
     };
     send.write_all(&wire::encode(&hello).unwrap())
@@ -341,6 +342,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
     let hello = |clock| wire::Msg::Hello {
         version: wire::PROTOCOL_VERSION,
         node: h_id,
+        name: "x".into(),
         clock,
     };
     let good_change = {

@@ -145,6 +145,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
     let clock = n.clock();
     Ok(Json(json!({
         "id": n.id(),
+        "name": n.name(),
         "listen": n.listen_addr(),
         "documents": stats.documents,
         "deltas": stats.deltas,
@@ -364,6 +365,7 @@ async fn members(State(api): State<Api>) -> Json<Value> {
                 let p = peers.iter().find(|p| p.id == Some(m.id));
                 json!({
                     "id": m.id,
+                    "name": m.name,
                     "addrs": m.addrs,
                     "added_at": m.added_at,
                     "connected": p.is_some_and(|p| p.connected),

@@ -122,6 +122,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut config = Config::new(&dir);
+    if let Some(name) = &file.name {
+        config.name = name.clone();
+    }
     if !(args.offline || file.offline == Some(true)) {
         let mut net = NetConfig::default();
         if let Some(listen) = args.listen.or(file.listen) {

@@ -136,6 +136,7 @@ pub(crate) async fn session(
     let hello = Msg::Hello {
         version: PROTOCOL_VERSION,
         node: node.id(),
+        name: node.name().to_string(),
         clock: node.clock(),
     };
     let sent = wire::write(&mut send, &hello).await?;
@@ -147,6 +148,7 @@ pub(crate) async fn session(
                     Msg::Hello {
                         version,
                         node: id,
+                        name,
                         clock,
                     },
                     n,
@@ -159,6 +161,7 @@ pub(crate) async fn session(
                     if id != peer {
                         return Err(SessionError::Protocol("Hello names another node".into()));
                     }
+                    node.note_member_name(peer, &name).await;
                     if let Some(net) = node.net() {
                         net.count(&peer, |s| {
                             s.bytes_received += n as u64;

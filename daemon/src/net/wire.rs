@@ -27,6 +27,8 @@ pub enum Msg {
     Hello {
         version: u32,
         node: NodeId,
+        /// What the node calls itself (for people; never trusted for anything).
+        name: String,
         clock: VersionVector,
     },
     /// Catch-up deltas, in `(origin, seq)` order; answered with [`Msg::Ack`].
@@ -116,6 +118,7 @@ mod tests {
         let msg = Msg::Hello {
             version: PROTOCOL_VERSION,
             node: NodeId::from_bytes([3; 32]),
+            name: "x".into(),
             clock: VersionVector::new(),
         };
         let bytes = encode(&msg).unwrap();

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -72,6 +72,10 @@ const MIGRATIONS: &[&str] = &[
         used_by     BLOB                        -- the node that redeemed it
     ) WITHOUT ROWID;
     "#,
+    // 2 -> 3: members' names, as each says in its Hello.
+    r#"
+    ALTER TABLE members ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`].
@@ -91,4 +95,41 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tracing::debug!(from, to = from + 1, "migrated schema");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn migrates_forward_keeping_rows_and_refuses_newer() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A version-2 database with a member in it.
+        for (i, sql) in MIGRATIONS.iter().take(2).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i as i64 + 1)
+                .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO members (node, addrs, added_at) VALUES (x'01', '127.0.0.1:1', 5)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (addrs, name): (String, String) = conn
+            .query_row("SELECT addrs, name FROM members", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((addrs.as_str(), name.as_str()), ("127.0.0.1:1", ""));
+        migrate(&mut conn).unwrap(); // idempotent
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        assert!(matches!(migrate(&mut conn), Err(StoreError::TooNew { .. })));
+    }
 }
