@@ -258,6 +258,15 @@ fn run(cli: &Cli) -> Res<()> {
                 println!("node        {}", v["id"].as_str().unwrap_or(""));
                 println!("name        {}", v["name"].as_str().unwrap_or(""));
                 println!("listening   {}", v["listen"].as_str().unwrap_or("offline"));
+                let addrs: Vec<&str> = v["addrs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if !addrs.is_empty() {
+                    println!("reachable   {}", addrs.join(" "));
+                }
                 println!("documents   {}", v["documents"]);
                 println!("deltas      {}", v["deltas"]);
                 println!(

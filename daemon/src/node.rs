@@ -983,6 +983,11 @@ impl Node {
         self.apply_remote(from, deltas).await
     }
 
+    /// The addresses peers can dial this node at (what an invite carries); empty offline.
+    pub fn addrs(&self) -> Vec<String> {
+        self.net().map(Net::advertised_addrs).unwrap_or_default()
+    }
+
     /// The QUIC address this node listens on, if networking is on.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.net().and_then(Net::local_addr)

@@ -146,6 +146,15 @@ fn two_daemons_pair_and_sync_through_the_cli() {
         assert!(!out.stderr.is_empty());
     }
     a.ok(&["doc", "rm", &doc, "/items/0"]);
+    // Removing a member cuts it off; removing a stranger is an error.
+    let b_id = b.ok(&["id"]);
+    a.ok(&["members", "rm", &b_id]);
+    assert!(!a.ok(&["members"]).contains(&b_id[..8]));
+    assert_eq!(a.tandem(&["members", "rm", &b_id]).status.code(), Some(1));
+    assert_eq!(
+        a.tandem(&["members", "rm", "nonsense"]).status.code(),
+        Some(1)
+    );
     a.ok(&["doc", "del", &copy]);
     assert!(a.tandem(&["doc", "get", &copy]).status.code() == Some(1));
     let (mut a, mut b) = (a, b);
@@ -381,7 +390,12 @@ fn every_command_in_human_and_json_form() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 3 files not imported"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 of 3 files not imported"), "{stderr}");
+    assert!(
+        !stderr.contains('\r'),
+        "no progress bar when stderr is not a terminal"
+    );
     for copy in stdout.lines() {
         assert_eq!(a.ok(&["doc", "get", copy, "/n", "--json"]), "3");
     }

@@ -147,6 +147,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
         "id": n.id(),
         "name": n.name(),
         "listen": n.listen_addr(),
+        "addrs": n.addrs(),
         "documents": stats.documents,
         "deltas": stats.deltas,
         "loaded": loaded,
@@ -487,6 +488,12 @@ pub async fn serve(
     let journal = events::Journal::start(&node, events::JOURNAL_EVENTS)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let app = router(node, token, journal.clone());
+    // Small JSON replies: send them now rather than waiting to coalesce (Nagle).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::trace!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
