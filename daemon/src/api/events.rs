@@ -145,11 +145,13 @@ impl Journal {
         let mut tick = self.tick.subscribe();
         tokio::spawn(async move {
             if let Some(why) = notice {
-                let ev = SseEvent::default()
-                    .event("lagged")
-                    .id(format!("{}-{}", journal.epoch, next.saturating_sub(1)))
-                    .data(json!({"code": "restarted", "missed": null, "message": why}).to_string());
-                if tx.send(Ok(ev)).await.is_err() {
+                let item = Item::Lagged {
+                    next,
+                    missed: None,
+                    code: "restarted",
+                    why,
+                };
+                if tx.send(Ok(journal.sse(item))).await.is_err() {
                     return;
                 }
             }
@@ -187,8 +189,10 @@ impl Journal {
             out.push(Item::Lagged {
                 next: ring.first,
                 missed: Some(ring.first - *next),
+                code: "fell_behind",
                 why: "this client fell behind and the daemon no longer holds the events it \
-                      missed; re-read the documents",
+                      missed; re-read the documents"
+                    .into(),
             });
             *next = ring.first;
         }
@@ -204,8 +208,10 @@ impl Journal {
                 Entry::Gap(n) => out.push(Item::Lagged {
                     next: id + 1,
                     missed: Some(*n),
+                    code: "fell_behind",
                     why: "the daemon's event feed fell behind and lost events; re-read the \
-                          documents",
+                          documents"
+                        .into(),
                 }),
             }
         }
@@ -219,10 +225,15 @@ impl Journal {
                 .event("change")
                 .id(format!("{}-{id}", self.epoch))
                 .data(data.to_string()),
-            Item::Lagged { next, missed, why } => SseEvent::default()
+            Item::Lagged {
+                next,
+                missed,
+                code,
+                why,
+            } => SseEvent::default()
                 .event("lagged")
                 .id(format!("{}-{}", self.epoch, next.saturating_sub(1)))
-                .data(json!({"code": "fell_behind", "missed": missed, "message": why}).to_string()),
+                .data(json!({"code": code, "missed": missed, "message": why}).to_string()),
         }
     }
 }
@@ -232,11 +243,13 @@ impl Journal {
 enum Item {
     /// An event and its number.
     Change(u64, Value),
-    /// Events were lost to this client; it resumes at `next`.
+    /// Events were lost to this client (`missed` of them, if known); it resumes at `next`.
     Lagged {
         next: u64,
         missed: Option<u64>,
-        why: &'static str,
+        /// `fell_behind` or `restarted`.
+        code: &'static str,
+        why: String,
     },
 }
 
