@@ -189,9 +189,10 @@ async fn main() {
                 start.elapsed() < Duration::from_secs(10),
                 "no events arrive"
             );
+            // A new value each time: rewriting the same value is no change and no event.
             a.put(&u3)
                 .set("Authorization", &b3)
-                .send_json(json!(-1))
+                .send_json(json!(-(start.elapsed().as_nanos() as i64)))
                 .unwrap();
             if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
                 break;

@@ -67,14 +67,16 @@ fn two_daemons_pair_and_sync_through_the_cli() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // B watches; A's change shows up there as a line naming A.
+    // B watches; A's change shows up there as a line naming A. (Each poke writes a new value.)
     let watch = b.watch(&[&doc]);
+    let pokes = std::cell::Cell::new(0);
     let line = watch.poke_until(
         20,
         || {
-            a.ok(&["doc", "put", &doc, "/title", r#""hello again""#]);
+            pokes.set(pokes.get() + 1);
+            a.ok(&["doc", "put", &doc, "/seen", &pokes.get().to_string()]);
         },
-        |l| l.contains("/title"),
+        |l| l.contains("/seen"),
     );
     assert!(line.contains(&doc) && line.contains(&a_short), "{line}");
     drop(watch);
@@ -131,7 +133,7 @@ fn two_daemons_pair_and_sync_through_the_cli() {
     let copy = a.ok(&["doc", "import", file.to_str().unwrap()]);
     assert_eq!(
         a.ok(&["doc", "get", &copy, "/title", "--json"]),
-        r#""hello again""#
+        r#""hello""#
     );
 
     // Bad input: exit 1 with a message.
@@ -349,12 +351,15 @@ fn every_command_in_human_and_json_form() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not text"));
 
-    // Watch, human and JSON: one line per change.
+    // Watch, human and JSON: one line per change. (Each poke writes a new value: writing the
+    // value a field already holds is no change and no event.)
+    let pokes = std::cell::Cell::new(100);
     let watch = a.watch(&[&doc]);
     let line = watch.poke_until(
         20,
         || {
-            a.ok(&["doc", "put", &doc, "/n", "3"]);
+            pokes.set(pokes.get() + 1);
+            a.ok(&["doc", "put", &doc, "/n", &pokes.get().to_string()]);
         },
         |l| l.contains(&doc),
     );
@@ -363,7 +368,8 @@ fn every_command_in_human_and_json_form() {
     let line = watch.poke_until(
         20,
         || {
-            a.ok(&["doc", "put", &doc, "/flag", "true"]);
+            pokes.set(pokes.get() + 1);
+            a.ok(&["doc", "put", &doc, "/flag", &pokes.get().to_string()]);
         },
         |_| true,
     );
@@ -396,8 +402,9 @@ fn every_command_in_human_and_json_form() {
         !stderr.contains('\r'),
         "no progress bar when stderr is not a terminal"
     );
+    let n = a.ok(&["doc", "get", &doc, "/n", "--json"]);
     for copy in stdout.lines() {
-        assert_eq!(a.ok(&["doc", "get", copy, "/n", "--json"]), "3");
+        assert_eq!(a.ok(&["doc", "get", copy, "/n", "--json"]), n);
     }
 
     // Sync wait with no peers returns at once; completions.
@@ -412,8 +419,19 @@ fn every_command_in_human_and_json_form() {
 
     a.ok(&["doc", "del", &empty]);
     assert_eq!(a.tandem(&["doc", "get", &empty]).status.code(), Some(1));
+    // An open event stream does not hold up a clean stop.
+    let watch = a.watch(&["--json"]);
+    watch.poke_until(
+        20,
+        || {
+            pokes.set(pokes.get() + 1);
+            a.ok(&["doc", "put", &doc, "/n", &pokes.get().to_string()]);
+        },
+        |_| true,
+    );
     let mut a = a;
     a.stop();
+    drop(watch);
     // And with the daemon gone: exit 3 for anything that needs it, `id` still works.
     assert_eq!(a.tandem(&["doc", "ls"]).status.code(), Some(3));
     assert_eq!(a.ok(&["id"]), id);
@@ -582,8 +600,15 @@ fn api_metrics_openapi_events_and_text_edits() {
             }
         }
     });
+    let start = Instant::now();
     let first = loop {
-        a.ok(&["doc", "put", &doc, "/poke", "true"]);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no event arrived"
+        );
+        // A new value each time: rewriting the same value is no change and no event.
+        let poke = start.elapsed().as_nanos().to_string();
+        a.ok(&["doc", "put", &doc, "/poke", &poke]);
         if let Ok(e) = rx.recv_timeout(Duration::from_secs(1)) {
             break e;
         }

@@ -94,7 +94,17 @@ impl Daemon {
                 .unwrap()
                 .success()
         );
-        let status = self.child.wait().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "tandemd did not stop within 15 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(status.success(), "tandemd exits 0 on SIGTERM: {status}");
         assert!(
             !self.dir.path().join("api.json").exists(),
