@@ -269,6 +269,44 @@ fn every_command_in_human_and_json_form() {
     assert_eq!(status["id"], id.as_str());
     assert!(status["listen"].as_str().unwrap().starts_with("127.0.0.1:"));
 
+    // The daemon found by URL and token file instead of the data dir.
+    let (base, _) = a.api();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let token_file = a.dir.path().join("api-token");
+    let out = tandem(
+        elsewhere.path(),
+        &[
+            "--api",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "id",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`id` reads the data dir, which has none"
+    );
+    let out = tandem(
+        elsewhere.path(),
+        &[
+            "--api",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "status",
+            "--json",
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        json(&String::from_utf8(out.stdout).unwrap())["id"],
+        id.as_str()
+    );
+    let out = tandem(elsewhere.path(), &["--api", &base, "status"]);
+    assert_eq!(out.status.code(), Some(2), "--api needs --token-file");
+
     assert!(a.ok(&["invite"]).starts_with("tandem1"));
     assert_eq!(
         a.tandem(&["invite", "--ttl", "soon"]).status.code(),
