@@ -343,10 +343,10 @@ fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
     let file = temp_file(doc)?;
     let result = (|| {
         std::fs::write(&file, &before)
-            .map_err(|e| Failure::error(format!("{}: {e}", file.display())))?;
-        run_editor(&file)?;
+            .map_err(|e| (Failure::error(format!("{}: {e}", file.display())), false))?;
+        run_editor(&file).map_err(|e| (e, false))?;
         let mut after = std::fs::read_to_string(&file)
-            .map_err(|e| Failure::error(format!("{}: {e}", file.display())))?;
+            .map_err(|e| (Failure::error(format!("{}: {e}", file.display())), false))?;
         // Editors add a final newline; keep the text's own ending.
         if !before.ends_with('\n') && after.ends_with('\n') {
             after.pop();
@@ -358,16 +358,37 @@ fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
             eprintln!("no change");
             return Ok(());
         }
-        c.json(
+        if let Err(e) = c.json(
             "PUT",
             &format!("/v1/docs/{}/text?path={}", enc(doc), enc(path)),
             Some(Body::Json(json!({"text": after, "base": heads}))),
-        )?;
+        ) {
+            // Never lose what the user typed: leave it where they can find it.
+            let kept = match e {
+                Failure::Error(m) => {
+                    Failure::Error(format!("{m}\nyour text is kept in {}", file.display()))
+                }
+                Failure::NotRunning(m) => {
+                    Failure::NotRunning(format!("{m}\nyour text is kept in {}", file.display()))
+                }
+            };
+            return Err((kept, true));
+        }
         eprintln!("saved");
         Ok(())
     })();
-    let _ = std::fs::remove_file(&file);
-    result
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&file);
+            Ok(())
+        }
+        Err((e, keep)) => {
+            if !keep {
+                let _ = std::fs::remove_file(&file);
+            }
+            Err(e)
+        }
+    }
 }
 
 fn json_type(v: &Value) -> &'static str {

@@ -323,7 +323,8 @@ pub fn delete<T: Transactable + ReadDoc>(tx: &mut T, path: &Pointer) -> Result<(
     tx.delete(&obj, prop).map_err(am_err(path))
 }
 
-fn text_at<R: ReadDoc>(doc: &R, path: &Pointer) -> Result<ObjId, PathError> {
+/// The text object at `path` (an error if there is none, or something else is there).
+pub fn text_at<R: ReadDoc>(doc: &R, path: &Pointer) -> Result<ObjId, PathError> {
     match resolve(doc, &path.tokens)? {
         Target::Object(id, ObjType::Text) => Ok(id),
         other => Err(PathError::TypeMismatch {

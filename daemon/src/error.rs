@@ -48,6 +48,10 @@ pub enum Error {
     Net(#[from] crate::net::NetError),
     #[error("the base heads are not in this document: {0}")]
     BadBase(String),
+    #[error(
+        "the text at {0} was replaced or removed since the edit began; the edit was not applied"
+    )]
+    TextReplaced(String),
     #[error("a peer sent an invalid delta: {0}")]
     BadDelta(String),
 }

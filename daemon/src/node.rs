@@ -715,7 +715,9 @@ impl Node {
     /// Replaces the text at `path` with `text`, where `text` was edited from the text as it
     /// stood at `base` (the document's heads when the editing began). The edit is made against
     /// that old state and merged, so whatever others changed in the text since then survives
-    /// alongside it: a three-way merge, as `tandem doc edit` does while an editor is open.
+    /// alongside it: a three-way merge, as `tandem doc edit` does while an editor is open. If the
+    /// text object itself was replaced or removed since `base`, nothing is written and the
+    /// error is [`Error::TextReplaced`].
     pub async fn update_text_from(
         &self,
         doc: DocId,
@@ -734,6 +736,12 @@ impl Node {
                 .am
                 .fork_at(base)
                 .map_err(|e| Error::BadBase(e.to_string()))?;
+            // The edit lands on the text object the editing began with; if the path now holds
+            // another object (or nothing), the edit would vanish in the merge: refuse it.
+            let then = pointer::text_at(&fork, &ptr)?;
+            if pointer::text_at(&st.am, &ptr).ok() != Some(then) {
+                return Err(Error::TextReplaced(ptr.to_string()));
+            }
             // A fresh actor: this node's own actor may have moved on since `base`, and two
             // changes with one actor and one sequence number cannot both exist.
             fork.set_actor(actor_id(&self.inner.identity.id(), rand::random()));

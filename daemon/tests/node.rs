@@ -380,3 +380,47 @@ async fn sqlite_store_answers_catch_up_in_order() {
     let direct = store.load_range(&me, 5..=6, usize::MAX).unwrap();
     assert_eq!(direct.len(), 2);
 }
+
+#[tokio::test]
+async fn text_edits_from_an_old_base_merge_and_a_replaced_text_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node
+        .create(Some(json!({"body": "the quick brown fox"})))
+        .await
+        .unwrap();
+    let base = node.heads(doc).await.unwrap();
+    // Someone edits the end while "the editor is open"...
+    node.update_text(doc, "/body", "the quick brown fox jumps")
+        .await
+        .unwrap();
+    // ...and the editor saves a change to the start, made against `base`.
+    node.update_text_from(doc, "/body", &base, "the slow brown fox")
+        .await
+        .unwrap();
+    assert_eq!(
+        node.get(doc, "/body").await.unwrap(),
+        json!("the slow brown fox jumps")
+    );
+    // Unchanged text against its base writes nothing.
+    let heads = node.heads(doc).await.unwrap();
+    node.update_text_from(doc, "/body", &heads, "the slow brown fox jumps")
+        .await
+        .unwrap();
+    assert_eq!(node.heads(doc).await.unwrap(), heads);
+    // The field was replaced by a new text since the base: the edit would vanish; refused.
+    node.put(doc, "/body", json!("new text")).await.unwrap();
+    let err = node
+        .update_text_from(doc, "/body", &heads, "edited")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tandem::Error::TextReplaced(_)), "{err}");
+    assert_eq!(node.get(doc, "/body").await.unwrap(), json!("new text"));
+    // Unknown base heads are an error too.
+    let bogus = [automerge::ChangeHash([7; 32])];
+    assert!(matches!(
+        node.update_text_from(doc, "/body", &bogus, "x").await,
+        Err(tandem::Error::BadBase(_))
+    ));
+    node.close().await.unwrap();
+}

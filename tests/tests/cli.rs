@@ -385,6 +385,38 @@ fn every_command_in_human_and_json_form() {
     let out = a.tandem_env(&["doc", "edit", &doc, "/title"], &[("VISUAL", "false")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing saved"));
+    // Someone replaces the whole field while the editor is open: the edit cannot be merged,
+    // nothing is written, and the user's text is kept in a file the message names.
+    let replace = support::script(
+        scripts,
+        "replace.sh",
+        &format!(
+            "{t} --data-dir {d} doc put {doc} /title '\"replaced\"' || exit 1\n\
+             echo 'my precious edit' > \"$1\"",
+            t = bin("tandem").display(),
+            d = a.dir.path().display()
+        ),
+    );
+    let out = a.tandem_env(
+        &["doc", "edit", &doc, "/title"],
+        &[("VISUAL", replace.to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replaced or removed"), "{err}");
+    let kept = err
+        .lines()
+        .find_map(|l| l.strip_prefix("your text is kept in "))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(kept).unwrap().trim(),
+        "my precious edit"
+    );
+    std::fs::remove_file(kept).unwrap();
+    assert_eq!(
+        a.ok(&["doc", "get", &doc, "/title", "--json"]),
+        r#""replaced""#
+    );
     let out = a.tandem_env(&["doc", "edit", &doc, "/n"], &[("VISUAL", "true")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not text"));

@@ -80,6 +80,7 @@ impl From<Error> for ApiError {
             Error::Net(NetError::Unreachable(_)) => (S::BAD_GATEWAY, "unreachable"),
             Error::Net(NetError::Disabled) => (S::CONFLICT, "offline"),
             Error::BadBase(_) => (S::CONFLICT, "bad_base"),
+            Error::TextReplaced(_) => (S::CONFLICT, "text_replaced"),
             Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
