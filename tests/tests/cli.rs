@@ -472,6 +472,27 @@ fn every_command_in_human_and_json_form() {
         !stderr.contains('\r'),
         "no progress bar when stderr is not a terminal"
     );
+    // On a terminal the same import draws a progress bar (`script` provides the terminal).
+    let on_tty = format!(
+        "{} --data-dir {} doc import {g} {g}",
+        bin("tandem").display(),
+        a.dir.path().display(),
+        g = good.display()
+    );
+    match Command::new("script")
+        .args(["-qec", &on_tty, "/dev/null"])
+        .output()
+    {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{text}");
+            assert!(
+                text.contains("importing [") && text.contains('\r'),
+                "{text:?}"
+            );
+        }
+        Err(e) => eprintln!("skipping the progress-bar check: cannot run `script` ({e})"),
+    }
     let n = a.ok(&["doc", "get", &doc, "/n", "--json"]);
     for copy in stdout.lines() {
         assert_eq!(a.ok(&["doc", "get", copy, "/n", "--json"]), n);
