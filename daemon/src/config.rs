@@ -209,7 +209,12 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                 }
                 cfg.log_format = Some(f);
             }
-            "log" => cfg.log = Some(string()?),
+            "log" => {
+                let f = string()?;
+                tracing_subscriber::EnvFilter::try_new(&f)
+                    .map_err(|e| bad(key, format!("{f:?} is not a log filter: {e}")))?;
+                cfg.log = Some(f);
+            }
             "name" => cfg.name = Some(string()?),
             _ => {
                 return Err(ConfigError::UnknownKey {
@@ -306,6 +311,11 @@ mod tests {
                 "key `net`: expected a value, not a table",
             ),
             ("listen = ", "not valid TOML"),
+            (
+                "log = \"tandem=loud\"",
+                "key `log`: \"tandem=loud\" is not a log filter",
+            ),
+            ("name = 5", "key `name`: expected a string"),
         ];
         for (text, want) in cases {
             let err = p(text).unwrap_err().to_string();
