@@ -328,6 +328,9 @@ impl Node {
     pub async fn close(&self) -> Result<(), Error> {
         if let Some(net) = self.net() {
             net.stop();
+            // Let the close frames reach the peers, so they drop their side now instead of
+            // at their idle timeout; a peer that does not answer costs at most this long.
+            net.wait_closed(Duration::from_secs(1)).await;
         }
         if let Ok(mut ev) = self.inner.events.lock() {
             ev.take();

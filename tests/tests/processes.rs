@@ -80,6 +80,34 @@ fn two_processes_pair_and_sync() {
     b.quit();
 }
 
+#[test]
+fn a_peer_killed_and_restarted_is_back_in_sync_within_seconds() {
+    // B dies without closing its connection (SIGKILL), so A's side of it looks alive until
+    // QUIC's idle timeout (30 s). B's new connection must replace it, not wait for that.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Peer::start(&[], da.path(), "127.0.0.1:0", None);
+    let mut b = Peer::start(&[], db.path(), "127.0.0.1:0", None);
+    let token = a.ask("invite");
+    assert_eq!(b.ask(&format!("join {token}")), "ok");
+    let doc = a.ask(r#"create {"n":0}"#);
+    assert_eq!(b.ask(&format!("wait {doc} /n 0 10")), "ok");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert_eq!(a.ask(&format!("put {doc} /n 1")), "ok");
+    let start = std::time::Instant::now();
+    let mut b = Peer::start(&[], db.path(), "127.0.0.1:0", None);
+    assert_eq!(
+        b.ask(&format!("wait {doc} /n 1 10")),
+        "ok",
+        "B was not back in sync within 10 s of its restart"
+    );
+    eprintln!("back in sync {:?} after the restart", start.elapsed());
+    assert_eq!(b.ask(&format!("put {doc} /n 2")), "ok");
+    assert_eq!(a.ask(&format!("wait {doc} /n 2 10")), "ok");
+    a.quit();
+    b.quit();
+}
+
 fn sh(args: &[&str]) -> bool {
     Command::new(args[0])
         .args(&args[1..])

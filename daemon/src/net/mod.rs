@@ -122,7 +122,8 @@ pub(crate) mod close {
 }
 
 pub(crate) struct PeerEntry {
-    pub(crate) conn: Option<(quinn::Connection, bool)>,
+    /// The connection, whether we dialed it, and when it was registered.
+    pub(crate) conn: Option<(quinn::Connection, bool, Instant)>,
     pub(crate) status: PeerStatus,
     addrs: Vec<SocketAddr>,
     failures: u32,
@@ -250,6 +251,16 @@ impl Net {
             .close(close::SHUTDOWN.into(), b"shutting down");
     }
 
+    /// Waits (at most `limit`) until every connection closed by [`Net::stop`] is drained.
+    pub(crate) async fn wait_closed(&self, limit: Duration) {
+        if tokio::time::timeout(limit, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::debug!("connections still closing at shutdown");
+        }
+    }
+
     pub(crate) fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, PeerEntry>> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -331,7 +342,7 @@ impl Net {
     /// Closes the connection to `id`, if any, with `code` and `reason`.
     pub(crate) fn disconnect(&self, id: &NodeId, code: u32, reason: &str) {
         if let Some(e) = self.peers().get_mut(id)
-            && let Some((conn, _)) = e.conn.take()
+            && let Some((conn, _, _)) = e.conn.take()
         {
             conn.close(code.into(), reason.as_bytes());
             e.status.connected = false;
@@ -339,22 +350,21 @@ impl Net {
     }
 
     /// Registers a new connection; returns false if an existing one wins (then this one is
-    /// closed). Rule when both dialed at once: keep the connection dialed by the smaller NodeId.
+    /// closed). See [`keep_new`] for the rule.
     fn register(&self, me: NodeId, id: NodeId, conn: &quinn::Connection, dialed: bool) -> bool {
         let mut peers = self.peers();
         let e = peers.entry(id).or_insert_with(|| PeerEntry::new(id));
-        if let Some((old, old_dialed)) = &e.conn
+        if let Some((old, old_dialed, since)) = &e.conn
             && old.close_reason().is_none()
         {
-            let dialer_of = |d: bool| if d { me } else { id };
-            let keep_new = dialer_of(dialed) < dialer_of(*old_dialed);
-            if !keep_new {
+            if !keep_new(me, id, dialed, *old_dialed, since.elapsed()) {
                 conn.close(close::DUPLICATE.into(), b"duplicate connection");
                 return false;
             }
+            tracing::debug!(peer = %id.short(), dialed, "a newer connection replaces the old one");
             old.close(close::DUPLICATE.into(), b"duplicate connection");
         }
-        e.conn = Some((conn.clone(), dialed));
+        e.conn = Some((conn.clone(), dialed, Instant::now()));
         e.status.connected = true;
         e.status.addr = Some(conn.remote_address());
         e.status.last_seen = Some(now_ms());
@@ -366,7 +376,7 @@ impl Net {
         if let Some(e) = self.peers().get_mut(id)
             && e.conn
                 .as_ref()
-                .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+                .is_some_and(|(c, _, _)| c.stable_id() == conn.stable_id())
         {
             e.conn = None;
             e.status.connected = false;
@@ -432,6 +442,26 @@ async fn handle_incoming(node: Node, conn: quinn::Connection) {
 }
 
 /// Runs a sync session on an established connection until it ends.
+/// Connections older than this are not part of a simultaneous dial.
+const SIMULTANEOUS: Duration = Duration::from_secs(2);
+
+/// Of two connections between `me` and `peer`, whether the new one replaces the old one (which
+/// is `old_age` old and still looks alive here). A node dials only when it holds no live
+/// connection, so:
+/// - both dialed by the same node: that node lost the old one; the newer wins;
+/// - the peer dialed the new one while we hold an established one (older than
+///   [`SIMULTANEOUS`]): the peer lost it (it crashed or restarted; without a close frame our
+///   side would otherwise wait for the idle timeout); the newer wins;
+/// - otherwise both dialed at once: keep the one dialed by the smaller NodeId, which both
+///   sides decide alike.
+fn keep_new(me: NodeId, peer: NodeId, dialed: bool, old_dialed: bool, old_age: Duration) -> bool {
+    if dialed == old_dialed || (!dialed && old_age >= SIMULTANEOUS) {
+        return true;
+    }
+    let dialer_of = |d: bool| if d { me } else { peer };
+    dialer_of(dialed) < dialer_of(old_dialed)
+}
+
 async fn run_connection(node: Node, conn: quinn::Connection, peer: NodeId, dialed: bool) {
     let Some(net) = node.net() else { return };
     if !net.register(node.id(), peer, &conn, dialed) {
@@ -475,7 +505,7 @@ async fn dial_loop(node: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
                 let live = e
                     .conn
                     .as_ref()
-                    .is_some_and(|(c, _)| c.close_reason().is_none());
+                    .is_some_and(|(c, _, _)| c.close_reason().is_none());
                 if !live && now >= e.next_attempt && !e.addrs.is_empty() {
                     // Back off until the attempt resolves (success resets, failure extends).
                     e.next_attempt = now + MAX_BACKOFF;
@@ -663,6 +693,30 @@ async fn join_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_of_two_connections_survives() {
+        let (small, big) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        let young = Duration::from_millis(100);
+        let old = SIMULTANEOUS * 2;
+        // Simultaneous dials: whichever arrives second, both sides keep small's dial.
+        for age in [young, Duration::ZERO] {
+            // On small's side: its own dial is `dialed`, big's is not.
+            assert!(!keep_new(small, big, false, true, age));
+            assert!(keep_new(small, big, true, false, age));
+            // On big's side: small's dial is the peer's.
+            assert!(keep_new(big, small, false, true, age));
+            assert!(!keep_new(big, small, true, false, age));
+        }
+        // The same node dialed again: it lost the old one; the newer wins on both sides.
+        for age in [young, old] {
+            assert!(keep_new(small, big, true, true, age));
+            assert!(keep_new(big, small, false, false, age));
+        }
+        // The peer dials while our established connection looks alive: it restarted.
+        assert!(keep_new(small, big, false, true, old));
+        assert!(keep_new(big, small, false, true, old));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_the_breaker_opens() {
