@@ -115,6 +115,26 @@ async fn main() {
     all_readable(&b, &ids).await;
     let bulk = start.elapsed();
 
+    // Bulk again to a fresh C that has an event subscriber, as tandemd always has (its event
+    // journal): every new document's event then carries its patches.
+    let c = open(&tmp.path().join("c"), true).await;
+    let mut sub = c.subscribe(None).unwrap();
+    let drain = tokio::spawn(async move {
+        while !matches!(sub.recv().await, Err(tandem::SubscriptionError::Closed)) {}
+    });
+    let start = Instant::now();
+    pair(&a, &c).await;
+    wait_until(
+        "bulk sync with a subscriber",
+        Duration::from_secs(300),
+        async || c.clock() == target,
+    )
+    .await;
+    all_readable(&c, &ids).await;
+    let bulk_sub = start.elapsed();
+    c.close().await.unwrap();
+    drain.abort();
+
     // Latency.
     let doc = ids[0];
     let mut events = b.subscribe(Some(doc)).unwrap();
@@ -184,6 +204,11 @@ async fn main() {
         bulk.as_secs_f64(),
         limit.as_secs_f64(),
         bulk.as_secs_f64() / limit.as_secs_f64()
+    );
+    println!(
+        "  bulk to a fresh node with an event subscriber (as tandemd): {:.2} s; ratio {:.2}x the limit",
+        bulk_sub.as_secs_f64(),
+        bulk_sub.as_secs_f64() / limit.as_secs_f64()
     );
     println!(
         "  latency write on A -> event on B: p50 {:.2} ms, p99 {:.2} ms (targets 2 ms, 10 ms)",

@@ -168,6 +168,10 @@ impl Subscription {
     }
 }
 
+/// Remote batches touching at most this many documents count as live pushes (see
+/// `apply_remote`).
+const LIVE_DOCS: usize = 4;
+
 /// Newly committed deltas, fanned out to sync sessions.
 type PushFeed = broadcast::Sender<Arc<Vec<Delta>>>;
 
@@ -914,6 +918,10 @@ impl Node {
             }
         }
         let sender = self.event_sender();
+        // A live push touches a document or two; a catch-up batch touches many, mostly new
+        // here. Diffing a whole new document costs about as much as storing it (it doubled a
+        // bulk sync's time), so only small batches pay for it.
+        let live = by_doc.len() <= LIVE_DOCS;
         let mut heads = Vec::new();
         let mut events = Vec::new();
         for (doc, (changes, tombstone, origin)) in by_doc {
@@ -934,11 +942,12 @@ impl Node {
             let after = st.am.get_heads();
             // Every touched document gets an event: these deltas were new to this node. A
             // document loaded just now already holds them, so its patches are known only when
-            // these deltas are all of it (a new document); otherwise they are empty.
+            // these deltas are all of it (a new document, diffed in live batches only);
+            // otherwise they are empty.
             if sender.is_some() {
                 let patches = if was_loaded {
                     st.am.diff(&before, &after)
-                } else if st.am.get_changes_meta(&[]).len() == received {
+                } else if live && st.am.get_changes_meta(&[]).len() == received {
                     st.am.diff(&[], &after)
                 } else {
                     Vec::new()
