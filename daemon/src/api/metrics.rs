@@ -30,7 +30,7 @@ pub async fn render(node: &Node) -> Result<String, Error> {
     );
     gauge(
         "tandem_members",
-        "Members of the group, this node included.",
+        "Members of the group other than this node.",
         node.members().len() as u64,
     );
     gauge(
