@@ -16,12 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tandem::{Config, Node};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_usize;
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().max_idle_connections(64).build()

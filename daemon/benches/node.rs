@@ -16,12 +16,8 @@ use serde_json::json;
 use tandem::crdt::{Pointer, pointer};
 use tandem::{Config, Node};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_usize;
 
 /// The edits measured; every variant (bare Automerge, sequential, concurrent) makes the same.
 #[derive(Clone, Copy, Debug)]
