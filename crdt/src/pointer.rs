@@ -121,10 +121,15 @@ fn type_name(t: &Target) -> &'static str {
     }
 }
 
+/// One reference token as it appears in a pointer's text (`~` and `/` escaped).
+pub fn escape_token(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
 fn prefix_text(tokens: &[String]) -> String {
     tokens
         .iter()
-        .map(|t| format!("/{}", t.replace('~', "~0").replace('/', "~1")))
+        .map(|t| format!("/{}", escape_token(t)))
         .collect()
 }
 

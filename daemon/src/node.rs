@@ -502,6 +502,21 @@ impl Node {
         Pending { rx }
     }
 
+    /// Commits `change`, just made to `am` (whose heads were `before`), as this node's next
+    /// delta, with its event.
+    fn commit_change(
+        &self,
+        doc: DocId,
+        am: &Automerge,
+        before: &[ChangeHash],
+        change: &automerge::Change,
+        keep: Arc<DocEntry>,
+    ) -> Pending {
+        let event = self.local_event(doc, am, before, false);
+        let body = DeltaBody::Change(change.raw_bytes().to_vec());
+        self.commit_local(doc, vec![body], am.get_heads(), event, keep)
+    }
+
     /// The push feed and a copy of `deltas` for it, if any sync session listens.
     fn push_feed(&self, deltas: &[Delta]) -> Option<(PushFeed, Arc<Vec<Delta>>)> {
         let tx = &self.inner.pushes;
@@ -580,11 +595,9 @@ impl Node {
                     doc,
                     why: "commit made no local change".into(),
                 })?;
-            let event = self.local_event(doc, &st.am, &before, false);
-            let body = DeltaBody::Change(change.raw_bytes().to_vec());
             (
                 out,
-                self.commit_local(doc, vec![body], after, event, entry.clone()),
+                self.commit_change(doc, &st.am, &before, &change, entry.clone()),
             )
         };
         pending.wait().await?;
@@ -762,10 +775,7 @@ impl Node {
             };
             let before = st.am.get_heads();
             st.am.apply_changes([change.clone()])?;
-            let after = st.am.get_heads();
-            let event = self.local_event(doc, &st.am, &before, false);
-            let body = DeltaBody::Change(change.raw_bytes().to_vec());
-            self.commit_local(doc, vec![body], after, event, entry.clone())
+            self.commit_change(doc, &st.am, &before, &change, entry.clone())
         };
         pending.wait().await
     }

@@ -301,7 +301,7 @@ pub fn event_json(e: &Event) -> Value {
 fn push_prop(path: &mut String, prop: &Prop) {
     path.push('/');
     match prop {
-        Prop::Map(k) => path.push_str(&k.replace('~', "~0").replace('/', "~1")),
+        Prop::Map(k) => path.push_str(&tandem_crdt::pointer::escape_token(k)),
         Prop::Seq(i) => path.push_str(&i.to_string()),
     }
 }
