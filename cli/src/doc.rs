@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::client::{Body, Client, Failure, Res, enc};
 use crate::progress::Progress;
-use crate::{print, short, utc};
+use crate::{flag, print, short, strs, utc};
 
 #[derive(Subcommand, Debug)]
 pub enum DocAction {
@@ -116,13 +116,7 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
                     "CHANGE", "ORIGIN", "SEQ", "TIME (UTC)"
                 );
                 for ch in v["changes"].as_array().into_iter().flatten() {
-                    let deps: Vec<&str> = ch["deps"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .map(short)
-                        .collect();
+                    let deps: Vec<&str> = strs(&ch["deps"]).into_iter().map(short).collect();
                     let origin = match ch["origin"].as_str() {
                         Some(o) => short(o).to_string(),
                         None => format!("actor:{}", short(ch["actor"].as_str().unwrap_or(""))),
@@ -292,19 +286,16 @@ fn show_event(ev: &Sse, j: bool) {
                 Some("local") | None => "local".to_string(),
                 Some(id) => short(id).to_string(),
             };
-            let what = if data["deleted"] == json!(true) {
+            let what = if flag(&data, "deleted") {
                 "deleted".to_string()
             } else {
-                let paths: Vec<&str> = data["paths"]
-                    .as_array()
+                let paths: Vec<&str> = strs(&data["paths"])
                     .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
                     .map(|p| if p.is_empty() { "/" } else { p })
                     .collect();
                 if paths.is_empty() {
                     "changed".to_string()
-                } else if data["more"] == json!(true) {
+                } else if flag(&data, "more") {
                     format!("{} ...", paths.join(" "))
                 } else {
                     paths.join(" ")
@@ -336,8 +327,8 @@ fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
         .map_err(|e| Failure::error(format!("bad reply from tandemd: {e}")))?;
     let Value::String(before) = value else {
         return Err(Failure::error(format!(
-            "{path} holds {}, not text; `doc edit` edits text (use `doc put` for other values)",
-            json_type(&value)
+            "{path} holds a JSON {}, not text; `doc edit` edits text (use `doc put` for other values)",
+            tandem::crdt::json::json_type(&value)
         )));
     };
     let file = temp_file(doc)?;
@@ -388,17 +379,6 @@ fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
             }
             Err(e)
         }
-    }
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "text",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

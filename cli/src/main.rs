@@ -118,11 +118,29 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// Whether `v[key]` is `true`.
+fn flag(v: &Value, key: &str) -> bool {
+    v[key] == json!(true)
+}
+
+/// The strings in a JSON array (nothing for anything else).
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
 /// A peer's or member's state: connected, connecting or offline.
 fn state(p: &Value) -> &'static str {
-    if p["connected"] == json!(true) {
+    if flag(p, "connected") {
         "connected"
-    } else if p["connecting"] == json!(true) {
+    } else if flag(p, "connecting") {
         "connecting"
     } else {
         "offline"
@@ -174,16 +192,15 @@ fn sync_wait(c: &Client, timeout: Duration, j: bool) -> Res<()> {
     let mut bar = Progress::new(0, "syncing");
     loop {
         let peers = c.json("GET", "/v1/peers", None)?;
-        let is = |p: &Value, k: &str| p[k] == json!(true);
         let relevant: Vec<&Value> = peers
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|p| p["id"].is_string() && (is(p, "connected") || is(p, "connecting")))
+            .filter(|p| p["id"].is_string() && (flag(p, "connected") || flag(p, "connecting")))
             .collect();
         let done = relevant
             .iter()
-            .filter(|p| is(p, "connected") && is(p, "in_sync"))
+            .filter(|p| flag(p, "connected") && flag(p, "in_sync"))
             .count();
         bar.set_total(relevant.len() as u64);
         bar.draw(done as u64, "peers in sync");
@@ -202,7 +219,7 @@ fn sync_wait(c: &Client, timeout: Duration, j: bool) -> Res<()> {
             bar.finish();
             let behind: Vec<&str> = relevant
                 .iter()
-                .filter(|p| !(is(p, "connected") && is(p, "in_sync")))
+                .filter(|p| !(flag(p, "connected") && flag(p, "in_sync")))
                 .filter_map(|p| p["id"].as_str())
                 .map(short)
                 .collect();
@@ -258,12 +275,7 @@ fn run(cli: &Cli) -> Res<()> {
                 println!("node        {}", v["id"].as_str().unwrap_or(""));
                 println!("name        {}", v["name"].as_str().unwrap_or(""));
                 println!("listening   {}", v["listen"].as_str().unwrap_or("offline"));
-                let addrs: Vec<&str> = v["addrs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
+                let addrs = strs(&v["addrs"]);
                 if !addrs.is_empty() {
                     println!("reachable   {}", addrs.join(" "));
                 }
@@ -322,19 +334,8 @@ fn run(cli: &Cli) -> Res<()> {
                             .map_or("-".to_string(), |n| n.chars().take(16).collect()),
                         state(m),
                         ago(m["last_seen"].as_i64()),
-                        if m["in_sync"] == json!(true) {
-                            "yes"
-                        } else {
-                            "no"
-                        },
-                        m["addrs"]
-                            .as_array()
-                            .map(|a| a
-                                .iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(" "))
-                            .unwrap_or_default()
+                        yes_no(flag(m, "in_sync")),
+                        strs(&m["addrs"]).join(" ")
                     );
                 }
             }
@@ -355,11 +356,7 @@ fn run(cli: &Cli) -> Res<()> {
                         state(p),
                         p["bytes_sent"].as_u64().unwrap_or(0),
                         p["bytes_received"].as_u64().unwrap_or(0),
-                        if p["in_sync"] == json!(true) {
-                            "yes"
-                        } else {
-                            "no"
-                        }
+                        yes_no(flag(p, "in_sync"))
                     );
                 }
             }

@@ -273,32 +273,18 @@ fn every_command_in_human_and_json_form() {
     let (base, _) = a.api();
     let elsewhere = tempfile::tempdir().unwrap();
     let token_file = a.dir.path().join("api-token");
-    let out = tandem(
-        elsewhere.path(),
-        &[
-            "--api",
-            &base,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "id",
-        ],
-    );
+    let via_api = |args: &[&str]| {
+        let mut all = vec!["--api", &base, "--token-file", token_file.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tandem(elsewhere.path(), &all)
+    };
+    let out = via_api(&["id"]);
     assert_eq!(
         out.status.code(),
         Some(1),
         "`id` reads the data dir, which has none"
     );
-    let out = tandem(
-        elsewhere.path(),
-        &[
-            "--api",
-            &base,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "status",
-            "--json",
-        ],
-    );
+    let out = via_api(&["status", "--json"]);
     assert!(out.status.success());
     assert_eq!(
         json(&String::from_utf8(out.stdout).unwrap())["id"],
