@@ -1,0 +1,1097 @@
+//! One sync session with one peer, as a sans-IO state machine in the style of quinn-proto:
+//! the caller feeds it what happened (`handle_*`, each with `now`) and carries out what it asks
+//! for ([`Session::poll_output`]); it reads no clock, touches no socket and no store.
+//!
+//! The protocol it runs (see `docs/protocol.md`):
+//! - Both sides send [`SyncMsg::Hello`] (version, NodeId, clock) first on the sync stream. A
+//!   wrong version, a Hello naming another node than the connection's pinned identity, or no
+//!   Hello within [`SessionConfig::hello_timeout`] closes the session.
+//! - Catch-up: what the peer lacks, in `(origin, seq)` order, in batches of at most
+//!   [`SessionConfig::batch_bytes`], at most [`SessionConfig::window`] unacknowledged. The
+//!   receiver stores each batch before it acknowledges it; a batch over the window, out of
+//!   order, or an ack for no batch is a protocol error, and a batch not acknowledged within
+//!   [`SessionConfig::ack_timeout`] closes the session. [`SyncMsg::CaughtUp`] ends it.
+//! - Push: every delta this node commits (made here or received from anyone: that is the
+//!   relay) goes on the push stream if the peer is not known to hold it.
+//! - Lag: if the push stream backs up past [`SessionConfig::push_buffer`] bytes, or the node's
+//!   feed of commits overflowed, live pushes stop and, once the stream drains, what the peer
+//!   lacks is sent from the store instead ("repair"): a slow peer never holds up local writes.
+//! - In sync: our committed clock equals what the peer is known to hold.
+//!
+//! Storage leaves the session as requests ([`Output::Load`], [`Output::Store`]) and comes back
+//! as inputs ([`Session::handle_loaded`], [`Session::handle_stored`]).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::clock::VersionVector;
+use crate::delta::Delta;
+use crate::engine::{CatchUp, Source};
+use crate::id::NodeId;
+use crate::peer::PeerSync;
+use crate::proto::{BATCH_BYTES, PROTOCOL_VERSION, PushMsg, SyncMsg};
+
+/// Tunables of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Unacknowledged catch-up batches allowed in flight, each way.
+    pub window: usize,
+    /// Target size of one catch-up batch.
+    pub batch_bytes: usize,
+    /// How long to wait for the peer's Hello.
+    pub hello_timeout: Duration,
+    /// How long a sent batch may wait for its ack.
+    pub ack_timeout: Duration,
+    /// Bytes of pushes handed out but not yet written before live pushing stops (lag).
+    pub push_buffer: usize,
+    /// What this node calls itself, sent in Hello.
+    pub name: String,
+    /// A deliberate bug, for proving that the simulator's invariants catch it. Always
+    /// [`Fault::None`] outside tests.
+    #[doc(hidden)]
+    pub fault: Fault,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            window: 4,
+            batch_bytes: BATCH_BYTES,
+            hello_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(120),
+            push_buffer: 1 << 20,
+            name: String::new(),
+            fault: Fault::None,
+        }
+    }
+}
+
+/// Bugs that can be switched on in a session, so tests can show the simulator catches them.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Deltas received from others are not pushed on (no relay).
+    NoRelay,
+    /// Pushes are not filtered by what the peer is known to hold.
+    NoPushFilter,
+    /// A batch is acknowledged on arrival, before it is stored.
+    AckBeforeStore,
+}
+
+/// Which stream of catch-up a load is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The catch-up after Hello, sent as [`SyncMsg::Batch`]es.
+    CatchUp,
+    /// Sending from the store after the push feed lagged, as [`PushMsg::Push`]es.
+    Repair,
+}
+
+/// Where a load starts.
+#[derive(Debug, Clone)]
+pub enum Cursor {
+    /// Plan what a peer holding this clock lacks, against the node's current clock
+    /// ([`crate::Engine::catch_up`]), then load the first batch.
+    Start(VersionVector),
+    /// Load the next batch of a plan under way.
+    Continue(CatchUp),
+}
+
+/// A request to read the next batch from the store. Answer with [`Session::handle_loaded`]
+/// and the plan after the batch.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    pub lane: Lane,
+    pub cursor: Cursor,
+    pub max_bytes: usize,
+}
+
+impl LoadRequest {
+    /// Carries the request out against `engine` (for the plan) and `store`.
+    pub fn run<S: crate::engine::DeltaStore>(
+        self,
+        engine: &crate::Engine,
+        store: &S,
+    ) -> Result<(CatchUp, Option<Vec<Delta>>), S::Error> {
+        let mut plan = match self.cursor {
+            Cursor::Start(known) => engine.catch_up(&known),
+            Cursor::Continue(p) => p,
+        };
+        let batch = plan.next_batch(store, self.max_bytes)?;
+        Ok((plan, batch))
+    }
+}
+
+/// Identifies one [`Output::Store`] request.
+pub type StoreId = u64;
+
+/// Why a store request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The peer sent a delta that failed validation (the valid ones were kept).
+    Invalid(String),
+    /// The node could not store them (disk full, closed).
+    Failed(String),
+}
+
+/// Why a session closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// The peer broke the protocol (or sent invalid data).
+    Protocol,
+    /// The peer did not answer in time.
+    Timeout,
+    /// This node failed (its store).
+    Local,
+}
+
+/// What the session asks its driver to do, in order.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Write a message on the sync stream.
+    Send(SyncMsg),
+    /// Write a message on our push stream; report it with [`Session::handle_push_written`].
+    Push(PushMsg),
+    /// Read a batch from the store.
+    Load(LoadRequest),
+    /// Store deltas the peer sent (validate, deduplicate, commit); answer with
+    /// [`Session::handle_stored`].
+    Store { id: StoreId, deltas: Vec<Delta> },
+    /// The peer's Hello arrived; it calls itself `name` (untrusted, for people).
+    Hello { name: String },
+    /// The in-sync state changed.
+    InSync(bool),
+    /// The peer sent everything we lacked as of our Hello.
+    PeerCaughtUp,
+    /// Close the connection; the session is over.
+    Close { code: CloseCode, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello { deadline: Instant },
+    Open,
+    Closed,
+}
+
+/// State of one outgoing catch-up (or repair) plan.
+#[derive(Debug)]
+enum Plan {
+    Idle,
+    /// A load is out; its answer continues the plan.
+    Loading,
+    /// Waiting for room (window or push buffer) to load the next batch.
+    Parked(CatchUp),
+    Done,
+}
+
+#[derive(Debug)]
+enum Received {
+    Batch { seq: u64, deltas: Vec<Delta> },
+    Push(Vec<Delta>),
+}
+
+/// One sync session. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    me: NodeId,
+    peer: NodeId,
+    phase: Phase,
+    /// What the peer holds as far as we know (from its Hello on).
+    sync: Option<PeerSync>,
+    /// Our committed clock as we were told: the clock at start plus every commit fed since.
+    ours: VersionVector,
+    in_sync: bool,
+    // Outgoing catch-up.
+    catch_up: Plan,
+    sent_batches: u64,
+    /// Sent batches awaiting their ack: seq and when sent.
+    unacked: VecDeque<(u64, Instant)>,
+    // Incoming.
+    recv_batches: u64,
+    /// Received batches not yet acknowledged (stored or queued).
+    unacked_in: usize,
+    received: VecDeque<Received>,
+    storing: Option<(StoreId, Option<u64>)>,
+    next_store: StoreId,
+    // Outgoing pushes.
+    push_sizes: VecDeque<usize>,
+    push_unwritten: usize,
+    lagging: bool,
+    repair: Plan,
+    repair_again: bool,
+    out: VecDeque<Output>,
+}
+
+impl Session {
+    /// A session with `peer` (the identity the connection pinned), starting from our committed
+    /// clock `ours`. Subscribe to the node's commits *before* reading `ours`, and feed every
+    /// later commit to [`Session::handle_committed`]: then each delta is either in `ours` (sent
+    /// by catch-up) or fed later (pushed), never neither. Our Hello is the first output.
+    pub fn new(
+        cfg: SessionConfig,
+        me: NodeId,
+        peer: NodeId,
+        ours: VersionVector,
+        now: Instant,
+    ) -> Self {
+        let hello = SyncMsg::Hello {
+            version: PROTOCOL_VERSION,
+            node: me,
+            name: cfg.name.clone(),
+            clock: ours.clone(),
+        };
+        let deadline = now + cfg.hello_timeout;
+        Self {
+            cfg,
+            me,
+            peer,
+            phase: Phase::AwaitHello { deadline },
+            sync: None,
+            ours,
+            in_sync: false,
+            catch_up: Plan::Idle,
+            sent_batches: 0,
+            unacked: VecDeque::new(),
+            recv_batches: 0,
+            unacked_in: 0,
+            received: VecDeque::new(),
+            storing: None,
+            next_store: 0,
+            push_sizes: VecDeque::new(),
+            push_unwritten: 0,
+            lagging: false,
+            repair: Plan::Idle,
+            repair_again: false,
+            out: VecDeque::from([Output::Send(hello)]),
+        }
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitHello { deadline } => Some(deadline),
+            Phase::Open => self.unacked.front().map(|(_, t)| *t + self.cfg.ack_timeout),
+            Phase::Closed => None,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Whether the peer's Hello has arrived.
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// Whether the driver should read the next frame of the peer's push stream. Pushes are
+    /// read only after Hello (they are filtered by its clock) and one stored at a time, so a
+    /// fast peer meets flow control instead of filling memory.
+    pub fn wants_push(&self) -> bool {
+        self.phase == Phase::Open && self.received.is_empty()
+    }
+
+    /// What the peer holds as far as we know (`None` before its Hello).
+    pub fn known(&self) -> Option<&VersionVector> {
+        self.sync.as_ref().map(PeerSync::known)
+    }
+
+    /// Our committed clock as the session knows it.
+    pub fn ours(&self) -> &VersionVector {
+        &self.ours
+    }
+
+    /// Whether our committed clock equals what the peer is known to hold.
+    pub fn in_sync(&self) -> bool {
+        self.in_sync
+    }
+
+    /// Sent batches not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// The seqs of sent batches awaiting their ack, oldest first.
+    pub fn unacked_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.unacked.iter().map(|(s, _)| *s)
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Whether live pushes are paused because the push stream backed up.
+    pub fn is_lagging(&self) -> bool {
+        self.lagging
+    }
+
+    /// A frame arrived on the sync stream.
+    pub fn handle_sync(&mut self, _now: Instant, msg: SyncMsg) {
+        match (self.phase, msg) {
+            (Phase::Closed, _) => {}
+            (
+                Phase::AwaitHello { .. },
+                SyncMsg::Hello {
+                    version,
+                    node,
+                    name,
+                    clock,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return self.close(
+                        CloseCode::Protocol,
+                        format!("unsupported protocol version {version}"),
+                    );
+                }
+                if node != self.peer {
+                    return self.close(CloseCode::Protocol, "Hello names another node".into());
+                }
+                self.phase = Phase::Open;
+                self.sync = Some(PeerSync::new(clock.clone()));
+                self.out.push_back(Output::Hello { name });
+                self.catch_up = Plan::Loading;
+                self.load(Lane::CatchUp, Cursor::Start(clock));
+                self.update_in_sync();
+            }
+            (Phase::AwaitHello { .. }, other) => self.close(
+                CloseCode::Protocol,
+                format!(
+                    "expected Hello, got {}",
+                    crate::proto::Message::name(&other)
+                ),
+            ),
+            (Phase::Open, SyncMsg::Hello { .. }) => {
+                self.close(CloseCode::Protocol, "a second Hello".into())
+            }
+            (Phase::Open, SyncMsg::Batch { seq, deltas }) => {
+                if seq != self.recv_batches + 1 {
+                    return self.close(
+                        CloseCode::Protocol,
+                        format!(
+                            "batch {seq} out of order (expected {})",
+                            self.recv_batches + 1
+                        ),
+                    );
+                }
+                if self.unacked_in >= self.cfg.window {
+                    return self.close(
+                        CloseCode::Protocol,
+                        format!("batch {seq} is over the window of {}", self.cfg.window),
+                    );
+                }
+                self.recv_batches = seq;
+                self.unacked_in += 1;
+                if let Some(s) = &mut self.sync {
+                    s.note(&deltas);
+                }
+                if self.cfg.fault == Fault::AckBeforeStore {
+                    self.unacked_in -= 1;
+                    self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
+                    self.received.push_back(Received::Push(deltas));
+                } else {
+                    self.received.push_back(Received::Batch { seq, deltas });
+                }
+                self.store_next();
+                self.update_in_sync();
+            }
+            (Phase::Open, SyncMsg::Ack { seq }) => {
+                match self.unacked.front() {
+                    Some((s, _)) if *s == seq => {
+                        self.unacked.pop_front();
+                    }
+                    _ => {
+                        return self
+                            .close(CloseCode::Protocol, format!("ack for unknown batch {seq}"));
+                    }
+                }
+                if let Plan::Parked(_) = self.catch_up
+                    && let Plan::Parked(plan) = std::mem::replace(&mut self.catch_up, Plan::Loading)
+                {
+                    self.load(Lane::CatchUp, Cursor::Continue(plan));
+                }
+            }
+            (Phase::Open, SyncMsg::CaughtUp) => self.out.push_back(Output::PeerCaughtUp),
+        }
+    }
+
+    /// A frame arrived on the peer's push stream.
+    pub fn handle_push(&mut self, _now: Instant, msg: PushMsg) {
+        match self.phase {
+            Phase::Closed => {}
+            Phase::AwaitHello { .. } => {
+                self.close(CloseCode::Protocol, "Push before Hello".into());
+            }
+            Phase::Open => {
+                let PushMsg::Push { deltas } = msg;
+                if deltas.is_empty() {
+                    return;
+                }
+                if let Some(s) = &mut self.sync {
+                    s.note(&deltas);
+                }
+                self.received.push_back(Received::Push(deltas));
+                self.store_next();
+                self.update_in_sync();
+            }
+        }
+    }
+
+    /// A store request finished.
+    pub fn handle_stored(&mut self, _now: Instant, id: StoreId, result: Result<(), StoreFailure>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let Some((current, batch)) = self.storing else {
+            return;
+        };
+        if current != id {
+            return;
+        }
+        self.storing = None;
+        match result {
+            Err(StoreFailure::Invalid(why)) => {
+                return self.close(CloseCode::Protocol, format!("invalid delta: {why}"));
+            }
+            Err(StoreFailure::Failed(why)) => {
+                return self.close(CloseCode::Local, format!("cannot store: {why}"));
+            }
+            Ok(()) => {}
+        }
+        if let Some(seq) = batch {
+            self.unacked_in -= 1;
+            self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
+        }
+        self.store_next();
+    }
+
+    /// The node committed `deltas` (made here, or received from `source`): push what the peer
+    /// lacks.
+    pub fn handle_committed(&mut self, _now: Instant, deltas: &[Delta], source: Source) {
+        for d in deltas {
+            self.ours.insert(d.id);
+        }
+        if self.phase != Phase::Open {
+            return;
+        }
+        if !self.lagging {
+            let relayed = matches!(source, Source::Remote(_));
+            let send = match (self.cfg.fault, &self.sync) {
+                (Fault::NoRelay, _) if relayed => Vec::new(),
+                (Fault::NoPushFilter, _) => deltas.to_vec(),
+                (_, Some(s)) => s.unknown(deltas),
+                (_, None) => Vec::new(),
+            };
+            self.push(send);
+        }
+        self.update_in_sync();
+    }
+
+    /// The node's feed of commits overflowed: some commits were never fed. `committed` is the
+    /// node's committed clock now. What the peer lacks goes from the store instead.
+    pub fn handle_feed_lagged(&mut self, _now: Instant, committed: VersionVector) {
+        self.ours = committed;
+        if self.phase == Phase::Open {
+            self.start_repair();
+        }
+        self.update_in_sync();
+    }
+
+    /// A push handed out by [`Output::Push`] was written to the stream.
+    pub fn handle_push_written(&mut self, _now: Instant) {
+        if let Some(size) = self.push_sizes.pop_front() {
+            self.push_unwritten -= size;
+        }
+        if self.phase != Phase::Open || self.push_unwritten > self.cfg.push_buffer / 2 {
+            return;
+        }
+        if self.lagging {
+            self.lagging = false;
+            self.start_repair();
+        } else if let Plan::Parked(_) = self.repair
+            && let Plan::Parked(plan) = std::mem::replace(&mut self.repair, Plan::Loading)
+        {
+            self.load(Lane::Repair, Cursor::Continue(plan));
+        }
+    }
+
+    /// A load finished: `plan` is the plan after it, `batch` what it read (`None`: the plan
+    /// is exhausted).
+    pub fn handle_loaded(
+        &mut self,
+        now: Instant,
+        lane: Lane,
+        plan: CatchUp,
+        batch: Option<Vec<Delta>>,
+    ) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let Some(sync) = &self.sync else { return };
+        match lane {
+            Lane::CatchUp => {
+                let Some(batch) = batch else {
+                    self.catch_up = Plan::Done;
+                    self.out.push_back(Output::Send(SyncMsg::CaughtUp));
+                    return;
+                };
+                // Skip what the peer received meanwhile (by push, or from us earlier).
+                let batch = sync.unknown(&batch);
+                if !batch.is_empty() {
+                    if let Some(s) = &mut self.sync {
+                        s.note(&batch);
+                    }
+                    self.sent_batches += 1;
+                    self.unacked.push_back((self.sent_batches, now));
+                    self.out.push_back(Output::Send(SyncMsg::Batch {
+                        seq: self.sent_batches,
+                        deltas: batch,
+                    }));
+                }
+                if self.unacked.len() < self.cfg.window {
+                    self.catch_up = Plan::Loading;
+                    self.load(Lane::CatchUp, Cursor::Continue(plan));
+                } else {
+                    self.catch_up = Plan::Parked(plan);
+                }
+            }
+            Lane::Repair => {
+                let Some(batch) = batch else {
+                    self.repair = Plan::Idle;
+                    if std::mem::take(&mut self.repair_again) {
+                        self.start_repair();
+                    }
+                    return;
+                };
+                let batch = sync.unknown(&batch);
+                self.push(batch);
+                if self.lagging {
+                    // Resumes (from scratch) when the stream drains.
+                    self.repair = Plan::Idle;
+                } else if self.push_unwritten > self.cfg.push_buffer / 2 {
+                    self.repair = Plan::Parked(plan);
+                } else {
+                    self.repair = Plan::Loading;
+                    self.load(Lane::Repair, Cursor::Continue(plan));
+                }
+            }
+        }
+        self.update_in_sync();
+    }
+
+    /// Time passed; closes the session if the peer is overdue.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::AwaitHello { deadline } if now >= deadline => self.close(
+                CloseCode::Timeout,
+                format!("no Hello within {:?}", self.cfg.hello_timeout),
+            ),
+            Phase::Open => {
+                if let Some((seq, at)) = self.unacked.front()
+                    && now >= *at + self.cfg.ack_timeout
+                {
+                    let why = format!(
+                        "batch {seq} not acknowledged within {:?}",
+                        self.cfg.ack_timeout
+                    );
+                    self.close(CloseCode::Timeout, why);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The driver cannot go on (a stream failed): the session is over.
+    pub fn handle_closed(&mut self) {
+        self.phase = Phase::Closed;
+    }
+
+    fn close(&mut self, code: CloseCode, reason: String) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        self.out.push_back(Output::Close { code, reason });
+    }
+
+    fn load(&mut self, lane: Lane, cursor: Cursor) {
+        self.out.push_back(Output::Load(LoadRequest {
+            lane,
+            cursor,
+            max_bytes: self.cfg.batch_bytes,
+        }));
+    }
+
+    fn push(&mut self, deltas: Vec<Delta>) {
+        if deltas.is_empty() {
+            return;
+        }
+        if let Some(s) = &mut self.sync {
+            s.note(&deltas);
+        }
+        let size: usize = deltas.iter().map(Delta::encoded_len).sum();
+        self.push_sizes.push_back(size);
+        self.push_unwritten += size;
+        self.out.push_back(Output::Push(PushMsg::Push { deltas }));
+        if self.push_unwritten > self.cfg.push_buffer {
+            self.lagging = true;
+        }
+    }
+
+    fn start_repair(&mut self) {
+        if self.lagging {
+            return; // starts when the stream drains
+        }
+        match self.repair {
+            Plan::Idle | Plan::Done => {
+                let Some(known) = self.known().cloned() else {
+                    return;
+                };
+                self.repair = Plan::Loading;
+                self.load(Lane::Repair, Cursor::Start(known));
+            }
+            Plan::Loading | Plan::Parked(_) => self.repair_again = true,
+        }
+    }
+
+    fn store_next(&mut self) {
+        if self.storing.is_some() {
+            return;
+        }
+        let Some(r) = self.received.pop_front() else {
+            return;
+        };
+        self.next_store += 1;
+        let (deltas, batch) = match r {
+            Received::Batch { seq, deltas } => (deltas, Some(seq)),
+            Received::Push(deltas) => (deltas, None),
+        };
+        self.storing = Some((self.next_store, batch));
+        self.out.push_back(Output::Store {
+            id: self.next_store,
+            deltas,
+        });
+    }
+
+    fn update_in_sync(&mut self) {
+        let now =
+            self.phase == Phase::Open && self.sync.as_ref().is_some_and(|s| s.in_sync(&self.ours));
+        if now != self.in_sync {
+            self.in_sync = now;
+            self.out.push_back(Output::InSync(now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::DeltaBody;
+    use crate::engine::{Action, Engine, Input, MemStore};
+    use crate::id::DocId;
+
+    fn n(i: u8) -> NodeId {
+        NodeId::from_bytes([i; 32])
+    }
+
+    fn change(i: usize) -> Vec<u8> {
+        use automerge::transaction::Transactable;
+        let mut d = automerge::Automerge::new();
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, "k", "x".repeat(i)).unwrap();
+        tx.commit();
+        d.get_last_local_change().unwrap().raw_bytes().to_vec()
+    }
+
+    /// One node's side: engine, store, and its session with the other.
+    struct Side {
+        engine: Engine,
+        store: MemStore,
+        session: Session,
+    }
+
+    impl Side {
+        fn new(me: u8, peer: u8, writes: usize, cfg: SessionConfig, now: Instant) -> Self {
+            let mut engine = Engine::new(n(me), VersionVector::new());
+            let mut store = MemStore::new();
+            for i in 0..writes {
+                store.insert([engine.local_delta(
+                    DocId::from_bytes([me; 16]),
+                    DeltaBody::Change(change(i % 50)),
+                )]);
+            }
+            let session = Session::new(cfg, n(me), n(peer), store.clock(), now);
+            Self {
+                engine,
+                store,
+                session,
+            }
+        }
+
+        /// Carries out loads and stores at once; returns the messages for the other side.
+        fn drain(&mut self, now: Instant) -> Vec<Output> {
+            let mut wire = Vec::new();
+            while let Some(o) = self.session.poll_output() {
+                match o {
+                    Output::Load(req) => {
+                        let lane = req.lane;
+                        let (plan, batch) = req.run(&self.engine, &self.store).unwrap();
+                        self.session.handle_loaded(now, lane, plan, batch);
+                    }
+                    Output::Store { id, deltas } => {
+                        let from = self.session.peer();
+                        let mut fresh = Vec::new();
+                        for a in self.engine.handle(Input::RemoteDeltas { from, deltas }) {
+                            if let Action::Persist { deltas, .. } = a {
+                                fresh = deltas;
+                            }
+                        }
+                        self.store.insert(fresh.clone());
+                        self.session
+                            .handle_committed(now, &fresh, Source::Remote(from));
+                        self.session.handle_stored(now, id, Ok(()));
+                    }
+                    Output::Push(_) => {
+                        wire.push(o);
+                        self.session.handle_push_written(now);
+                    }
+                    other => wire.push(other),
+                }
+            }
+            wire
+        }
+    }
+
+    fn deliver(to: &mut Side, msgs: Vec<Output>, now: Instant) -> Vec<Output> {
+        let mut local = Vec::new();
+        for m in msgs {
+            match m {
+                Output::Send(msg) => to.session.handle_sync(now, msg),
+                Output::Push(msg) => to.session.handle_push(now, msg),
+                other => local.push(other),
+            }
+        }
+        local
+    }
+
+    fn closes(outs: &[Output]) -> Option<String> {
+        outs.iter().find_map(|o| match o {
+            Output::Close { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    fn small_batches() -> SessionConfig {
+        SessionConfig {
+            batch_bytes: 300,
+            ..SessionConfig::default()
+        }
+    }
+
+    #[test]
+    fn catch_up_is_windowed_acked_and_ends_in_sync() {
+        let t = Instant::now();
+        let mut a = Side::new(1, 2, 40, small_batches(), t);
+        let mut b = Side::new(2, 1, 3, small_batches(), t);
+        let mut max_unacked = 0;
+        let mut steps = 0;
+        loop {
+            let from_a = a.drain(t);
+            let from_b = b.drain(t);
+            max_unacked = max_unacked
+                .max(a.session.unacked())
+                .max(b.session.unacked());
+            assert!(closes(&from_a).is_none() && closes(&from_b).is_none());
+            let wire = from_a
+                .iter()
+                .chain(&from_b)
+                .any(|o| matches!(o, Output::Send(_) | Output::Push(_)));
+            if !wire {
+                break;
+            }
+            deliver(&mut b, from_a, t);
+            deliver(&mut a, from_b, t);
+            steps += 1;
+            assert!(steps < 1_000);
+        }
+        assert_eq!(max_unacked, 4, "the window fills and is never exceeded");
+        assert_eq!(a.store.clock(), b.store.clock());
+        assert!(a.session.in_sync() && b.session.in_sync());
+        assert_eq!(
+            a.session.unacked() + b.session.unacked(),
+            0,
+            "every batch acked"
+        );
+    }
+
+    #[test]
+    fn a_hello_naming_another_node_closes() {
+        let t = Instant::now();
+        let mut a = Side::new(1, 2, 0, SessionConfig::default(), t);
+        let mut imposter = Side::new(3, 1, 0, SessionConfig::default(), t);
+        let hello = imposter.drain(t);
+        deliver(&mut a, hello, t);
+        let out = a.drain(t);
+        assert_eq!(closes(&out).as_deref(), Some("Hello names another node"));
+        assert!(a.session.is_closed());
+    }
+
+    #[test]
+    fn wrong_version_and_messages_before_hello_close() {
+        let t = Instant::now();
+        let mut a = Side::new(1, 2, 0, SessionConfig::default(), t);
+        a.drain(t);
+        a.session.handle_sync(
+            t,
+            SyncMsg::Hello {
+                version: 99,
+                node: n(2),
+                name: String::new(),
+                clock: VersionVector::new(),
+            },
+        );
+        assert!(closes(&a.drain(t)).unwrap().contains("version 99"));
+        let mut a = Side::new(1, 2, 0, SessionConfig::default(), t);
+        a.drain(t);
+        a.session.handle_sync(t, SyncMsg::Ack { seq: 1 });
+        assert!(closes(&a.drain(t)).unwrap().contains("expected Hello"));
+        let mut a = Side::new(1, 2, 0, SessionConfig::default(), t);
+        a.drain(t);
+        assert!(!a.session.wants_push(), "pushes wait for Hello");
+        a.session.handle_push(t, PushMsg::Push { deltas: vec![] });
+        assert!(closes(&a.drain(t)).is_some());
+    }
+
+    #[test]
+    fn a_batch_over_the_window_or_out_of_order_closes() {
+        let t = Instant::now();
+        let hello = SyncMsg::Hello {
+            version: PROTOCOL_VERSION,
+            node: n(2),
+            name: String::new(),
+            clock: VersionVector::new(),
+        };
+        // Over the window: five batches while none is acknowledged (stores never finish).
+        let mut s = Session::new(
+            SessionConfig::default(),
+            n(1),
+            n(2),
+            VersionVector::new(),
+            t,
+        );
+        s.handle_sync(t, hello.clone());
+        for seq in 1..=5 {
+            s.handle_sync(
+                t,
+                SyncMsg::Batch {
+                    seq,
+                    deltas: vec![],
+                },
+            );
+        }
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+        assert_eq!(
+            closes(&out).as_deref(),
+            Some("batch 5 is over the window of 4")
+        );
+        // Out of order.
+        let mut s = Session::new(
+            SessionConfig::default(),
+            n(1),
+            n(2),
+            VersionVector::new(),
+            t,
+        );
+        s.handle_sync(t, hello.clone());
+        s.handle_sync(
+            t,
+            SyncMsg::Batch {
+                seq: 2,
+                deltas: vec![],
+            },
+        );
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+        assert!(closes(&out).unwrap().contains("out of order"));
+        // An ack for a batch never sent.
+        let mut s = Session::new(
+            SessionConfig::default(),
+            n(1),
+            n(2),
+            VersionVector::new(),
+            t,
+        );
+        s.handle_sync(t, hello);
+        s.handle_sync(t, SyncMsg::Ack { seq: 1 });
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+        assert!(closes(&out).unwrap().contains("unknown batch"));
+    }
+
+    #[test]
+    fn acks_follow_stores_and_invalid_deltas_close() {
+        let t = Instant::now();
+        let mut s = Session::new(
+            SessionConfig::default(),
+            n(1),
+            n(2),
+            VersionVector::new(),
+            t,
+        );
+        s.handle_sync(
+            t,
+            SyncMsg::Hello {
+                version: PROTOCOL_VERSION,
+                node: n(2),
+                name: "b".into(),
+                clock: VersionVector::new(),
+            },
+        );
+        let mut e = Engine::new(n(2), VersionVector::new());
+        let d = e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Change(change(1)));
+        s.handle_sync(
+            t,
+            SyncMsg::Batch {
+                seq: 1,
+                deltas: vec![d],
+            },
+        );
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+        let id = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Store { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Send(SyncMsg::Ack { .. }))),
+            "no ack before the store finished"
+        );
+        s.handle_stored(t, id, Ok(()));
+        assert!(matches!(
+            s.poll_output(),
+            Some(Output::Send(SyncMsg::Ack { seq: 1 }))
+        ));
+        s.handle_push(
+            t,
+            PushMsg::Push {
+                deltas: vec![e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Tombstone)],
+            },
+        );
+        let Some(Output::Store { id, .. }) = s.poll_output() else {
+            panic!()
+        };
+        s.handle_stored(t, id, Err(StoreFailure::Invalid("bad checksum".into())));
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+        assert!(closes(&out).unwrap().contains("bad checksum"));
+    }
+
+    #[test]
+    fn timeouts_close_a_silent_peer() {
+        let t = Instant::now();
+        let cfg = SessionConfig::default();
+        let mut s = Session::new(cfg.clone(), n(1), n(2), VersionVector::new(), t);
+        assert_eq!(s.poll_timeout(), Some(t + cfg.hello_timeout));
+        s.handle_timeout(t + cfg.hello_timeout - Duration::from_millis(1));
+        assert!(!s.is_closed());
+        s.handle_timeout(t + cfg.hello_timeout);
+        assert!(s.is_closed());
+        // A batch that is never acknowledged.
+        let mut a = Side::new(1, 2, 5, cfg.clone(), t);
+        a.drain(t);
+        a.session.handle_sync(
+            t,
+            SyncMsg::Hello {
+                version: PROTOCOL_VERSION,
+                node: n(2),
+                name: String::new(),
+                clock: VersionVector::new(),
+            },
+        );
+        a.drain(t);
+        assert_eq!(a.session.unacked(), 1);
+        assert_eq!(a.session.poll_timeout(), Some(t + cfg.ack_timeout));
+        a.session.handle_timeout(t + cfg.ack_timeout);
+        assert!(closes(&a.drain(t)).unwrap().contains("not acknowledged"));
+    }
+
+    #[test]
+    fn pushes_skip_what_the_peer_holds_and_lag_falls_back_to_the_store() {
+        let t = Instant::now();
+        let cfg = SessionConfig {
+            push_buffer: 2_000,
+            ..SessionConfig::default()
+        };
+        let mut a = Side::new(1, 2, 0, cfg, t);
+        let mut b_clock = VersionVector::new();
+        a.drain(t);
+        a.session.handle_sync(
+            t,
+            SyncMsg::Hello {
+                version: PROTOCOL_VERSION,
+                node: n(2),
+                name: String::new(),
+                clock: b_clock.clone(),
+            },
+        );
+        a.drain(t);
+        let doc = DocId::from_bytes([1; 16]);
+        // Commit one: pushed. A delta the peer is known to hold: not pushed.
+        let d1 = a.engine.local_delta(doc, DeltaBody::Change(change(10)));
+        a.store.insert([d1.clone()]);
+        a.session.handle_committed(t, &[d1.clone()], Source::Local);
+        assert!(matches!(a.session.poll_output(), Some(Output::Push(_))));
+        a.session.handle_push_written(t);
+        a.session.handle_committed(t, &[d1.clone()], Source::Local);
+        assert!(a.session.poll_output().is_none(), "not twice");
+        b_clock.insert(d1.id);
+        // The stream backs up: pushes stop past the buffer, nothing written meanwhile.
+        let mut pushed = 0;
+        for i in 0..20 {
+            let d = a
+                .engine
+                .local_delta(doc, DeltaBody::Change(change(200 + i)));
+            a.store.insert([d.clone()]);
+            a.session.handle_committed(t, &[d], Source::Local);
+            while let Some(o) = a.session.poll_output() {
+                if matches!(o, Output::Push(_)) {
+                    pushed += 1;
+                }
+            }
+        }
+        assert!(a.session.is_lagging());
+        assert!(pushed < 20, "pushes stopped at the buffer ({pushed})");
+        // It drains: the rest goes from the store, and they end in sync.
+        for _ in 0..pushed {
+            a.session.handle_push_written(t);
+        }
+        assert!(!a.session.is_lagging());
+        let rest = a.drain(t);
+        let repaired: usize = rest
+            .iter()
+            .map(|o| match o {
+                Output::Push(PushMsg::Push { deltas }) => deltas.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(pushed + repaired, 20, "each delta sent exactly once");
+        assert!(a.session.in_sync());
+    }
+}
