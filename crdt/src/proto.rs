@@ -205,7 +205,7 @@ impl FrameReader {
     }
 
     /// The next whole frame (and its size on the wire), `Ok(None)` if more bytes are needed.
-    pub fn next<M: Message>(&mut self) -> Result<Option<(M, usize)>, FrameError> {
+    pub fn next_frame<M: Message>(&mut self) -> Result<Option<(M, usize)>, FrameError> {
         let Some(prefix) = self.buf.get(..4) else {
             return Ok(None);
         };
@@ -277,7 +277,7 @@ mod tests {
             let mut got = Vec::new();
             for c in bytes.chunks(chunk) {
                 r.push(c);
-                while let Some((m, _)) = r.next::<SyncMsg>().unwrap() {
+                while let Some((m, _)) = r.next_frame::<SyncMsg>().unwrap() {
                     got.push(m);
                 }
             }

@@ -1056,10 +1056,12 @@ mod tests {
         // Commit one: pushed. A delta the peer is known to hold: not pushed.
         let d1 = a.engine.local_delta(doc, DeltaBody::Change(change(10)));
         a.store.insert([d1.clone()]);
-        a.session.handle_committed(t, &[d1.clone()], Source::Local);
+        a.session
+            .handle_committed(t, std::slice::from_ref(&d1), Source::Local);
         assert!(matches!(a.session.poll_output(), Some(Output::Push(_))));
         a.session.handle_push_written(t);
-        a.session.handle_committed(t, &[d1.clone()], Source::Local);
+        a.session
+            .handle_committed(t, std::slice::from_ref(&d1), Source::Local);
         assert!(a.session.poll_output().is_none(), "not twice");
         b_clock.insert(d1.id);
         // The stream backs up: pushes stop past the buffer, nothing written meanwhile.

@@ -1,18 +1,45 @@
-//! The library's error type: every failure a caller can see, each with a clear message.
+//! The library's errors, typed by layer: documents ([`DocError`]), membership
+//! ([`MembershipError`]), the network ([`NetError`]), the store ([`StoreError`]) and the data
+//! dir ([`DataDirError`]), gathered in [`Error`]. Every enum is `#[non_exhaustive]`; the HTTP
+//! API maps each variant explicitly, so a new one cannot silently become a 500.
 
 use std::path::{Path, PathBuf};
 
-use tandem_crdt::{DocId, IdError, PathError};
+use tandem_crdt::{DocId, IdError, InviteError, PathError};
 
-use crate::store::StoreError;
+use crate::net::JoinError;
+pub use crate::net::NetError;
+pub use crate::store::StoreError;
 
 /// Errors from [`crate::Node`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// An error raised by the caller's own closure in [`crate::Node::change`].
+    #[error("{0}")]
+    App(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the node is closed")]
+    Closed,
+}
+
+/// What went wrong with a document or an edit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocError {
     #[error("document {0} not found")]
-    DocNotFound(DocId),
+    NotFound(DocId),
     #[error("document {0} has been deleted")]
-    DocDeleted(DocId),
+    Deleted(DocId),
     #[error(transparent)]
     Path(#[from] PathError),
     #[error(transparent)]
@@ -21,6 +48,32 @@ pub enum Error {
     NotAnObject(&'static str),
     #[error("import refused, nothing was written: {0}")]
     CorruptImport(String),
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    #[error("stored document {doc} cannot be loaded: {why}")]
+    Corrupt { doc: DocId, why: String },
+    #[error("the base heads are not in this document: {0}")]
+    BadBase(String),
+    #[error(
+        "the text at {0} was replaced or removed since the edit began; the edit was not applied"
+    )]
+    TextReplaced(String),
+    #[error("a peer sent an invalid delta: {0}")]
+    InvalidDelta(String),
+}
+
+/// What went wrong with the member list or an invite.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembershipError {
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+}
+
+/// What went wrong with the data dir.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
     #[error(
         "data dir {dir} is in use by another process{holder}; stop it or use another --data-dir"
     )]
@@ -33,39 +86,52 @@ pub enum Error {
     },
     #[error("identity key {path}: {why}")]
     Identity { path: PathBuf, why: String },
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
-    #[error("stored document {doc} cannot be loaded: {why}")]
-    CorruptDoc { doc: DocId, why: String },
-    /// An error raised by the caller's own closure in [`crate::Node::change`].
-    #[error("{0}")]
-    App(Box<dyn std::error::Error + Send + Sync>),
-    #[error("the node is closed")]
-    Closed,
-    #[error(transparent)]
-    Net(#[from] crate::net::NetError),
-    #[error("the base heads are not in this document: {0}")]
-    BadBase(String),
-    #[error(
-        "the text at {0} was replaced or removed since the edit began; the edit was not applied"
-    )]
-    TextReplaced(String),
-    #[error("a peer sent an invalid delta: {0}")]
-    BadDelta(String),
 }
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
+        DataDirError::Io {
             path: path.to_path_buf(),
             source,
         }
+        .into()
     }
 
     /// Wraps any error from application code.
     pub fn app(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Error::App(e.into())
+    }
+}
+
+impl From<PathError> for Error {
+    fn from(e: PathError) -> Self {
+        DocError::Path(e).into()
+    }
+}
+
+impl From<IdError> for Error {
+    fn from(e: IdError) -> Self {
+        DocError::Id(e).into()
+    }
+}
+
+impl From<automerge::AutomergeError> for Error {
+    fn from(e: automerge::AutomergeError) -> Self {
+        DocError::Automerge(e).into()
+    }
+}
+
+impl From<InviteError> for Error {
+    fn from(e: InviteError) -> Self {
+        MembershipError::Invite(e).into()
+    }
+}
+
+impl From<JoinError> for Error {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::Invite(e) => e.into(),
+            JoinError::Net(e) => e.into(),
+        }
     }
 }

@@ -9,6 +9,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use tandem_crdt::NodeId;
 
 use crate::Error;
+use crate::error::DataDirError;
 
 /// The file name inside the data dir.
 pub const KEY_FILE: &str = "identity.key";
@@ -38,9 +39,11 @@ impl Identity {
     }
 
     fn from_pkcs8(pkcs8: Vec<u8>, path: &Path) -> Result<Self, Error> {
-        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| Error::Identity {
-            path: path.to_path_buf(),
-            why: format!("not an Ed25519 PKCS#8 key: {e}"),
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| {
+            Error::DataDir(DataDirError::Identity {
+                path: path.to_path_buf(),
+                why: format!("not an Ed25519 PKCS#8 key: {e}"),
+            })
         })?;
         let mut pk = [0u8; 32];
         pk.copy_from_slice(pair.public_key().as_ref());
@@ -60,9 +63,11 @@ impl Identity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let rng = ring::rand::SystemRandom::new();
-                let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| Error::Identity {
-                    path: path.clone(),
-                    why: format!("cannot generate a key: {e}"),
+                let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| {
+                    Error::DataDir(DataDirError::Identity {
+                        path: path.clone(),
+                        why: format!("cannot generate a key: {e}"),
+                    })
                 })?;
                 write_private(&path, doc.as_ref())?;
                 tracing::info!(path = %path.display(), "created a new node identity");

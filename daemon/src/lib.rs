@@ -36,6 +36,7 @@
 
 pub mod api;
 mod cache;
+pub mod clock;
 pub mod config;
 mod error;
 mod identity;
@@ -45,7 +46,7 @@ mod node;
 pub mod store;
 
 pub use automerge;
-pub use error::Error;
+pub use error::{DataDirError, DocError, Error, MembershipError};
 pub use identity::Identity;
 pub use members::Member;
 pub use net::{NetConfig, PeerStatus};

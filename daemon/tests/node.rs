@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tandem::crdt::{DeltaStore, PathError};
-use tandem::{Config, DocId, Error, Node, Source, SubscriptionError};
+use tandem::{Config, DataDirError, DocError, DocId, Error, Node, Source, SubscriptionError};
 
 async fn open(dir: &std::path::Path) -> Node {
     Node::open(Config::new(dir)).await.unwrap()
@@ -85,38 +85,40 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
     let clock = node.clock();
     let unknown = DocId::from_bytes([9; 16]);
 
-    assert!(matches!(node.get(unknown, "").await, Err(Error::DocNotFound(d)) if d == unknown));
+    assert!(
+        matches!(node.get(unknown, "").await, Err(Error::Doc(DocError::NotFound(d))) if d == unknown)
+    );
     assert!(matches!(
         node.put(unknown, "/a", json!(1)).await,
-        Err(Error::DocNotFound(_))
+        Err(Error::Doc(DocError::NotFound(_)))
     ));
     assert!(matches!(
         node.get(doc, "nope").await,
-        Err(Error::Path(PathError::Syntax { .. }))
+        Err(Error::Doc(DocError::Path(PathError::Syntax { .. })))
     ));
     assert!(matches!(
         node.get(doc, "/zz").await,
-        Err(Error::Path(PathError::NotFound { .. }))
+        Err(Error::Doc(DocError::Path(PathError::NotFound { .. })))
     ));
     assert!(matches!(
         node.put(doc, "/n/x", json!(1)).await,
-        Err(Error::Path(PathError::TypeMismatch { .. }))
+        Err(Error::Doc(DocError::Path(PathError::TypeMismatch { .. })))
     ));
     assert!(matches!(
         node.splice_text(doc, "/n", 0, 0, "x").await,
-        Err(Error::Path(PathError::TypeMismatch { .. }))
+        Err(Error::Doc(DocError::Path(PathError::TypeMismatch { .. })))
     ));
     assert!(matches!(
         node.insert(doc, "/l/9", json!(1)).await,
-        Err(Error::Path(PathError::OutOfRange { .. }))
+        Err(Error::Doc(DocError::Path(PathError::OutOfRange { .. })))
     ));
     assert!(matches!(
         node.create(Some(json!([1]))).await,
-        Err(Error::NotAnObject(_))
+        Err(Error::Doc(DocError::NotAnObject(_)))
     ));
     assert!(matches!(
         node.put(doc, "", json!("x")).await,
-        Err(Error::Path(PathError::TypeMismatch { .. }))
+        Err(Error::Doc(DocError::Path(PathError::TypeMismatch { .. })))
     ));
     // A closure that fails writes nothing, even after making edits.
     let r = node
@@ -137,7 +139,10 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
         Vec::new(),
     ] {
         assert!(
-            matches!(node.import(&bad).await, Err(Error::CorruptImport(_))),
+            matches!(
+                node.import(&bad).await,
+                Err(Error::Doc(DocError::CorruptImport(_)))
+            ),
             "{} bytes",
             bad.len()
         );
@@ -152,7 +157,10 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
     // A second process (here: a second open) on the same data dir.
     let second = Node::open(Config::new(dir.path())).await;
     let err = second.unwrap_err();
-    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(
+        matches!(err, Error::DataDir(DataDirError::Locked { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("in use"), "{err}");
 }
 
@@ -181,10 +189,13 @@ async fn export_import_round_trip_and_delete() {
 
     node.delete(doc).await.unwrap();
     node.delete(doc).await.unwrap();
-    assert!(matches!(node.get(doc, "").await, Err(Error::DocDeleted(_))));
+    assert!(matches!(
+        node.get(doc, "").await,
+        Err(Error::Doc(DocError::Deleted(_)))
+    ));
     assert!(matches!(
         node.put(doc, "/x", json!(1)).await,
-        Err(Error::DocDeleted(_))
+        Err(Error::Doc(DocError::Deleted(_)))
     ));
     assert_eq!(
         node.list()
@@ -198,7 +209,10 @@ async fn export_import_round_trip_and_delete() {
     node.close().await.unwrap();
     drop(node);
     let node = open(dir.path()).await;
-    assert!(matches!(node.get(doc, "").await, Err(Error::DocDeleted(_))));
+    assert!(matches!(
+        node.get(doc, "").await,
+        Err(Error::Doc(DocError::Deleted(_)))
+    ));
     assert_eq!(node.get(copy, "/c").await.unwrap(), json!(false));
 }
 
@@ -414,13 +428,16 @@ async fn text_edits_from_an_old_base_merge_and_a_replaced_text_is_refused() {
         .update_text_from(doc, "/body", &heads, "edited")
         .await
         .unwrap_err();
-    assert!(matches!(err, tandem::Error::TextReplaced(_)), "{err}");
+    assert!(
+        matches!(err, tandem::Error::Doc(tandem::DocError::TextReplaced(_))),
+        "{err}"
+    );
     assert_eq!(node.get(doc, "/body").await.unwrap(), json!("new text"));
     // Unknown base heads are an error too.
     let bogus = [automerge::ChangeHash([7; 32])];
     assert!(matches!(
         node.update_text_from(doc, "/body", &bogus, "x").await,
-        Err(tandem::Error::BadBase(_))
+        Err(tandem::Error::Doc(tandem::DocError::BadBase(_)))
     ));
     node.close().await.unwrap();
 }

@@ -33,7 +33,7 @@ use tandem_crdt::{Delta, DeltaBody, DeltaId, DocId, NodeId, VersionVector, actor
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -41,23 +41,23 @@ impl Rng {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, p: f64) -> bool {
-        (self.next() as f64 / u64::MAX as f64) < p
+        (self.next_u64() as f64 / u64::MAX as f64) < p
     }
 }
 
 impl rand_core::RngCore for Rng {
     fn next_u32(&mut self) -> u32 {
-        self.next() as u32
+        Rng::next_u64(self) as u32
     }
     fn next_u64(&mut self) -> u64 {
-        self.next()
+        Rng::next_u64(self)
     }
     fn fill_bytes(&mut self, dst: &mut [u8]) {
         for b in dst {
-            *b = self.next() as u8;
+            *b = Rng::next_u64(self) as u8;
         }
     }
 }
@@ -821,8 +821,8 @@ impl Sim {
             return;
         }
         let kind = self.rng.below(20);
-        let r1 = self.rng.next();
-        let r2 = self.rng.next();
+        let r1 = self.rng.next_u64();
+        let r2 = self.rng.next_u64();
         let node = &mut self.nodes[n];
         let body = if kind == 0 {
             DeltaBody::Tombstone
@@ -864,7 +864,7 @@ impl Sim {
                 }
                 _ => {
                     self.now = next_tick.min(until.max(self.now + 1));
-                    if self.now % TICK == 0 {
+                    if self.now.is_multiple_of(TICK) {
                         self.tick();
                     }
                 }

@@ -1,8 +1,9 @@
-//! Mutation fuzzing of everything that parses bytes from the network or from disk: wire frames
-//! (Hello, Batch, Push, join messages, with the version vectors and deltas inside), invite
-//! tokens, and imported `.automerge` files. Inputs are valid encodings mutated by bit flips,
-//! byte edits, truncation, splices and hostile lengths, all from one seed. Nothing may panic;
-//! frames and deltas that decode are validated like a node would.
+//! Mutation fuzzing of everything that parses bytes from the network or from disk: whole sync
+//! streams fed through the frame reader into the real `Session` (Hello, Batch, Ack, CaughtUp,
+//! with the version vectors and deltas inside), push and join frames, invite tokens, and
+//! imported `.automerge` files. Inputs are valid encodings mutated by bit flips, byte edits,
+//! truncation, splices and hostile lengths, all from one seed. Nothing may panic; what decodes
+//! is handled as a node would (the session's stores validated by the engine).
 //!
 //! `FUZZ_ITERS` sets inputs per target (default 20,000); `FUZZ_SEED` the seed. A failing input
 //! is written to `target/fuzz-failures/` for replay.
@@ -12,9 +13,13 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use serde_json::json;
+use std::time::Instant;
 use tandem::crdt::{Delta, DeltaBody, DeltaId, DocId, NodeId, VersionVector};
 use tandem::members::Invite;
-use tandem::net::wire::{self, Msg};
+
+use tandem::crdt::engine::{Action, Engine, Input, MemStore};
+use tandem::crdt::proto::{self, FrameReader, JoinMsg, PROTOCOL_VERSION, PushMsg, SyncMsg};
+use tandem::crdt::session::{Output, Session, SessionConfig};
 
 struct Rng(u64);
 
@@ -134,57 +139,119 @@ fn frame_corpus() -> Vec<Vec<u8>> {
         doc: DocId::from_bytes([1; 16]),
         body,
     };
-    let msgs = [
-        Msg::Hello {
-            version: wire::PROTOCOL_VERSION,
-            node,
-            name: "laptop".into(),
-            clock,
-        },
-        Msg::Batch {
-            seq: 7,
-            deltas: vec![
-                delta(1, DeltaBody::Change(change(1))),
-                delta(2, DeltaBody::Tombstone),
-            ],
-        },
-        Msg::Push {
-            deltas: vec![delta(3, DeltaBody::Change(change(3)))],
-        },
-        Msg::Ack { seq: 7 },
-        Msg::CaughtUp,
-        Msg::JoinRequest {
+    let hello = SyncMsg::Hello {
+        version: PROTOCOL_VERSION,
+        node,
+        name: "laptop".into(),
+        clock,
+    };
+    let batch = SyncMsg::Batch {
+        seq: 1,
+        deltas: vec![
+            delta(1001, DeltaBody::Change(change(1))),
+            delta(1002, DeltaBody::Tombstone),
+        ],
+    };
+    // A whole sync stream: what a peer sends after the connection opens.
+    let stream: Vec<u8> = [hello, batch, SyncMsg::Ack { seq: 1 }, SyncMsg::CaughtUp]
+        .iter()
+        .flat_map(|m| proto::encode(m).unwrap())
+        .collect();
+    let push = PushMsg::Push {
+        deltas: vec![delta(3, DeltaBody::Change(change(3)))],
+    };
+    let joins = [
+        JoinMsg::Request {
             secret: [9; 32],
             addrs: vec!["127.0.0.1:7373".into()],
         },
-        Msg::JoinAccepted {
+        JoinMsg::Accepted {
             members: vec![(node, vec!["10.0.0.1:1".into()])],
         },
-        Msg::JoinRefused {
+        JoinMsg::Refused {
             reason: "no".into(),
         },
     ];
-    msgs.iter()
-        .map(|m| wire::encode(m).unwrap()[4..].to_vec())
-        .collect()
+    let mut corpus = vec![stream, proto::encode(&push).unwrap()];
+    corpus.extend(joins.iter().map(|m| proto::encode(m).unwrap()));
+    corpus
 }
 
-#[test]
-fn fuzz_wire_frames_and_deltas() {
-    fuzz("frames", frame_corpus(), |bytes| {
-        if let Ok(msg) = wire::decode(bytes) {
-            match msg {
-                Msg::Batch { deltas, .. } | Msg::Push { deltas } => {
-                    for d in deltas {
-                        let _ = d.validate();
-                    }
+/// Feeds `bytes` as the sync stream of a peer to a real `Session`, carrying out what it asks
+/// for as a node would, until the stream ends, a frame is undecodable, or the session closes.
+/// Returns how many deltas it stored.
+fn run_session(bytes: &[u8]) -> usize {
+    let me = NodeId::from_bytes([1; 32]);
+    let peer = NodeId::from_bytes([5; 32]);
+    let now = Instant::now();
+    let mut engine = Engine::new(me, VersionVector::new());
+    let mut store = MemStore::new();
+    let mut session = Session::new(
+        SessionConfig::default(),
+        me,
+        peer,
+        VersionVector::new(),
+        now,
+    );
+    let mut reader = FrameReader::new();
+    reader.push(bytes);
+    loop {
+        while let Some(out) = session.poll_output() {
+            match out {
+                Output::Load(req) => {
+                    let lane = req.lane;
+                    let (plan, batch) = req.run(&engine, &store).unwrap();
+                    session.handle_loaded(now, lane, plan, batch);
                 }
-                Msg::Hello { clock, .. } => {
-                    let _ = clock.count();
-                    let _ = clock.digest();
+                Output::Store { id, deltas } => {
+                    let mut result = Ok(());
+                    for a in engine.handle(Input::RemoteDeltas { from: peer, deltas }) {
+                        match a {
+                            Action::Persist { deltas, .. } => store.insert(deltas),
+                            Action::Reject { error, .. } => {
+                                result = Err(tandem::crdt::session::StoreFailure::Invalid(
+                                    error.to_string(),
+                                ));
+                            }
+                        }
+                    }
+                    session.handle_stored(now, id, result);
                 }
                 _ => {}
             }
+        }
+        if session.is_closed() {
+            return store.len();
+        }
+        match reader.next_frame::<SyncMsg>() {
+            Ok(Some((msg, _))) => session.handle_sync(now, msg),
+            Ok(None) | Err(_) => return store.len(),
+        }
+    }
+}
+
+#[test]
+fn fuzz_sync_streams_through_the_session_and_frames() {
+    let corpus = frame_corpus();
+    assert_eq!(
+        run_session(&corpus[0]),
+        2,
+        "the unmutated stream's batch is stored"
+    );
+    fuzz("frames", corpus, |bytes| {
+        run_session(bytes);
+        let body = bytes.get(4..).unwrap_or_default();
+        if let Ok(PushMsg::Push { deltas }) = proto::decode::<PushMsg>(body) {
+            for d in deltas {
+                let _ = d.validate();
+            }
+        }
+        let _ = proto::decode::<JoinMsg>(body);
+        let mut r = FrameReader::new();
+        r.push(bytes);
+        while let Ok(Some((SyncMsg::Hello { clock, .. }, _))) = r.next_frame::<SyncMsg>() {
+            let _ = clock.count();
+            let _ = clock.digest();
         }
     });
 }

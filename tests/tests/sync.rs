@@ -292,7 +292,10 @@ async fn a_stalled_peer_blocks_neither_others_nor_local_writes() {
         .await
         .unwrap();
     let (mut send, _recv_never_read) = conn.open_bi().await.unwrap();
-    let hello = wire::Msg::Hello {
+    send.write_all(&[wire::StreamKind::Sync.byte()])
+        .await
+        .unwrap();
+    let hello = wire::SyncMsg::Hello {
         version: wire::PROTOCOL_VERSION,
         node: h_id,
         name: "x".into(),
@@ -339,7 +342,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
             .unwrap()
     };
 
-    let hello = |clock| wire::Msg::Hello {
+    let hello = |clock| wire::SyncMsg::Hello {
         version: wire::PROTOCOL_VERSION,
         node: h_id,
         name: "x".into(),
@@ -377,7 +380,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
         ("invalid change", {
             let mut f = wire::encode(&hello(tandem::crdt::VersionVector::new())).unwrap();
             f.extend(
-                wire::encode(&wire::Msg::Batch {
+                wire::encode(&wire::SyncMsg::Batch {
                     seq: 1,
                     deltas: vec![bad_delta],
                 })
@@ -389,10 +392,13 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
     for (name, bytes) in attacks {
         let conn = connect().await;
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[wire::StreamKind::Sync.byte()])
+            .await
+            .unwrap();
         send.write_all(&bytes).await.unwrap();
         let _ = send.finish();
         // A answers with its Hello, then closes the connection with a reason.
-        let _ = wire::read(&mut recv).await;
+        let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
         let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
             .await
             .expect(name);
@@ -440,6 +446,10 @@ async fn members_rediscover_each_other_over_mdns() {
         b.get(doc, "/found").await.ok() == Some(json!("by mdns"))
     })
     .await;
-    assert!(b.nearby().iter().any(|(id, _, _)| *id == a_id));
-    assert!(a.nearby().iter().any(|(id, _, _)| *id == b_id));
+    // One side's discovery may have been enough to connect; the other's follows.
+    eventually("each to see the other nearby", || async {
+        b.nearby().iter().any(|(id, _, _)| *id == a_id)
+            && a.nearby().iter().any(|(id, _, _)| *id == b_id)
+    })
+    .await;
 }

@@ -22,8 +22,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tandem_crdt::{DocId, NodeId, PathError};
 
+use crate::error::{DataDirError, DocError, MembershipError, NetError, StoreError};
 use crate::members::InviteError;
-use crate::net::NetError;
 use crate::{Error, Node};
 
 /// Largest request body accepted (an import of a large document).
@@ -58,31 +58,60 @@ impl IntoResponse for ApiError {
 }
 
 impl From<Error> for ApiError {
+    /// Every variant is named: a new one is a compile error here, never a silent 500.
     fn from(e: Error) -> Self {
         use StatusCode as S;
         let (status, code) = match &e {
-            Error::DocNotFound(_) => (S::NOT_FOUND, "doc_not_found"),
-            Error::DocDeleted(_) => (S::GONE, "doc_deleted"),
-            Error::Path(PathError::Syntax { .. }) => (S::BAD_REQUEST, "bad_path"),
-            Error::Path(PathError::NotFound { .. }) => (S::NOT_FOUND, "path_not_found"),
-            Error::Path(PathError::TypeMismatch { .. }) => (S::CONFLICT, "type_mismatch"),
-            Error::Path(PathError::OutOfRange { .. }) => (S::BAD_REQUEST, "out_of_range"),
-            Error::Path(PathError::Automerge { .. }) => (S::BAD_REQUEST, "bad_edit"),
-            Error::Id(_) => (S::BAD_REQUEST, "bad_id"),
-            Error::NotAnObject(_) => (S::BAD_REQUEST, "not_an_object"),
-            Error::CorruptImport(_) => (S::BAD_REQUEST, "corrupt_import"),
-            Error::Net(NetError::Invite(InviteError::Malformed(_))) => {
-                (S::BAD_REQUEST, "bad_invite")
-            }
-            Error::Net(NetError::Invite(_)) | Error::Net(NetError::Refused(_)) => {
-                (S::FORBIDDEN, "invite_refused")
-            }
-            Error::Net(NetError::Unreachable(_)) => (S::BAD_GATEWAY, "unreachable"),
-            Error::Net(NetError::Disabled) => (S::CONFLICT, "offline"),
-            Error::BadBase(_) => (S::CONFLICT, "bad_base"),
-            Error::TextReplaced(_) => (S::CONFLICT, "text_replaced"),
+            Error::Doc(d) => match d {
+                DocError::NotFound(_) => (S::NOT_FOUND, "doc_not_found"),
+                DocError::Deleted(_) => (S::GONE, "doc_deleted"),
+                DocError::Path(p) => match p {
+                    PathError::Syntax { .. } => (S::BAD_REQUEST, "bad_path"),
+                    PathError::NotFound { .. } => (S::NOT_FOUND, "path_not_found"),
+                    PathError::TypeMismatch { .. } => (S::CONFLICT, "type_mismatch"),
+                    PathError::OutOfRange { .. } => (S::BAD_REQUEST, "out_of_range"),
+                    PathError::Automerge { .. } => (S::BAD_REQUEST, "bad_edit"),
+                },
+                DocError::Id(_) => (S::BAD_REQUEST, "bad_id"),
+                DocError::NotAnObject(_) => (S::BAD_REQUEST, "not_an_object"),
+                DocError::CorruptImport(_) => (S::BAD_REQUEST, "corrupt_import"),
+                DocError::BadBase(_) => (S::CONFLICT, "bad_base"),
+                DocError::TextReplaced(_) => (S::CONFLICT, "text_replaced"),
+                DocError::InvalidDelta(_) => (S::BAD_REQUEST, "invalid_delta"),
+                // A stored document that cannot be loaded, or Automerge refusing a change we
+                // made: damage on this node, not a fault of the request.
+                DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_doc"),
+                DocError::Automerge(_) => (S::INTERNAL_SERVER_ERROR, "automerge"),
+            },
+            Error::Membership(MembershipError::Invite(i)) => match i {
+                InviteError::Malformed(_) => (S::BAD_REQUEST, "bad_invite"),
+                InviteError::Unknown | InviteError::Expired | InviteError::Used => {
+                    (S::FORBIDDEN, "invite_refused")
+                }
+            },
+            Error::Net(n) => match n {
+                NetError::Refused(_) => (S::FORBIDDEN, "invite_refused"),
+                NetError::Unreachable(_) => (S::BAD_GATEWAY, "unreachable"),
+                NetError::Protocol(_) => (S::BAD_GATEWAY, "peer_protocol"),
+                NetError::Disabled => (S::CONFLICT, "offline"),
+                NetError::Tls(_) | NetError::Bind { .. } => (S::INTERNAL_SERVER_ERROR, "network"),
+            },
+            Error::Store(st) => match st {
+                StoreError::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
+                StoreError::Sqlite(_)
+                | StoreError::TooNew { .. }
+                | StoreError::IdentityMismatch { .. }
+                | StoreError::CommitFailed(_)
+                | StoreError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "store"),
+            },
+            Error::DataDir(d) => match d {
+                DataDirError::Locked { .. } => (S::CONFLICT, "locked"),
+                DataDirError::Io { .. } | DataDirError::Identity { .. } => {
+                    (S::INTERNAL_SERVER_ERROR, "data_dir")
+                }
+            },
+            Error::App(_) => (S::BAD_REQUEST, "app"),
             Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
-            _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, e.to_string())
     }

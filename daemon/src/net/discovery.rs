@@ -3,13 +3,9 @@
 //! a NodeId, the TLS handshake proves the identity, and membership decides what it gets. A
 //! discovered non-member is only listed as seen nearby.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Weak;
-
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use std::net::{IpAddr, SocketAddr};
 use tandem_crdt::NodeId;
-
-use crate::node::{Inner, Node};
 
 /// The service type tandem advertises.
 pub const SERVICE: &str = "_tandem._udp.local.";
@@ -25,9 +21,12 @@ impl Drop for Discovery {
     }
 }
 
+/// Called with each member or non-member seen; returning false stops the browser.
+pub(crate) type OnFound = Box<dyn Fn(NodeId, Vec<SocketAddr>) -> bool + Send>;
+
 /// Starts mDNS on `interfaces` (names like `eth0` or addresses; empty means all).
 pub(crate) fn start(
-    node: Weak<Inner>,
+    found: OnFound,
     id: NodeId,
     port: u16,
     interfaces: &[String],
@@ -83,10 +82,9 @@ pub(crate) fn start(
                     .iter()
                     .map(|ip| SocketAddr::new(*ip, info.get_port()))
                     .collect();
-                let Some(node) = Node::upgrade(&node) else {
+                if !found(peer, addrs) {
                     break;
-                };
-                node.discovered(peer, addrs);
+                }
             }
         })
         .map_err(|e| format!("mdns thread: {e}"))?;

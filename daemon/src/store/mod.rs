@@ -24,6 +24,7 @@ pub use writer::{COMMIT_BUCKETS_MICROS, WriterStats};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -78,6 +79,9 @@ pub struct Recovered {
     pub clock: VersionVector,
 }
 
+/// What runs right after a commit, on the writer thread, given the deltas it committed.
+pub type AfterCommit = Box<dyn FnOnce(&[Delta]) + Send>;
+
 /// A write for the writer thread.
 pub enum Write {
     /// Store deltas (idempotently) and advance the clock; `heads` sets the current heads of
@@ -85,8 +89,9 @@ pub enum Write {
     Deltas {
         deltas: Vec<Delta>,
         heads: Vec<(DocId, Vec<automerge::ChangeHash>)>,
-        /// Runs on the writer thread right after the commit succeeds (before the reply).
-        after_commit: Option<Box<dyn FnOnce() + Send>>,
+        /// Runs on the writer thread right after the commit succeeds (before the reply), with
+        /// the deltas just committed.
+        after_commit: Option<AfterCommit>,
     },
     /// Run one statement (membership and other small tables).
     Exec {

@@ -139,10 +139,11 @@ impl Writer {
                 for w in writes {
                     if let Write::Deltas {
                         after_commit: Some(f),
+                        deltas,
                         ..
                     } = w
                     {
-                        f();
+                        f(&deltas);
                     }
                 }
                 for doc in to_compact {

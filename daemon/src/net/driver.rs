@@ -1,0 +1,277 @@
+//! The network driver: one task that owns the [`Dialer`] (which member to dial when, which of
+//! two connections lives), the registry of live connections, and the connection part of each
+//! peer's status. Everything that changes them arrives as a [`Cmd`]: connections established
+//! by the accept loop or a dial, connections ended, failed dials, members learned or removed,
+//! nodes seen by mDNS. Time comes from the node's [`crate::clock::Clock`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_crdt::NodeId;
+use tandem_crdt::dialer::{Admit, ConnId, DialState, Dialer, DialerConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{NetError, Shared, close, router, session, tls, with_status};
+
+/// What the driver is told.
+pub(crate) enum Cmd {
+    /// A member's addresses (config, invite, join, an added member): dial it now.
+    Learn { id: NodeId, addrs: Vec<SocketAddr> },
+    /// A member was removed: close its connection, stop dialing it.
+    Remove { id: NodeId },
+    /// mDNS saw `id` at `addrs` (untrusted: only a hint where to dial a member).
+    Discovered { id: NodeId, addrs: Vec<SocketAddr> },
+    /// A connection to a member is up; the driver answers whether it lives.
+    Connected {
+        peer: NodeId,
+        conn: quinn::Connection,
+        dialed: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A connection ended.
+    Ended { peer: NodeId, conn: ConnId },
+    /// Every address of a dial failed.
+    DialFailed { peer: NodeId, error: String },
+}
+
+/// Runs the driver until shutdown.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    peers: Vec<(NodeId, SocketAddr)>,
+) {
+    let me = shared.host.id();
+    let mut dialer = Dialer::new(me, DialerConfig::default());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
+    let mut conns: HashMap<ConnId, (NodeId, quinn::Connection)> = HashMap::new();
+    let mut shutdown = shared.shutdown.clone();
+    let now = shared.clock.now();
+    for m in shared.host.members() {
+        dialer.add(m.id, &parse(&m.addrs), now);
+    }
+    for (id, addr) in peers {
+        dialer.add(id, &[addr], now);
+    }
+    loop {
+        let now = shared.clock.now();
+        while let Some(dial) = dialer.poll_dial(now) {
+            tokio::spawn(dial_member(shared.clone(), dial.peer, dial.addrs));
+        }
+        publish(&shared, &dialer);
+        let next = dialer.poll_timeout();
+        let cmd = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            () = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => continue,
+            _ = shutdown.changed() => break,
+        };
+        let now = shared.clock.now();
+        match cmd {
+            Cmd::Learn { id, addrs } => dialer.learn(id, &addrs, now),
+            Cmd::Discovered { id, addrs } => {
+                if shared.host.is_member(&id) {
+                    tracing::debug!(peer = %id.short(), ?addrs, "member discovered on the LAN");
+                    dialer.learn(id, &addrs, now);
+                } else {
+                    tracing::trace!(peer = %id.short(), "non-member seen nearby");
+                }
+            }
+            Cmd::Remove { id } => {
+                if let Some(c) = dialer.remove(&id)
+                    && let Some((_, conn)) = conns.remove(&c)
+                {
+                    conn.close(close::REMOVED.into(), b"removed from the cluster");
+                }
+                with_status(&shared.statuses, &id, |s| s.connected = false);
+                shared
+                    .statuses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            Cmd::Connected {
+                peer,
+                conn,
+                dialed,
+                reply,
+            } => {
+                if !shared.host.is_member(&peer) {
+                    conn.close(close::NOT_MEMBER.into(), b"not a member");
+                    let _ = reply.send(false);
+                    continue;
+                }
+                // Members met by their own dial get their address remembered for ours.
+                dialer.add(peer, &[], now);
+                let id = conn.stable_id() as ConnId;
+                match dialer.connected(peer, id, dialed, now) {
+                    Admit::Refuse => {
+                        conn.close(close::DUPLICATE.into(), b"duplicate connection");
+                        let _ = reply.send(false);
+                    }
+                    Admit::Accept { replaces } => {
+                        if let Some(old) = replaces.and_then(|o| conns.remove(&o)) {
+                            tracing::debug!(peer = %peer.short(), dialed, "a newer connection replaces the old one");
+                            old.1
+                                .close(close::DUPLICATE.into(), b"duplicate connection");
+                        }
+                        let addr = conn.remote_address();
+                        let seen = shared.clock.wall_ms();
+                        with_status(&shared.statuses, &peer, |s| {
+                            s.connected = true;
+                            s.addr = Some(addr);
+                            s.last_seen = Some(seen);
+                        });
+                        conns.insert(id, (peer, conn));
+                        let _ = reply.send(true);
+                    }
+                }
+            }
+            Cmd::Ended { peer, conn } => {
+                if conns.remove(&conn).is_some() {
+                    with_status(&shared.statuses, &peer, |s| {
+                        s.connected = false;
+                        s.in_sync = false;
+                    });
+                }
+                dialer.disconnected(&peer, conn, now, &mut rng);
+            }
+            Cmd::DialFailed { peer, error } => {
+                dialer.dial_failed(&peer, now, &mut rng);
+                if dialer.state(&peer) == DialState::BreakerOpen {
+                    tracing::debug!(peer = %peer.short(), %error, "peer unreachable; trying rarely until it shows up");
+                } else {
+                    tracing::debug!(peer = %peer.short(), %error, "dial failed");
+                }
+            }
+        }
+    }
+    for (_, (_, c)) in conns {
+        c.close(close::SHUTDOWN.into(), b"shutting down");
+    }
+    tracing::debug!("network driver stopped");
+}
+
+/// Publishes the dialer's view (connecting or not) into the statuses.
+fn publish(shared: &Shared, dialer: &Dialer) {
+    let mut map = shared.statuses.lock().unwrap_or_else(|p| p.into_inner());
+    for id in dialer.peers() {
+        let connecting = matches!(
+            dialer.state(&id),
+            DialState::Connecting | DialState::Dialing
+        );
+        let s = map.entry(id).or_insert_with(|| super::PeerStatus {
+            id: Some(id),
+            ..Default::default()
+        });
+        s.connecting = connecting && !s.connected;
+    }
+}
+
+fn parse(addrs: &[String]) -> Vec<SocketAddr> {
+    addrs.iter().filter_map(|a| a.parse().ok()).collect()
+}
+
+/// Accepts incoming connections until shutdown.
+pub(crate) async fn accept_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let incoming = tokio::select! {
+            i = shared.endpoint.accept() => i,
+            _ = shutdown.changed() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "incoming handshake failed");
+                    return;
+                }
+            };
+            let Some(peer) = tls::peer_id(&conn) else {
+                conn.close(close::PROTOCOL.into(), b"no peer identity");
+                return;
+            };
+            if tls::alpn(&conn).unwrap_or_default() == tls::ALPN_JOIN {
+                if let Err(e) = super::join::serve(&shared, &conn, peer).await {
+                    tracing::info!(peer = %peer.short(), error = %e, "join refused");
+                }
+                return;
+            }
+            if !shared.host.is_member(&peer) {
+                tracing::info!(peer = %peer.short(), addr = %conn.remote_address(), "refused: not a member");
+                conn.close(close::NOT_MEMBER.into(), b"not a member");
+                return;
+            }
+            run_connection(shared, conn, peer, false).await;
+        });
+    }
+    tracing::debug!("accept loop stopped");
+}
+
+/// Asks the driver whether `conn` lives, then runs its session until it ends.
+async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: NodeId, dialed: bool) {
+    let (reply, admitted) = oneshot::channel();
+    let cmd = Cmd::Connected {
+        peer,
+        conn: conn.clone(),
+        dialed,
+        reply,
+    };
+    if shared.cmds.send(cmd).is_err() || !admitted.await.unwrap_or(false) {
+        return;
+    }
+    tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
+    let routes = router::spawn(conn.clone(), peer);
+    match session::run(&shared, &conn, peer, dialed, routes).await {
+        Ok(()) => conn.close(close::NORMAL.into(), b"session over"),
+        Err(e) => {
+            tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
+            conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
+        }
+    }
+    let _ = shared.cmds.send(Cmd::Ended {
+        peer,
+        conn: conn.stable_id() as ConnId,
+    });
+    tracing::debug!(peer = %peer.short(), "peer disconnected");
+}
+
+/// Dials `peer` at each address in turn; the first that answers runs the session.
+async fn dial_member(shared: Arc<Shared>, peer: NodeId, addrs: Vec<SocketAddr>) {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        match connect(&shared, &shared.sync_client, peer, addr).await {
+            Ok(conn) => return run_connection(shared.clone(), conn, peer, true).await,
+            Err(e) => last = e.to_string(),
+        }
+    }
+    let _ = shared.cmds.send(Cmd::DialFailed { peer, error: last });
+}
+
+/// Connects to `id` at `addr`, pinning its key; gives up after 5 s.
+pub(crate) async fn connect(
+    shared: &Shared,
+    cfg: &quinn::ClientConfig,
+    id: NodeId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, NetError> {
+    let connecting = shared
+        .endpoint
+        .connect_with(cfg.clone(), addr, &tls::server_name(&id))
+        .map_err(|e| NetError::Unreachable(format!("{addr}: {e}")))?;
+    tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| NetError::Unreachable(format!("{addr}: timed out")))?
+        .map_err(|e| NetError::Unreachable(format!("{addr}: {e}")))
+}

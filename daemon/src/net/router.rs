@@ -1,0 +1,94 @@
+//! The stream router of a member connection. Every stream opens with one stream-kind byte
+//! (`StreamKind`); the router reads it and hands the stream to its layer: the sync stream and
+//! the peer's push stream to the session. Kinds reserved for later layers (Raft) and unknown
+//! kinds are refused stream by stream, so a newer peer's extra streams do not break sync; a
+//! second sync or push stream is a protocol error. Nothing depends on the order streams open.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_crdt::NodeId;
+use tandem_crdt::proto::StreamKind;
+use tokio::sync::oneshot;
+
+use super::close;
+
+/// Stream-level error code for a refused stream.
+const REFUSED: u32 = 1;
+
+/// The streams the session waits for.
+pub(crate) struct Routes {
+    pub(crate) sync: oneshot::Receiver<(quinn::SendStream, quinn::RecvStream)>,
+    pub(crate) push: oneshot::Receiver<quinn::RecvStream>,
+}
+
+#[derive(Default)]
+struct Slots {
+    sync: Option<oneshot::Sender<(quinn::SendStream, quinn::RecvStream)>>,
+    push: Option<oneshot::Sender<quinn::RecvStream>>,
+}
+
+/// Starts routing the streams `peer` opens on `conn`; ends with the connection.
+pub(crate) fn spawn(conn: quinn::Connection, peer: NodeId) -> Routes {
+    let (sync_tx, sync) = oneshot::channel();
+    let (push_tx, push) = oneshot::channel();
+    let slots = Arc::new(Mutex::new(Slots {
+        sync: Some(sync_tx),
+        push: Some(push_tx),
+    }));
+    let (c, s) = (conn.clone(), slots.clone());
+    tokio::spawn(async move {
+        while let Ok((send, recv)) = c.accept_bi().await {
+            tokio::spawn(route(c.clone(), peer, Some(send), recv, s.clone()));
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok(recv) = conn.accept_uni().await {
+            tokio::spawn(route(conn.clone(), peer, None, recv, slots.clone()));
+        }
+    });
+    Routes { sync, push }
+}
+
+async fn route(
+    conn: quinn::Connection,
+    peer: NodeId,
+    send: Option<quinn::SendStream>,
+    mut recv: quinn::RecvStream,
+    slots: Arc<Mutex<Slots>>,
+) {
+    let mut kind = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut kind)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            let _ = recv.stop(REFUSED.into());
+            return;
+        }
+    }
+    let kind = StreamKind::from_byte(kind[0]);
+    tracing::trace!(peer = %peer.short(), ?kind, bi = send.is_some(), "stream opened");
+    let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+    match (kind, send) {
+        (Some(StreamKind::Sync), Some(send)) => match slots.sync.take() {
+            Some(tx) => {
+                let _ = tx.send((send, recv));
+            }
+            None => conn.close(close::PROTOCOL.into(), b"a second sync stream"),
+        },
+        (Some(StreamKind::Push), None) => match slots.push.take() {
+            Some(tx) => {
+                let _ = tx.send(recv);
+            }
+            None => conn.close(close::PROTOCOL.into(), b"a second push stream"),
+        },
+        (kind, send) => {
+            // Reserved (Raft), on the wrong kind of stream, or unknown: refuse this stream
+            // only.
+            tracing::debug!(peer = %peer.short(), ?kind, "stream refused");
+            let _ = recv.stop(REFUSED.into());
+            if let Some(mut send) = send {
+                let _ = send.reset(REFUSED.into());
+            }
+        }
+    }
+}

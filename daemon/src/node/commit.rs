@@ -1,0 +1,270 @@
+//! The commit paths. Local: a change becomes this node's next delta, queued to the writer
+//! while the engine lock is held (seq order equals commit order), acknowledged after the group
+//! commit. Remote: deltas from a peer are deduplicated and validated by the engine, committed
+//! with the clock, then applied to loaded documents and announced. Every commit is fed to the
+//! sync sessions (push and relay) right after it is durable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash};
+use tandem_crdt::{Action, Delta, DeltaBody, DocId, Input, NodeId, Source, VersionVector};
+use tokio::sync::{broadcast, oneshot};
+
+use super::Node;
+use super::events::Event;
+use crate::Error;
+use crate::cache::{DocEntry, DocState};
+use crate::error::DocError;
+use crate::net::Commit;
+use crate::store::{AfterCommit, StoreError, Write};
+
+/// Remote batches touching at most this many documents count as live pushes (see
+/// `apply_remote`).
+const LIVE_DOCS: usize = 4;
+
+/// Feeds deltas just committed to the sync sessions, if any listens. Called on the writer
+/// thread after the commit is durable and the committed clock published, and decided there
+/// (not when the write was queued): a session that subscribed meanwhile must not miss it.
+fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &[Delta], source: Source) {
+    if feed.receiver_count() > 0 {
+        let _ = feed.send(Commit {
+            deltas: Arc::new(deltas.to_vec()),
+            source,
+        });
+    }
+}
+
+/// What a committed local write still has to do.
+pub(super) struct Pending {
+    rx: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Pending {
+    pub(super) async fn wait(self) -> Result<(), Error> {
+        self.rx
+            .await
+            .unwrap_or(Err(StoreError::Closed))
+            .map_err(Error::from)
+    }
+}
+
+impl Node {
+    /// Turns bodies into this node's next deltas and queues them in one commit. Holding the
+    /// engine lock while queueing keeps seq order equal to commit order. `keep` stays alive until
+    /// the commit (so the cache cannot evict and reload a document that lacks it), and the event
+    /// is sent right after the commit, even if the caller has gone.
+    pub(super) fn commit_local(
+        &self,
+        doc: DocId,
+        bodies: Vec<DeltaBody>,
+        heads: Vec<ChangeHash>,
+        event: Option<Event>,
+        keep: Arc<DocEntry>,
+    ) -> Pending {
+        let sender = if event.is_some() {
+            self.event_sender()
+        } else {
+            None
+        };
+        let mut engine = self.engine();
+        let mut deltas = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            for action in engine.handle(Input::LocalChange { doc, body }) {
+                if let Action::Persist { deltas: d, .. } = action {
+                    deltas.extend(d);
+                }
+            }
+        }
+        let feed = self.inner.commits.clone();
+        let after_commit: AfterCommit = Box::new(move |deltas| {
+            if let (Some(tx), Some(ev)) = (sender, event) {
+                let _ = tx.send(Arc::new(ev));
+            }
+            feed_commit(&feed, deltas, Source::Local);
+            drop(keep);
+        });
+        let rx = self.inner.store.submit(Write::Deltas {
+            deltas,
+            heads: vec![(doc, heads)],
+            after_commit: Some(after_commit),
+        });
+        Pending { rx }
+    }
+
+    /// Commits `change`, just made to `am` (whose heads were `before`), as this node's next
+    /// delta, with its event.
+    pub(super) fn commit_change(
+        &self,
+        doc: DocId,
+        am: &Automerge,
+        before: &[ChangeHash],
+        change: &automerge::Change,
+        keep: Arc<DocEntry>,
+    ) -> Pending {
+        let event = self.local_event(doc, am, before, false);
+        let body = DeltaBody::Change(change.raw_bytes().to_vec());
+        self.commit_local(doc, vec![body], am.get_heads(), event, keep)
+    }
+
+    /// Every commit from now on (made here or received), for the sync sessions.
+    pub(crate) fn subscribe_commits(&self) -> broadcast::Receiver<Commit> {
+        self.inner.commits.subscribe()
+    }
+
+    /// Caches a new document and commits the deltas that make it.
+    pub(super) async fn commit_new(
+        &self,
+        doc: DocId,
+        am: Automerge,
+        bodies: Vec<DeltaBody>,
+    ) -> Result<(), Error> {
+        let heads = am.get_heads();
+        let event = self.local_event(doc, &am, &[], false);
+        let entry = self
+            .cache()
+            .insert_loaded(doc, DocState { am, deleted: false });
+        self.commit_local(doc, bodies, heads, event, entry)
+            .wait()
+            .await
+    }
+
+    /// Stores deltas received from `from`: validated and deduplicated by the engine, committed
+    /// in one transaction, relayed to other peers, applied to loaded documents, and announced
+    /// to subscribers. An invalid delta is an error after the valid ones are kept.
+    pub(crate) async fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        let mut fresh = Vec::new();
+        let mut rejected = None;
+        for action in self.engine().handle(Input::RemoteDeltas { from, deltas }) {
+            match action {
+                Action::Persist { deltas, .. } => fresh = deltas,
+                Action::Reject { error, .. } => {
+                    rejected.get_or_insert(error);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let feed = self.inner.commits.clone();
+            let after_commit: AfterCommit =
+                Box::new(move |deltas| feed_commit(&feed, deltas, Source::Remote(from)));
+            self.inner
+                .store
+                .write(Write::Deltas {
+                    deltas: fresh.clone(),
+                    heads: Vec::new(),
+                    after_commit: Some(after_commit),
+                })
+                .await?;
+            self.refresh_docs(from, fresh).await?;
+        }
+        match rejected {
+            Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings documents touched by committed remote deltas up to date in memory, records their
+    /// heads, and emits the events.
+    pub(super) async fn refresh_docs(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        // Per document: its changes, whether it was deleted, and the origin of its last delta.
+        let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
+        for d in deltas {
+            let e = by_doc
+                .entry(d.doc)
+                .or_insert_with(|| (Vec::new(), false, from));
+            e.2 = d.id.origin;
+            match &d.body {
+                DeltaBody::Change(bytes) => {
+                    if let Ok(c) = automerge::Change::try_from(bytes.as_slice()) {
+                        e.0.push(c);
+                    }
+                }
+                DeltaBody::Tombstone => e.1 = true,
+            }
+        }
+        let sender = self.event_sender();
+        // A live push touches a document or two; a catch-up batch touches many, mostly new
+        // here. Diffing a whole new document costs about as much as storing it (it doubled a
+        // bulk sync's time), so only small batches pay for it.
+        let live = by_doc.len() <= LIVE_DOCS;
+        let mut heads = Vec::new();
+        let mut events = Vec::new();
+        for (doc, (changes, tombstone, origin)) in by_doc {
+            let was_loaded = self.cache().is_loaded(doc);
+            let entry = match self.entry(doc).await {
+                Ok(e) => e,
+                Err(Error::Doc(DocError::NotFound(_))) => {
+                    tracing::warn!(%doc, "document of a committed delta not found");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut st = entry.lock().ok_or(Error::Doc(DocError::NotFound(doc)))?;
+            let before = st.am.get_heads();
+            let received = changes.len();
+            st.am.apply_changes(changes)?;
+            st.deleted |= tombstone;
+            let after = st.am.get_heads();
+            // Every touched document gets an event: these deltas were new to this node. A
+            // document loaded just now already holds them, so its patches are known only when
+            // these deltas are all of it (a new document, diffed in live batches only);
+            // otherwise they are empty.
+            if sender.is_some() {
+                let patches = if was_loaded {
+                    st.am.diff(&before, &after)
+                } else if live && st.am.get_changes_meta(&[]).len() == received {
+                    st.am.diff(&[], &after)
+                } else {
+                    Vec::new()
+                };
+                events.push(Event {
+                    doc,
+                    source: Source::Remote(origin),
+                    patches,
+                    heads: after.clone(),
+                    deleted: st.deleted,
+                });
+            }
+            heads.push((doc, after));
+        }
+        let after_commit: AfterCommit = Box::new(move |_| {
+            if let Some(tx) = sender {
+                for e in events {
+                    let _ = tx.send(Arc::new(e));
+                }
+            }
+        });
+        self.inner
+            .store
+            .write(Write::Deltas {
+                deltas: Vec::new(),
+                heads,
+                after_commit: Some(after_commit),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deltas this node holds that a node with clock `clock` lacks, in `(origin, seq)` order:
+    /// what to carry to it by other means (a file, a USB stick), to be fed to [`Node::ingest`].
+    pub async fn deltas_missing_from(&self, clock: &VersionVector) -> Result<Vec<Delta>, Error> {
+        let node = self.clone();
+        let mut plan = self.engine().catch_up(clock);
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            while let Some(batch) = plan.next_batch(&node.inner.store, 1 << 20)? {
+                out.extend(batch);
+            }
+            Ok::<_, Error>(out)
+        })
+        .await
+        .map_err(|_| Error::Closed)?
+    }
+
+    /// Stores deltas that came from elsewhere (from `from`): what a sync session does with a
+    /// received batch, without a network. Invalid deltas are refused with an error; the valid
+    /// ones are kept.
+    pub async fn ingest(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+        self.apply_remote(from, deltas).await
+    }
+}

@@ -1,0 +1,65 @@
+//! The data dir: created private (0700), locked against a second process, and the host name
+//! a node goes by unless configured.
+
+use std::fs;
+use std::path::Path;
+
+use crate::Error;
+use crate::error::DataDirError;
+
+/// The host name: from the kernel on Linux, else `$HOSTNAME`, else empty.
+pub(super) fn host_name() -> String {
+    let raw = fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    crate::members::clean_name(&raw)
+}
+
+const LOCK_FILE: &str = "LOCK";
+
+pub(super) const DB_FILE: &str = "tandem.db";
+
+pub(super) fn lock_data_dir(dir: &Path) -> Result<fs::File, Error> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::DataDir(DataDirError::Locked {
+                dir: dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                },
+            }));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    f.set_len(0).map_err(|e| Error::io(&path, e))?;
+    f.rewind().map_err(|e| Error::io(&path, e))?;
+    write!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+    Ok(f)
+}
+
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(|e| Error::io(dir, e))
+}
