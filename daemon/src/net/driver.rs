@@ -13,7 +13,7 @@ use tandem_crdt::NodeId;
 use tandem_crdt::dialer::{Admit, ConnId, DialState, Dialer, DialerConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{NetError, Shared, close, router, session, tls, with_status};
+use super::{NetError, Shared, close, router, session, status_entry, tls, with_status};
 
 /// What the driver is told.
 pub(crate) enum Cmd {
@@ -91,7 +91,6 @@ pub(crate) async fn run(
                 {
                     conn.close(close::REMOVED.into(), b"removed from the cluster");
                 }
-                with_status(&shared.statuses, &id, |s| s.connected = false);
                 shared
                     .statuses
                     .lock()
@@ -123,13 +122,12 @@ pub(crate) async fn run(
                             old.1
                                 .close(close::DUPLICATE.into(), b"duplicate connection");
                         }
-                        let addr = conn.remote_address();
-                        let seen = shared.clock.wall_ms();
-                        with_status(&shared.statuses, &peer, |s| {
-                            s.connected = true;
-                            s.addr = Some(addr);
-                            s.last_seen = Some(seen);
-                        });
+                        let mut map = shared.statuses.lock().unwrap_or_else(|p| p.into_inner());
+                        let s = status_entry(&mut map, peer);
+                        s.connected = true;
+                        s.addr = Some(conn.remote_address());
+                        s.last_seen = Some(shared.clock.wall_ms());
+                        drop(map);
                         conns.insert(id, (peer, conn));
                         let _ = reply.send(true);
                     }
@@ -168,10 +166,7 @@ fn publish(shared: &Shared, dialer: &Dialer) {
             dialer.state(&id),
             DialState::Connecting | DialState::Dialing
         );
-        let s = map.entry(id).or_insert_with(|| super::PeerStatus {
-            id: Some(id),
-            ..Default::default()
-        });
+        let s = status_entry(&mut map, id);
         s.connecting = connecting && !s.connected;
     }
 }

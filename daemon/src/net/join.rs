@@ -1,5 +1,5 @@
 //! The invite handshake. The joiner dials the inviter (pinned to the NodeId in the invite)
-//! with ALPN `tandem-join/1`, opens a stream of kind `Join`, and proves the invite's secret;
+//! with ALPN `tandem-join/2`, opens a stream of kind `Join`, and proves the invite's secret;
 //! the inviter checks it (known, unused, unexpired), admits the joiner and answers with its
 //! member list. The connection carries nothing else.
 

@@ -139,13 +139,21 @@ pub(crate) mod close {
 /// sync), read by the node.
 pub(crate) type Statuses = Arc<Mutex<BTreeMap<NodeId, PeerStatus>>>;
 
+/// Updates the status of a known peer. Only the driver adds peers (and removes them), so a
+/// session's last word about a removed member does not bring it back.
 pub(crate) fn with_status(statuses: &Statuses, id: &NodeId, f: impl FnOnce(&mut PeerStatus)) {
     let mut map = statuses.lock().unwrap_or_else(|p| p.into_inner());
-    let s = map.entry(*id).or_insert_with(|| PeerStatus {
-        id: Some(*id),
+    if let Some(s) = map.get_mut(id) {
+        f(s);
+    }
+}
+
+/// The status of `id`, added if new.
+fn status_entry(map: &mut BTreeMap<NodeId, PeerStatus>, id: NodeId) -> &mut PeerStatus {
+    map.entry(id).or_insert_with(|| PeerStatus {
+        id: Some(id),
         ..PeerStatus::default()
-    });
-    f(s);
+    })
 }
 
 /// What a session and the driver share about this node's endpoint.

@@ -33,16 +33,14 @@ pub struct HistoryEntry {
     pub deps: Vec<ChangeHash>,
 }
 
-/// Commit options for a local change: stamped with the wall-clock time in Unix seconds, as
-/// automerge-js does.
-fn commit_options() -> automerge::transaction::CommitOptions {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    automerge::transaction::CommitOptions::default().with_time(now)
-}
-
 impl Node {
+    /// Commit options for a local change: stamped with the wall-clock time in Unix seconds, as
+    /// automerge-js does.
+    fn commit_options(&self) -> automerge::transaction::CommitOptions {
+        let secs = self.inner.clock.wall_ms().div_euclid(1000);
+        automerge::transaction::CommitOptions::default().with_time(secs)
+    }
+
     /// Loads (or finds) a document.
     pub(super) async fn entry(&self, doc: DocId) -> Result<Arc<DocEntry>, Error> {
         let entry = self.cache().get_or_insert(doc);
@@ -111,7 +109,7 @@ impl Node {
             let before = st.am.get_heads();
             let out = st
                 .am
-                .transact_with(|_| commit_options(), f)
+                .transact_with(|_| self.commit_options(), f)
                 .map_err(|fail| fail.error)?
                 .result;
             let after = st.am.get_heads();
@@ -146,14 +144,14 @@ impl Node {
         let mut am = Automerge::new().with_actor(self.inner.actor.clone());
         if let Some(value) = &initial {
             am.transact_with(
-                |_| commit_options(),
+                |_| self.commit_options(),
                 |tx| pointer::put(tx, &Pointer::root(), value),
             )
             .map_err(|f| f.error)?;
         }
         if am.get_heads().is_empty() {
             // Empty (`None` or `{}`): the document still needs a first change to exist.
-            am.empty_commit(commit_options());
+            am.empty_commit(self.commit_options());
         }
         let change = am.get_last_local_change().ok_or_else(|| {
             Error::Doc(DocError::Corrupt {
@@ -297,7 +295,7 @@ impl Node {
             // changes with one actor and one sequence number cannot both exist.
             fork.set_actor(actor_id(&self.inner.identity.id(), rand::random()));
             fork.transact_with(
-                |_| commit_options(),
+                |_| self.commit_options(),
                 |tx| pointer::update_text(tx, &ptr, text),
             )
             .map_err(|f| f.error)?;

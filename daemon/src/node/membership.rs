@@ -3,7 +3,7 @@
 //! ([`NetHost`]).
 
 use std::net::SocketAddr;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tandem_crdt::session::{LoadRequest, StoreFailure};
@@ -147,25 +147,33 @@ impl Node {
 
 /// The node as the network layer sees it. Holds the node weakly: the node owns the network,
 /// not the other way round, and a call after the node is gone fails softly.
-pub(crate) struct NodeLink(pub(crate) Weak<Inner>);
+pub(crate) struct NodeLink {
+    inner: Weak<Inner>,
+    id: NodeId,
+    name: String,
+}
 
 impl NodeLink {
+    pub(crate) fn new(node: &Node) -> Self {
+        Self {
+            inner: Arc::downgrade(&node.inner),
+            id: node.id(),
+            name: node.name().to_string(),
+        }
+    }
+
     fn node(&self) -> Option<Node> {
-        self.0.upgrade().map(|inner| Node { inner })
+        self.inner.upgrade().map(|inner| Node { inner })
     }
 }
 
 impl NetHost for NodeLink {
     fn id(&self) -> NodeId {
-        self.node()
-            .map(|n| n.id())
-            .unwrap_or(NodeId::from_bytes([0; 32]))
+        self.id
     }
 
     fn name(&self) -> String {
-        self.node()
-            .map(|n| n.name().to_string())
-            .unwrap_or_default()
+        self.name.clone()
     }
 
     fn clock(&self) -> VersionVector {

@@ -126,7 +126,7 @@ impl Node {
             .await
             .map_err(|_| Error::Closed)??;
         if let Some(cfg) = net_cfg {
-            let host = Arc::new(membership::NodeLink(Arc::downgrade(&node.inner)));
+            let host = Arc::new(membership::NodeLink::new(&node));
             let clock = node.inner.clock.clone();
             let net = net::start(host, clock, &node.inner.identity, &cfg)?;
             let _ = node.inner.net.set(net);
