@@ -38,8 +38,9 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     fn subscribe_commits(&self) -> broadcast::Receiver<Commit>;
     /// Carries out a session's load request. Blocking (reads SQLite).
     fn load(&self, req: LoadRequest) -> Result<(CatchUp, Option<Vec<Delta>>), String>;
-    /// The receive path: validate, deduplicate, commit, apply, announce. Runs to the end even
-    /// if the caller goes away.
+    /// The receive path: validate, deduplicate, apply, commit, announce. The caller must run
+    /// the future to its end (the session runs it in a task of its own, never aborted): one
+    /// dropped half-way would leave documents changed in memory but not committed.
     fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>)
     -> BoxFuture<Result<(), StoreFailure>>;
 

@@ -140,6 +140,8 @@ pub(crate) async fn run(
                 Output::Store { id, deltas } => {
                     let fut = host.apply_remote(peer, deltas);
                     let tx = ev_tx.clone();
+                    // Its own task, never aborted: a session torn down meanwhile must not
+                    // leave deltas applied in memory but not committed.
                     tokio::spawn(async move {
                         let _ = tx.send(Ev::Stored(id, fut.await));
                     });

@@ -129,9 +129,17 @@ impl Node {
             .await
     }
 
-    /// Stores deltas received from `from`: validated and deduplicated by the engine, committed
-    /// in one transaction, relayed to other peers, applied to loaded documents, and announced
-    /// to subscribers. An invalid delta is an error after the valid ones are kept.
+    /// Stores deltas received from `from`: validated and deduplicated by the engine, applied to
+    /// their documents, committed in one transaction with the clock and the documents' new
+    /// heads, then relayed to other peers and announced to subscribers. An invalid delta is an
+    /// error after the valid ones are kept.
+    ///
+    /// The documents change in memory before the commit, as for a local write: one commit
+    /// (one fsync) instead of two, so a push reaches subscribers sooner. The write is queued
+    /// while the documents are locked, so each document's heads are recorded in the order its
+    /// changes were applied. Run it to its end (in a task of its own): the engine takes the
+    /// deltas before the documents load, and a future dropped between the two would leave
+    /// them in the engine's clock but not on disk.
     pub(crate) async fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
         let mut fresh = Vec::new();
         let mut rejected = None;
@@ -144,18 +152,7 @@ impl Node {
             }
         }
         if !fresh.is_empty() {
-            let feed = self.inner.commits.clone();
-            let after_commit: AfterCommit =
-                Box::new(move |deltas| feed_commit(&feed, deltas, Source::Remote(from)));
-            self.inner
-                .store
-                .write(Write::Deltas {
-                    deltas: fresh.clone(),
-                    heads: Vec::new(),
-                    after_commit: Some(after_commit),
-                })
-                .await?;
-            self.refresh_docs(from, fresh).await?;
+            self.commit_remote(from, fresh).await.wait().await?;
         }
         match rejected {
             Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
@@ -163,12 +160,11 @@ impl Node {
         }
     }
 
-    /// Brings documents touched by committed remote deltas up to date in memory, records their
-    /// heads, and emits the events.
-    pub(super) async fn refresh_docs(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+    /// Applies validated remote deltas to their documents and queues their commit.
+    async fn commit_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Pending {
         // Per document: its changes, whether it was deleted, and the origin of its last delta.
         let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
-        for d in deltas {
+        for d in &deltas {
             let e = by_doc
                 .entry(d.doc)
                 .or_insert_with(|| (Vec::new(), false, from));
@@ -182,38 +178,47 @@ impl Node {
                 DeltaBody::Tombstone => e.1 = true,
             }
         }
+        // Load (or start) every touched document first; lock them only once all are here.
+        let mut entries = Vec::with_capacity(by_doc.len());
+        for doc in by_doc.keys() {
+            let was_loaded = self.cache().is_loaded(*doc);
+            match self.entry_or_new(*doc).await {
+                Ok(e) => entries.push(Some((e, was_loaded))),
+                Err(e) => {
+                    // The deltas are still committed (durability first); the document is
+                    // rebuilt from the store on its next load.
+                    tracing::warn!(%doc, error = %e, "cannot load a document to apply received changes");
+                    entries.push(None);
+                }
+            }
+        }
         let sender = self.event_sender();
         // A live push touches a document or two; a catch-up batch touches many, mostly new
         // here. Diffing a whole new document costs about as much as storing it (it doubled a
-        // bulk sync's time), so only small batches pay for it.
+        // bulk sync's time), so only small batches compute patches for documents that were
+        // not loaded before.
         let live = by_doc.len() <= LIVE_DOCS;
         let mut heads = Vec::new();
         let mut events = Vec::new();
-        for (doc, (changes, tombstone, origin)) in by_doc {
-            let was_loaded = self.cache().is_loaded(doc);
-            let entry = match self.entry(doc).await {
-                Ok(e) => e,
-                Err(Error::Doc(DocError::NotFound(_))) => {
-                    tracing::warn!(%doc, "document of a committed delta not found");
-                    continue;
-                }
-                Err(e) => return Err(e),
+        // In DocId order, as every batch does: two batches never wait on each other's locks.
+        let mut guards = Vec::with_capacity(entries.len());
+        for ((doc, (changes, tombstone, origin)), entry) in by_doc.into_iter().zip(&entries) {
+            let Some((entry, was_loaded)) = entry else {
+                continue;
             };
-            let mut st = entry.lock().ok_or(Error::Doc(DocError::NotFound(doc)))?;
+            let Some(mut st) = entry.lock() else {
+                continue;
+            };
             let before = st.am.get_heads();
-            let received = changes.len();
-            st.am.apply_changes(changes)?;
+            if let Err(e) = st.am.apply_changes(changes) {
+                tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
+                continue;
+            }
             st.deleted |= tombstone;
             let after = st.am.get_heads();
-            // Every touched document gets an event: these deltas were new to this node. A
-            // document loaded just now already holds them, so its patches are known only when
-            // these deltas are all of it (a new document, diffed in live batches only);
-            // otherwise they are empty.
             if sender.is_some() {
-                let patches = if was_loaded {
+                let patches = if *was_loaded || live {
                     st.am.diff(&before, &after)
-                } else if live && st.am.get_changes_meta(&[]).len() == received {
-                    st.am.diff(&[], &after)
                 } else {
                     Vec::new()
                 };
@@ -226,23 +231,27 @@ impl Node {
                 });
             }
             heads.push((doc, after));
+            guards.push(st);
         }
-        let after_commit: AfterCommit = Box::new(move |_| {
+        let feed = self.inner.commits.clone();
+        let keep: Vec<Arc<DocEntry>> = entries.iter().flatten().map(|(e, _)| e.clone()).collect();
+        let after_commit: AfterCommit = Box::new(move |deltas| {
+            feed_commit(&feed, deltas, Source::Remote(from));
             if let Some(tx) = sender {
                 for e in events {
                     let _ = tx.send(Arc::new(e));
                 }
             }
+            // The entries stay cached until the commit: a reload cannot miss these changes.
+            drop(keep);
         });
-        self.inner
-            .store
-            .write(Write::Deltas {
-                deltas: Vec::new(),
-                heads,
-                after_commit: Some(after_commit),
-            })
-            .await?;
-        Ok(())
+        let rx = self.inner.store.submit(Write::Deltas {
+            deltas,
+            heads,
+            after_commit: Some(after_commit),
+        });
+        drop(guards);
+        Pending { rx }
     }
 
     /// Deltas this node holds that a node with clock `clock` lacks, in `(origin, seq)` order:
@@ -265,6 +274,10 @@ impl Node {
     /// received batch, without a network. Invalid deltas are refused with an error; the valid
     /// ones are kept.
     pub async fn ingest(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
-        self.apply_remote(from, deltas).await
+        // In a task of its own: a caller that gives up (a timeout) must not stop it half-way.
+        let node = self.clone();
+        tokio::spawn(async move { node.apply_remote(from, deltas).await })
+            .await
+            .map_err(|_| Error::Closed)?
     }
 }

@@ -43,6 +43,16 @@ impl Node {
 
     /// Loads (or finds) a document.
     pub(super) async fn entry(&self, doc: DocId) -> Result<Arc<DocEntry>, Error> {
+        self.load_entry(doc, false).await
+    }
+
+    /// Loads (or finds) a document, or starts it empty if the store has none: for changes
+    /// received for a document new here.
+    pub(super) async fn entry_or_new(&self, doc: DocId) -> Result<Arc<DocEntry>, Error> {
+        self.load_entry(doc, true).await
+    }
+
+    async fn load_entry(&self, doc: DocId, create: bool) -> Result<Arc<DocEntry>, Error> {
         let entry = self.cache().get_or_insert(doc);
         let store = &self.inner.store;
         let actor = self.inner.actor.clone();
@@ -51,6 +61,12 @@ impl Node {
             .get_or_try_init(|| async move {
                 let stored = store.read(move |c| store::load_doc(c, doc)).await?;
                 let Some(stored) = stored else {
+                    if create {
+                        return Ok(Mutex::new(DocState {
+                            am: Automerge::new().with_actor(actor),
+                            deleted: false,
+                        }));
+                    }
                     return Err(Error::Doc(DocError::NotFound(doc)));
                 };
                 let corrupt = |e: automerge::AutomergeError| {

@@ -202,12 +202,7 @@ impl NetHost for NodeLink {
         let node = self.node();
         Box::pin(async move {
             let node = node.ok_or_else(|| StoreFailure::Failed("the node is closed".into()))?;
-            // In its own task: if the session is torn down meanwhile, the deltas still get
-            // committed *and* applied to loaded documents and announced, never half of it.
-            let r = tokio::spawn(async move { node.apply_remote(from, deltas).await })
-                .await
-                .map_err(|e| StoreFailure::Failed(e.to_string()))?;
-            match r {
+            match node.apply_remote(from, deltas).await {
                 Ok(()) => Ok(()),
                 Err(Error::Doc(DocError::InvalidDelta(why))) => Err(StoreFailure::Invalid(why)),
                 Err(e) => Err(StoreFailure::Failed(e.to_string())),
