@@ -434,40 +434,36 @@ mod tests {
         db.add(small, &[addr(1)], t0);
         assert!(ds.poll_dial(t0).is_some());
         assert!(db.poll_dial(t0).is_some());
-        // Connection 10 is small's dial, 20 is big's. Each side sees them in either order.
-        for small_first in [true, false] {
-            let (mut s, mut b) = (ds.clone(), db.clone());
+        // Connection 10 is small's dial, 20 is big's; each side sees them in either order.
+        // `arrive` feeds both to a dialer and returns what it said of the second.
+        let arrive = |d: &Dialer, peer, first: (ConnId, bool), second: (ConnId, bool)| {
+            let mut d = d.clone();
             let t = t0 + Duration::from_millis(5);
-            let s_keep = if small_first {
-                assert_eq!(
-                    s.connected(big, 10, true, t),
-                    Admit::Accept { replaces: None }
-                );
-                s.connected(big, 20, false, t)
-            } else {
-                assert_eq!(
-                    s.connected(big, 20, false, t),
-                    Admit::Accept { replaces: None }
-                );
-                s.connected(big, 10, true, t)
-            };
-            let b_keep = if small_first {
-                assert_eq!(
-                    b.connected(small, 20, true, t),
-                    Admit::Accept { replaces: None }
-                );
-                b.connected(small, 10, false, t)
-            } else {
-                assert_eq!(
-                    b.connected(small, 10, false, t),
-                    Admit::Accept { replaces: None }
-                );
-                b.connected(small, 20, true, t)
-            };
-            assert_eq!(s.connection(&big), Some(10), "small keeps its own dial");
-            assert_eq!(b.connection(&small), Some(10), "big keeps small's dial");
-            let _ = (s_keep, b_keep);
-        }
+            assert_eq!(
+                d.connected(peer, first.0, first.1, t),
+                Admit::Accept { replaces: None }
+            );
+            let admit = d.connected(peer, second.0, second.1, t);
+            (admit, d.connection(&peer))
+        };
+        // Small's side: its own dial (10) wins whichever came first.
+        assert_eq!(
+            arrive(&ds, big, (10, true), (20, false)),
+            (Admit::Refuse, Some(10))
+        );
+        assert_eq!(
+            arrive(&ds, big, (20, false), (10, true)),
+            (Admit::Accept { replaces: Some(20) }, Some(10))
+        );
+        // Big's side: small's dial (10) wins too.
+        assert_eq!(
+            arrive(&db, small, (20, true), (10, false)),
+            (Admit::Accept { replaces: Some(20) }, Some(10))
+        );
+        assert_eq!(
+            arrive(&db, small, (10, false), (20, true)),
+            (Admit::Refuse, Some(10))
+        );
     }
 
     #[test]

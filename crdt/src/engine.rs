@@ -262,7 +262,7 @@ impl CatchUp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn n(i: u8) -> NodeId {
@@ -273,7 +273,8 @@ mod tests {
         DocId::from_bytes([1; 16])
     }
 
-    fn change(i: usize) -> Vec<u8> {
+    /// One Automerge change setting a key to `i` characters (test data).
+    pub(crate) fn change(i: usize) -> Vec<u8> {
         use automerge::transaction::Transactable;
         let mut d = automerge::Automerge::new();
         let mut tx = d.transaction();

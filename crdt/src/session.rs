@@ -711,13 +711,28 @@ mod tests {
         NodeId::from_bytes([i; 32])
     }
 
-    fn change(i: usize) -> Vec<u8> {
-        use automerge::transaction::Transactable;
-        let mut d = automerge::Automerge::new();
-        let mut tx = d.transaction();
-        tx.put(automerge::ROOT, "k", "x".repeat(i)).unwrap();
-        tx.commit();
-        d.get_last_local_change().unwrap().raw_bytes().to_vec()
+    use crate::engine::tests::change;
+
+    /// A session with n(2) whose Hello (empty clock) has arrived.
+    fn opened() -> Session {
+        let t = Instant::now();
+        let mut s = Session::new(
+            SessionConfig::default(),
+            n(1),
+            n(2),
+            VersionVector::new(),
+            t,
+        );
+        s.handle_sync(
+            t,
+            SyncMsg::Hello {
+                version: PROTOCOL_VERSION,
+                node: n(2),
+                name: String::new(),
+                clock: VersionVector::new(),
+            },
+        );
+        s
     }
 
     /// One node's side: engine, store, and its session with the other.
@@ -882,29 +897,14 @@ mod tests {
     #[test]
     fn a_batch_over_the_window_or_out_of_order_closes() {
         let t = Instant::now();
-        let hello = SyncMsg::Hello {
-            version: PROTOCOL_VERSION,
-            node: n(2),
-            name: String::new(),
-            clock: VersionVector::new(),
+        let batch = |seq| SyncMsg::Batch {
+            seq,
+            deltas: vec![],
         };
         // Over the window: five batches while none is acknowledged (stores never finish).
-        let mut s = Session::new(
-            SessionConfig::default(),
-            n(1),
-            n(2),
-            VersionVector::new(),
-            t,
-        );
-        s.handle_sync(t, hello.clone());
+        let mut s = opened();
         for seq in 1..=5 {
-            s.handle_sync(
-                t,
-                SyncMsg::Batch {
-                    seq,
-                    deltas: vec![],
-                },
-            );
+            s.handle_sync(t, batch(seq));
         }
         let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
         assert_eq!(
@@ -912,32 +912,12 @@ mod tests {
             Some("batch 5 is over the window of 4")
         );
         // Out of order.
-        let mut s = Session::new(
-            SessionConfig::default(),
-            n(1),
-            n(2),
-            VersionVector::new(),
-            t,
-        );
-        s.handle_sync(t, hello.clone());
-        s.handle_sync(
-            t,
-            SyncMsg::Batch {
-                seq: 2,
-                deltas: vec![],
-            },
-        );
+        let mut s = opened();
+        s.handle_sync(t, batch(2));
         let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
         assert!(closes(&out).unwrap().contains("out of order"));
         // An ack for a batch never sent.
-        let mut s = Session::new(
-            SessionConfig::default(),
-            n(1),
-            n(2),
-            VersionVector::new(),
-            t,
-        );
-        s.handle_sync(t, hello);
+        let mut s = opened();
         s.handle_sync(t, SyncMsg::Ack { seq: 1 });
         let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
         assert!(closes(&out).unwrap().contains("unknown batch"));

@@ -417,6 +417,93 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
     assert_eq!(a.clock().max_seq(&h_id), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_reserved_or_unknown_kinds_are_refused_alone() {
+    use tandem::net::{tls, wire};
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let doc = a.create(Some(json!({"k": 1}))).await.unwrap();
+    let (h_id, endpoint, cfg) = raw_member(&a, dirs[1].path()).await;
+    let conn = endpoint
+        .connect_with(cfg, a.listen_addr().unwrap(), &tls::server_name(&a.id()))
+        .unwrap()
+        .await
+        .unwrap();
+    // A Raft stream (a kind this build reserves) and a kind nobody knows: each is refused...
+    let (mut raft_send, mut raft_recv) = conn.open_bi().await.unwrap();
+    raft_send
+        .write_all(&[wire::StreamKind::Raft.byte(), 1, 2, 3])
+        .await
+        .unwrap();
+    let mut unknown = conn.open_uni().await.unwrap();
+    unknown.write_all(&[0x7f, 1, 2, 3]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let refused = tokio::time::timeout(Duration::from_secs(10), raft_recv.read_exact(&mut buf))
+        .await
+        .expect("the raft stream is answered");
+    assert!(refused.is_err(), "the reserved stream is refused");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), unknown.stopped())
+        .await
+        .expect("the unknown stream is stopped");
+    assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
+    // ...and the connection still syncs: a proper sync stream gets A's Hello and a batch.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[wire::StreamKind::Sync.byte()])
+        .await
+        .unwrap();
+    let hello = wire::SyncMsg::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: h_id,
+        name: "h".into(),
+        clock: tandem::crdt::VersionVector::new(),
+    };
+    send.write_all(&wire::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    let first = wire::read::<wire::SyncMsg>(&mut recv).await.unwrap();
+    assert!(matches!(first, Some((wire::SyncMsg::Hello { node, .. }, _)) if node == a.id()));
+    let batch = wire::read::<wire::SyncMsg>(&mut recv).await.unwrap();
+    let Some((wire::SyncMsg::Batch { deltas, .. }, _)) = batch else {
+        panic!("expected a batch, got {batch:?}");
+    };
+    assert!(deltas.iter().any(|d| d.doc == doc));
+    assert!(conn.close_reason().is_none());
+}
+
+/// A clock whose wall time a test moves forward.
+#[derive(Debug, Default)]
+struct ShiftedClock(std::sync::atomic::AtomicI64);
+
+impl tandem::clock::Clock for ShiftedClock {
+    fn now(&self) -> Instant {
+        tandem::clock::SystemClock.now()
+    }
+    fn wall_ms(&self) -> i64 {
+        tandem::clock::SystemClock.wall_ms() + self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invites_expire_by_the_nodes_clock() {
+    use tandem::clock::Clock as _;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let clock = std::sync::Arc::new(ShiftedClock::default());
+    let mut cfg = Config::new(dirs[0].path());
+    cfg.net = Some(NetConfig::loopback());
+    cfg.clock = clock.clone();
+    let a = Node::open(cfg).await.unwrap();
+    let b = open(dirs[1].path()).await;
+    let token = a.invite(Duration::from_secs(600)).await.unwrap();
+    // Eleven minutes pass on A (and only there: B still thinks the invite is fresh).
+    clock
+        .0
+        .store(11 * 60 * 1000, std::sync::atomic::Ordering::SeqCst);
+    assert!(clock.wall_ms() > tandem::clock::SystemClock.wall_ms());
+    let err = b.join(&token).await.unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert!(a.members().is_empty() && b.members().is_empty());
+}
+
 /// mDNS on loopback: members whose stored addresses went stale (both restarted on new ports)
 /// find each other again by NodeId. The network-namespace variant is in `mdns_netns.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
