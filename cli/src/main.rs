@@ -78,11 +78,17 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum SyncAction {
-    /// Block until in sync with every connected member (a progress bar on a terminal).
+    /// Block until every member holds everything this node holds, as each confirmed storing
+    /// it (a member that is off lacks what was written since it left). A progress bar on a
+    /// terminal; on timeout, exit 1 naming who lacks what.
     Wait {
         /// Give up after this long (exit 1), e.g. 30s, 2m.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: u64,
+        /// Done as soon as one other member holds everything ("my writes are safe on another
+        /// device").
+        #[arg(long)]
+        any: bool,
     },
 }
 
@@ -187,52 +193,87 @@ fn utc(secs: i64) -> String {
 
 /// Polls the peers until every connected one is in sync and none is still connecting, or
 /// `timeout` passes.
-fn sync_wait(c: &Client, timeout: Duration, j: bool) -> Res<()> {
+fn sync_wait(c: &Client, timeout: Duration, any: bool, j: bool) -> Res<()> {
     let start = Instant::now();
     let mut bar = Progress::new(0, "syncing");
+    let mut most_lacking = 0;
     loop {
         let peers = c.json("GET", "/v1/peers", None)?;
-        let relevant: Vec<&Value> = peers
+        let members: Vec<&Value> = peers
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|p| p["id"].is_string() && (flag(p, "connected") || flag(p, "connecting")))
+            .filter(|p| p["id"].is_string())
             .collect();
-        let done = relevant
-            .iter()
-            .filter(|p| flag(p, "connected") && flag(p, "in_sync"))
-            .count();
-        bar.set_total(relevant.len() as u64);
-        bar.draw(done as u64, "peers in sync");
-        if done == relevant.len() {
+        // A member holds everything once it confirmed storing all we hold.
+        let holds = |p: &Value| p["lacks"].as_u64() == Some(0);
+        let holding = members.iter().filter(|p| holds(p)).count();
+        let done = if any {
+            members.is_empty() || holding > 0
+        } else {
+            holding == members.len()
+        };
+        let lacking: u64 = members.iter().filter_map(|p| p["lacks"].as_u64()).sum();
+        most_lacking = most_lacking.max(lacking);
+        bar.set_total(most_lacking);
+        bar.draw(most_lacking - lacking, "deltas confirmed by members");
+        if done {
             bar.finish();
             if j {
-                println!("{}", json!({"in_sync": true, "peers": relevant.len()}));
-            } else if relevant.is_empty() {
-                eprintln!("no connected members: nothing to wait for");
+                println!(
+                    "{}",
+                    json!({"in_sync": true, "peers": members.len(), "holding": holding})
+                );
+            } else if members.is_empty() {
+                eprintln!("no other members: nothing to wait for");
             } else {
-                eprintln!("in sync with {} connected members", relevant.len());
+                let n = members.len();
+                eprintln!(
+                    "{holding} of {n} member{} hold{} everything this node holds",
+                    if n == 1 { "" } else { "s" },
+                    if holding == 1 { "s" } else { "" }
+                );
             }
             return Ok(());
         }
         if start.elapsed() >= timeout {
             bar.finish();
-            let behind: Vec<&str> = relevant
+            let behind: Vec<Value> = members
                 .iter()
-                .filter(|p| !(flag(p, "connected") && flag(p, "in_sync")))
-                .filter_map(|p| p["id"].as_str())
-                .map(short)
+                .filter(|p| !holds(p))
+                .map(|p| {
+                    json!({
+                        "id": p["id"],
+                        "lacks": p["lacks"],
+                        "connected": flag(p, "connected"),
+                    })
+                })
                 .collect();
             if j {
                 println!(
                     "{}",
-                    json!({"in_sync": false, "peers": relevant.len(), "behind": behind})
+                    json!({"in_sync": false, "peers": members.len(), "holding": holding, "behind": behind})
                 );
             }
+            let why: Vec<String> = behind
+                .iter()
+                .map(|b| {
+                    let id = short(b["id"].as_str().unwrap_or("?"));
+                    let state = if b["connected"] == json!(true) {
+                        "connected"
+                    } else {
+                        "unreachable"
+                    };
+                    match b["lacks"].as_u64() {
+                        Some(n) => format!("{id} lacks {n} deltas ({state})"),
+                        None => format!("{id} not seen since this node started ({state})"),
+                    }
+                })
+                .collect();
             return Err(Failure::error(format!(
-                "not in sync after {}s: waiting on {}",
+                "not in sync after {}s: {}",
                 timeout.as_secs(),
-                behind.join(", ")
+                why.join("; ")
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -363,8 +404,8 @@ fn run(cli: &Cli) -> Res<()> {
         }
         Command::Doc { action } => doc::run(&c, action, j)?,
         Command::Sync {
-            action: SyncAction::Wait { timeout },
-        } => sync_wait(&c, Duration::from_secs(*timeout), j)?,
+            action: SyncAction::Wait { timeout, any },
+        } => sync_wait(&c, Duration::from_secs(*timeout), *any, j)?,
     }
     Ok(())
 }

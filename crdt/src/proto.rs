@@ -79,6 +79,9 @@ pub enum SyncMsg {
     Ack { seq: u64 },
     /// Everything the peer lacked as of its Hello has been sent.
     CaughtUp,
+    /// The first `stored` frames of the sender's push stream are durably stored (cumulative;
+    /// sent when the receiver's queue of pushes drains, so one ack covers a burst).
+    PushAck { stored: u64 },
 }
 
 /// A message on a push stream.
@@ -124,6 +127,7 @@ impl Message for SyncMsg {
             Self::Batch { .. } => "Batch",
             Self::Ack { .. } => "Ack",
             Self::CaughtUp => "CaughtUp",
+            Self::PushAck { .. } => "PushAck",
         }
     }
 }

@@ -16,7 +16,10 @@
 //! - Lag: if the push stream backs up past [`SessionConfig::push_buffer`] bytes, or the node's
 //!   feed of commits overflowed, live pushes stop and, once the stream drains, what the peer
 //!   lacks is sent from the store instead ("repair"): a slow peer never holds up local writes.
-//! - In sync: our committed clock equals what the peer is known to hold.
+//! - Acks: a peer holds a delta only once it said so: its Hello clock, what it sent us, the
+//!   batches it acknowledged, and the pushes it acknowledged with [`SyncMsg::PushAck`]. What
+//!   was merely sent is not held (the peer may be stopped, or crash before storing it).
+//! - In sync: our committed clock equals what the peer holds.
 //!
 //! Storage leaves the session as requests ([`Output::Load`], [`Output::Store`]) and comes back
 //! as inputs ([`Session::handle_loaded`], [`Session::handle_stored`]).
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::clock::VersionVector;
 use crate::delta::Delta;
 use crate::engine::{CatchUp, Source};
-use crate::id::NodeId;
+use crate::id::{DeltaId, NodeId};
 use crate::peer::PeerSync;
 use crate::proto::{BATCH_BYTES, PROTOCOL_VERSION, PushMsg, SyncMsg};
 
@@ -187,10 +190,15 @@ enum Plan {
     Done,
 }
 
-#[derive(Debug)]
-enum Received {
-    Batch { seq: u64, deltas: Vec<Delta> },
-    Push(Vec<Delta>),
+/// What a received frame owes the peer once stored.
+#[derive(Debug, Clone, Copy)]
+enum Owed {
+    /// An `Ack` for batch `seq`.
+    Ack(u64),
+    /// A count in the next `PushAck`.
+    PushAck,
+    /// Nothing (only under [`Fault::AckBeforeStore`], which acked on arrival).
+    Nothing,
 }
 
 /// One sync session. See the module docs.
@@ -200,22 +208,33 @@ pub struct Session {
     me: NodeId,
     peer: NodeId,
     phase: Phase,
-    /// What the peer holds as far as we know (from its Hello on).
+    /// What the peer holds or was sent, as far as we know (from its Hello on): the filter
+    /// that keeps us from sending a delta twice.
     sync: Option<PeerSync>,
+    /// What the peer confirmed it holds: its Hello clock, what it sent us, and what it
+    /// acknowledged. In-sync and [`Session::lacks`] are judged on this.
+    held: VersionVector,
     /// Our committed clock as we were told: the clock at start plus every commit fed since.
     ours: VersionVector,
     in_sync: bool,
     // Outgoing catch-up.
     catch_up: Plan,
     sent_batches: u64,
-    /// Sent batches awaiting their ack: seq and when sent.
-    unacked: VecDeque<(u64, Instant)>,
+    /// Sent batches awaiting their ack: seq, when sent, and what they carried.
+    unacked: VecDeque<(u64, Instant, Vec<DeltaId>)>,
+    /// Push frames sent and not yet acknowledged, oldest first: what each carried.
+    pushes_unacked: VecDeque<Vec<DeltaId>>,
+    /// Push frames sent, and push frames acknowledged, since the session began.
+    pushes_sent: u64,
+    pushes_acked: u64,
+    /// Push frames received and stored (what our `PushAck`s count).
+    pushes_stored: u64,
     // Incoming.
     recv_batches: u64,
     /// Received batches not yet acknowledged (stored or queued).
     unacked_in: usize,
-    received: VecDeque<Received>,
-    storing: Option<(StoreId, Option<u64>)>,
+    received: VecDeque<(Owed, Vec<Delta>)>,
+    storing: Option<(StoreId, Owed)>,
     next_store: StoreId,
     // Outgoing pushes.
     push_sizes: VecDeque<usize>,
@@ -251,11 +270,16 @@ impl Session {
             peer,
             phase: Phase::AwaitHello { deadline },
             sync: None,
+            held: VersionVector::new(),
             ours,
             in_sync: false,
             catch_up: Plan::Idle,
             sent_batches: 0,
             unacked: VecDeque::new(),
+            pushes_unacked: VecDeque::new(),
+            pushes_sent: 0,
+            pushes_acked: 0,
+            pushes_stored: 0,
             recv_batches: 0,
             unacked_in: 0,
             received: VecDeque::new(),
@@ -287,7 +311,10 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::AwaitHello { deadline } => Some(deadline),
-            Phase::Open => self.unacked.front().map(|(_, t)| *t + self.cfg.ack_timeout),
+            Phase::Open => self
+                .unacked
+                .front()
+                .map(|(_, t, _)| *t + self.cfg.ack_timeout),
             Phase::Closed => None,
         }
     }
@@ -318,9 +345,24 @@ impl Session {
         &self.ours
     }
 
-    /// Whether our committed clock equals what the peer is known to hold.
+    /// Whether our committed clock equals what the peer confirmed it holds.
     pub fn in_sync(&self) -> bool {
         self.in_sync
+    }
+
+    /// What the peer confirmed it holds (empty before its Hello).
+    pub fn held(&self) -> &VersionVector {
+        &self.held
+    }
+
+    /// How many deltas of ours the peer has not confirmed holding.
+    pub fn lacks(&self) -> u64 {
+        self.held.missing_count(&self.ours)
+    }
+
+    /// Push frames sent and not yet acknowledged.
+    pub fn pushes_unacked(&self) -> usize {
+        self.pushes_unacked.len()
     }
 
     /// Sent batches not yet acknowledged.
@@ -330,7 +372,7 @@ impl Session {
 
     /// The seqs of sent batches awaiting their ack, oldest first.
     pub fn unacked_seqs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.unacked.iter().map(|(s, _)| *s)
+        self.unacked.iter().map(|(s, _, _)| *s)
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -365,6 +407,7 @@ impl Session {
                     return self.close(CloseCode::Protocol, "Hello names another node".into());
                 }
                 self.phase = Phase::Open;
+                self.held = clock.clone();
                 self.sync = Some(PeerSync::new(clock.clone()));
                 self.out.push_back(Output::Hello { name });
                 self.catch_up = Plan::Loading;
@@ -399,23 +442,26 @@ impl Session {
                 }
                 self.recv_batches = seq;
                 self.unacked_in += 1;
-                if let Some(s) = &mut self.sync {
-                    s.note(&deltas);
-                }
+                self.note_received(&deltas);
                 if self.cfg.fault == Fault::AckBeforeStore {
                     self.unacked_in -= 1;
                     self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
-                    self.received.push_back(Received::Push(deltas));
+                    self.received.push_back((Owed::Nothing, deltas));
                 } else {
-                    self.received.push_back(Received::Batch { seq, deltas });
+                    self.received.push_back((Owed::Ack(seq), deltas));
                 }
                 self.store_next();
                 self.update_in_sync();
             }
             (Phase::Open, SyncMsg::Ack { seq }) => {
                 match self.unacked.front() {
-                    Some((s, _)) if *s == seq => {
-                        self.unacked.pop_front();
+                    Some((s, _, _)) if *s == seq => {
+                        if let Some((_, _, ids)) = self.unacked.pop_front() {
+                            for id in ids {
+                                self.held.insert(id);
+                            }
+                        }
+                        self.update_in_sync();
                     }
                     _ => {
                         return self
@@ -429,6 +475,24 @@ impl Session {
                 }
             }
             (Phase::Open, SyncMsg::CaughtUp) => self.out.push_back(Output::PeerCaughtUp),
+            (Phase::Open, SyncMsg::PushAck { stored }) => {
+                if stored < self.pushes_acked || stored > self.pushes_sent {
+                    return self.close(
+                        CloseCode::Protocol,
+                        format!(
+                            "push ack for {stored} frames, with {} sent and {} acknowledged",
+                            self.pushes_sent, self.pushes_acked
+                        ),
+                    );
+                }
+                while self.pushes_acked < stored {
+                    self.pushes_acked += 1;
+                    for id in self.pushes_unacked.pop_front().unwrap_or_default() {
+                        self.held.insert(id);
+                    }
+                }
+                self.update_in_sync();
+            }
         }
     }
 
@@ -441,13 +505,8 @@ impl Session {
             }
             Phase::Open => {
                 let PushMsg::Push { deltas } = msg;
-                if deltas.is_empty() {
-                    return;
-                }
-                if let Some(s) = &mut self.sync {
-                    s.note(&deltas);
-                }
-                self.received.push_back(Received::Push(deltas));
+                self.note_received(&deltas);
+                self.received.push_back((Owed::PushAck, deltas));
                 self.store_next();
                 self.update_in_sync();
             }
@@ -459,7 +518,7 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        let Some((current, batch)) = self.storing else {
+        let Some((current, owed)) = self.storing else {
             return;
         };
         if current != id {
@@ -475,11 +534,32 @@ impl Session {
             }
             Ok(()) => {}
         }
-        if let Some(seq) = batch {
-            self.unacked_in -= 1;
-            self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
-        }
+        self.settle(owed);
         self.store_next();
+    }
+
+    /// A received frame is stored: acknowledge it. Pushes are acknowledged by count once no
+    /// further push waits to be stored, so a burst costs one `PushAck`.
+    fn settle(&mut self, owed: Owed) {
+        match owed {
+            Owed::Ack(seq) => {
+                self.unacked_in -= 1;
+                self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
+            }
+            Owed::PushAck => {
+                self.pushes_stored += 1;
+                if !self
+                    .received
+                    .iter()
+                    .any(|(o, _)| matches!(o, Owed::PushAck))
+                {
+                    self.out.push_back(Output::Send(SyncMsg::PushAck {
+                        stored: self.pushes_stored,
+                    }));
+                }
+            }
+            Owed::Nothing => {}
+        }
     }
 
     /// The node committed `deltas` (made here, or received from `source`): push what the peer
@@ -559,7 +639,8 @@ impl Session {
                         s.note(&batch);
                     }
                     self.sent_batches += 1;
-                    self.unacked.push_back((self.sent_batches, now));
+                    let ids = batch.iter().map(|d| d.id).collect();
+                    self.unacked.push_back((self.sent_batches, now, ids));
                     self.out.push_back(Output::Send(SyncMsg::Batch {
                         seq: self.sent_batches,
                         deltas: batch,
@@ -604,7 +685,7 @@ impl Session {
                 format!("no Hello within {:?}", self.cfg.hello_timeout),
             ),
             Phase::Open => {
-                if let Some((seq, at)) = self.unacked.front()
+                if let Some((seq, at, _)) = self.unacked.front()
                     && now >= *at + self.cfg.ack_timeout
                 {
                     let why = format!(
@@ -647,6 +728,9 @@ impl Session {
             s.note(&deltas);
         }
         let size: usize = deltas.iter().map(Delta::encoded_len).sum();
+        self.pushes_sent += 1;
+        self.pushes_unacked
+            .push_back(deltas.iter().map(|d| d.id).collect());
         self.push_sizes.push_back(size);
         self.push_unwritten += size;
         self.out.push_back(Output::Push(PushMsg::Push { deltas }));
@@ -672,27 +756,36 @@ impl Session {
     }
 
     fn store_next(&mut self) {
-        if self.storing.is_some() {
-            return;
+        while self.storing.is_none() {
+            let Some((owed, deltas)) = self.received.pop_front() else {
+                return;
+            };
+            if deltas.is_empty() {
+                self.settle(owed);
+                continue;
+            }
+            self.next_store += 1;
+            self.storing = Some((self.next_store, owed));
+            self.out.push_back(Output::Store {
+                id: self.next_store,
+                deltas,
+            });
         }
-        let Some(r) = self.received.pop_front() else {
-            return;
-        };
-        self.next_store += 1;
-        let (deltas, batch) = match r {
-            Received::Batch { seq, deltas } => (deltas, Some(seq)),
-            Received::Push(deltas) => (deltas, None),
-        };
-        self.storing = Some((self.next_store, batch));
-        self.out.push_back(Output::Store {
-            id: self.next_store,
-            deltas,
-        });
+    }
+
+    /// Deltas the peer sent: it holds them (it sends only what it committed).
+    fn note_received(&mut self, deltas: &[Delta]) {
+        if let Some(s) = &mut self.sync {
+            s.note(deltas);
+        }
+        for d in deltas {
+            self.held.insert(d.id);
+        }
     }
 
     fn update_in_sync(&mut self) {
-        let now =
-            self.phase == Phase::Open && self.sync.as_ref().is_some_and(|s| s.in_sync(&self.ours));
+        let now = self.phase == Phase::Open
+            && self.ours.compare(&self.held) == crate::clock::Causality::Equal;
         if now != self.in_sync {
             self.in_sync = now;
             self.out.push_back(Output::InSync(now));
@@ -897,9 +990,10 @@ mod tests {
     #[test]
     fn a_batch_over_the_window_or_out_of_order_closes() {
         let t = Instant::now();
-        let batch = |seq| SyncMsg::Batch {
+        let mut e = Engine::new(n(2), VersionVector::new());
+        let mut batch = |seq| SyncMsg::Batch {
             seq,
-            deltas: vec![],
+            deltas: vec![e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Tombstone)],
         };
         // Over the window: five batches while none is acknowledged (stores never finish).
         let mut s = opened();
@@ -1038,11 +1132,16 @@ mod tests {
         a.store.insert([d1.clone()]);
         a.session
             .handle_committed(t, std::slice::from_ref(&d1), Source::Local);
-        assert!(matches!(a.session.poll_output(), Some(Output::Push(_))));
+        let pushes = |s: &mut Session| {
+            std::iter::from_fn(|| s.poll_output())
+                .filter(|o| matches!(o, Output::Push(_)))
+                .count()
+        };
+        assert_eq!(pushes(&mut a.session), 1);
         a.session.handle_push_written(t);
         a.session
             .handle_committed(t, std::slice::from_ref(&d1), Source::Local);
-        assert!(a.session.poll_output().is_none(), "not twice");
+        assert_eq!(pushes(&mut a.session), 0, "not twice");
         b_clock.insert(d1.id);
         // The stream backs up: pushes stop past the buffer, nothing written meanwhile.
         let mut pushed = 0;
@@ -1074,6 +1173,46 @@ mod tests {
             })
             .sum();
         assert_eq!(pushed + repaired, 20, "each delta sent exactly once");
+        // Sent is not held: in sync only once the peer acknowledges storing them all.
+        assert!(!a.session.in_sync());
+        assert_eq!(a.session.lacks(), 21);
+        let frames = a.session.pushes_unacked() as u64;
+        a.session
+            .handle_sync(t, SyncMsg::PushAck { stored: frames - 1 });
+        assert!(!a.session.in_sync() && a.session.lacks() > 0);
+        a.session
+            .handle_sync(t, SyncMsg::PushAck { stored: frames });
         assert!(a.session.in_sync());
+        assert_eq!(a.session.lacks(), 0);
+        // An ack for more than was sent is a protocol error.
+        a.session
+            .handle_sync(t, SyncMsg::PushAck { stored: frames + 1 });
+        assert!(a.session.is_closed());
+    }
+
+    #[test]
+    fn pushes_are_acknowledged_once_stored_and_a_burst_costs_one_ack() {
+        let t = Instant::now();
+        let mut s = opened();
+        let mut e = Engine::new(n(2), VersionVector::new());
+        let doc = DocId::from_bytes([1; 16]);
+        for _ in 0..3 {
+            let d = e.local_delta(doc, DeltaBody::Change(change(1)));
+            s.handle_push(t, PushMsg::Push { deltas: vec![d] });
+        }
+        let mut acks = Vec::new();
+        let mut stores = 0;
+        while let Some(o) = s.poll_output() {
+            match o {
+                Output::Store { id, .. } => {
+                    stores += 1;
+                    s.handle_stored(t, id, Ok(()));
+                }
+                Output::Send(SyncMsg::PushAck { stored }) => acks.push(stored),
+                _ => {}
+            }
+        }
+        assert_eq!(stores, 3, "one store at a time, each frame stored");
+        assert_eq!(acks, vec![3], "one ack once the queue drained");
     }
 }

@@ -9,7 +9,9 @@
 //!   so a push can overtake a batch. Latency per message is random.
 //! - Loss breaks the connection (QUIC retransmits; what a lossy path really does is time out):
 //!   both ends learn it after a short delay, or at the idle timeout when the peer just died.
-//! - Duplication: a push frame may arrive twice (deltas are idempotent).
+//! - Duplication: QUIC never duplicates a stream's frames, so duplicates come from above it:
+//!   the same deltas arrive over several connections (relays, reconnects), and a dial may be
+//!   carried out twice (a retried handshake), which the one-connection rule must settle.
 //! - The node's commit feed may overflow for a session (it then gets `handle_feed_lagged`).
 //! - Partitions (`partition`, `isolate`, `cut`, `heal`); dials across them fail.
 //! - Crashes: memory (sessions, loaded documents, stores in flight) is lost, the store stays;
@@ -97,10 +99,11 @@ impl Wire {
 
 #[derive(Debug)]
 enum Event {
+    /// The frame at the head of stream `stream` of `conn` towards `to` may be read.
     Deliver {
         conn: ConnId,
         to: usize,
-        wire: Wire,
+        stream: u8,
     },
     DialDone {
         from: usize,
@@ -182,6 +185,9 @@ struct Oracle {
     known: VersionVector,
     hello_seen: bool,
     batches: BTreeMap<u64, Vec<DeltaId>>,
+    /// Push frames sent, in order, and how many the receiver acknowledged.
+    pushes: Vec<Vec<DeltaId>>,
+    pushes_acked: usize,
 }
 
 /// The simulator.
@@ -198,6 +204,8 @@ pub struct Sim {
     links: BTreeMap<ConnId, (usize, usize)>,
     /// Last delivery time per (conn, receiver, stream), to keep streams FIFO.
     stream_tail: BTreeMap<(ConnId, usize, u8), Ms>,
+    /// Frames in flight per (conn, receiver, stream), in order.
+    streams: BTreeMap<(ConnId, usize, u8), std::collections::VecDeque<Wire>>,
     /// (conn, sender) -> oracle of the receiving side.
     oracle: BTreeMap<(ConnId, usize), Oracle>,
     allowed: Box<dyn Fn(usize, usize) -> bool>,
@@ -275,6 +283,7 @@ impl Sim {
             next_conn: 0,
             links: BTreeMap::new(),
             stream_tail: BTreeMap::new(),
+            streams: BTreeMap::new(),
             oracle: BTreeMap::new(),
             allowed: Box::new(|_, _| true),
             loss,
@@ -418,24 +427,14 @@ impl Sim {
             Wire::Sync(_) => 0,
             Wire::Push(_) => 1,
         };
-        let copies = if stream == 1 && self.rng.chance(self.dup) {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let tail = self.stream_tail.entry((conn, to, stream)).or_insert(0);
-            let at = (self.now + 1 + self.rng.below(20)).max(*tail);
-            *self.stream_tail.entry((conn, to, stream)).or_insert(0) = at;
-            self.schedule(
-                at,
-                Event::Deliver {
-                    conn,
-                    to,
-                    wire: wire.clone(),
-                },
-            );
-        }
+        let tail = self.stream_tail.entry((conn, to, stream)).or_insert(0);
+        let at = (self.now + 1 + self.rng.below(20)).max(*tail);
+        *tail = at;
+        self.streams
+            .entry((conn, to, stream))
+            .or_default()
+            .push_back(wire);
+        self.schedule(at, Event::Deliver { conn, to, stream });
     }
 
     /// The oracle's view of a send: deltas to a peer known to hold them, the window.
@@ -455,7 +454,10 @@ impl Sim {
                 }
                 deltas
             }
-            Wire::Push(PushMsg::Push { deltas }) => deltas,
+            Wire::Push(PushMsg::Push { deltas }) => {
+                o.pushes.push(deltas.iter().map(|d| d.id).collect());
+                deltas
+            }
             _ => return,
         };
         let o = self.oracle.entry((conn, from)).or_default();
@@ -511,6 +513,31 @@ impl Sim {
                 if missing > 0 {
                     self.violations.push(format!(
                         "conn {conn}: node {from} acknowledged batch {seq} with {missing} deltas not stored"
+                    ));
+                }
+            }
+            Wire::Sync(SyncMsg::PushAck { stored }) => {
+                // `from` says it stored `to`'s first `stored` push frames: it must hold them.
+                let o = self.oracle.entry((conn, to)).or_default();
+                let upto = (*stored as usize).min(o.pushes.len());
+                let ids: Vec<DeltaId> = o.pushes[o.pushes_acked.min(upto)..upto]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                o.pushes_acked = o.pushes_acked.max(upto);
+                let missing = ids
+                    .iter()
+                    .filter(|id| self.nodes[from].store.get(id).is_none())
+                    .count();
+                if missing > 0 {
+                    let ids: Vec<String> = ids
+                        .iter()
+                        .filter(|id| self.nodes[from].store.get(id).is_none())
+                        .map(|id| id.to_string())
+                        .collect();
+                    self.violations.push(format!(
+                        "conn {conn}: node {from} acknowledged pushes with {missing} deltas not stored: {ids:?}"
                     ));
                 }
             }
@@ -598,25 +625,31 @@ impl Sim {
 
     fn deliver(&mut self, ev: Event) {
         match ev {
-            Event::Deliver { conn, to, wire } => {
+            Event::Deliver { conn, to, stream } => {
                 if !self.links.contains_key(&conn) || !self.nodes[to].ends.contains_key(&conn) {
+                    self.streams.remove(&(conn, to, stream));
                     return;
                 }
                 let now = self.instant();
-                if let Wire::Push(_) = wire
+                if stream == 1
                     && self.nodes[to]
                         .ends
                         .get(&conn)
                         .is_some_and(|e| !e.session.wants_push())
                 {
                     // Flow control: the driver does not read the push stream now; the frame
-                    // waits in the stream, and so does everything behind it.
-                    let tail = self.stream_tail.entry((conn, to, 1)).or_insert(0);
-                    *tail = (*tail).max(self.now + 1 + self.rng.below(5));
-                    let at = *tail;
-                    self.schedule(at, Event::Deliver { conn, to, wire });
+                    // waits at the head of the stream, and everything behind it waits too.
+                    let at = self.now + 1 + self.rng.below(5);
+                    self.schedule(at, Event::Deliver { conn, to, stream });
                     return;
                 }
+                let Some(wire) = self
+                    .streams
+                    .get_mut(&(conn, to, stream))
+                    .and_then(|q| q.pop_front())
+                else {
+                    return;
+                };
                 self.delivered += 1;
                 self.log(|| format!("deliver to {to} on {conn}: {}", wire.describe()));
                 self.observe_delivery(conn, to, &wire);
@@ -797,16 +830,20 @@ impl Sim {
                     .iter()
                     .position(|x| x.id == dial.peer)
                     .unwrap_or(n);
-                let at = self.now + 1 + self.rng.below(10);
                 let incarnation = self.nodes[n].incarnation;
-                self.schedule(
-                    at,
-                    Event::DialDone {
-                        from: n,
-                        to,
-                        incarnation,
-                    },
-                );
+                // A dial carried out twice (a retried handshake) now and then.
+                let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
+                for _ in 0..copies {
+                    let at = self.now + 1 + self.rng.below(10);
+                    self.schedule(
+                        at,
+                        Event::DialDone {
+                            from: n,
+                            to,
+                            incarnation,
+                        },
+                    );
+                }
             }
         }
     }
@@ -886,9 +923,7 @@ impl Sim {
             if &n.store.clock() != n.engine.clock() {
                 return Err(format!("node {i}: clock does not match its store"));
             }
-            if !self.quiet() {
-                continue;
-            }
+            // Held means stored: checked at every step, not only when the network is quiet.
             for (p, s) in n.sessions() {
                 let lacks = self.nodes[p].store.clock().missing_count(&n.store.clock());
                 if s.in_sync() && lacks > 0 {

@@ -488,7 +488,7 @@ fn every_command_in_human_and_json_form() {
     a.ok(&["sync", "wait", "--timeout", "5s"]);
     assert_eq!(
         json(&a.ok(&["sync", "wait", "--json"])),
-        json!({"in_sync": true, "peers": 0})
+        json!({"in_sync": true, "peers": 0, "holding": 0})
     );
     assert!(a.ok(&["completions", "bash"]).contains("_tandem"));
     assert!(a.ok(&["completions", "zsh"]).contains("#compdef tandem"));
@@ -847,4 +847,59 @@ fn tandemd_config_file_flags_win_and_bad_keys_are_named() {
         "{}",
         out.0
     );
+}
+
+/// `sync wait` counts only what members confirmed storing: a stopped (SIGSTOP) member that was
+/// sent a write does not hold it, a member that is off lacks what was written since it left,
+/// and `--any` is satisfied by one member that holds everything.
+#[test]
+fn sync_wait_counts_only_what_members_confirmed_storing() {
+    let a = Daemon::start();
+    let mut b = Daemon::start();
+    let c = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    c.ok(&["join", &a.ok(&["invite"])]);
+    let doc = a.ok(&["doc", "new", r#"{"n":0}"#]);
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    let b_short = b.ok(&["id", "--short"]);
+    let signal = |sig: &str, d: &Daemon| {
+        let pid = d.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+
+    // B is frozen: A's write is sent to it but never stored there.
+    signal("-STOP", &b);
+    a.ok(&["doc", "put", &doc, "/n", "1"]);
+    let out = a.tandem(&["sync", "wait", "--timeout", "2s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&b_short) && err.contains("lacks 1"), "{err}");
+    let behind = json(&String::from_utf8_lossy(
+        &a.tandem(&["sync", "wait", "--timeout", "1s", "--json"])
+            .stdout,
+    ));
+    assert_eq!(behind["in_sync"], false);
+    assert_eq!(behind["behind"][0]["lacks"], 1);
+    // One member (C) holds everything: enough for --any.
+    a.ok(&["sync", "wait", "--any", "--timeout", "20s"]);
+    signal("-CONT", &b);
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+
+    // B is off: what A writes now is something B lacks, and A says so.
+    b.stop();
+    a.ok(&["doc", "put", &doc, "/n", "2"]);
+    let out = a.tandem(&["sync", "wait", "--timeout", "2s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&b_short) && err.contains("unreachable"),
+        "{err}"
+    );
+    a.ok(&["sync", "wait", "--any", "--timeout", "20s"]);
 }

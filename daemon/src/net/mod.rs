@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_crdt::NodeId;
+use tandem_crdt::{NodeId, VersionVector};
 use tokio::sync::{mpsc, watch};
 
 use crate::Identity;
@@ -116,11 +116,15 @@ pub struct PeerStatus {
     pub deltas_received: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// Our clocks are equal as far as we know (and ours has not moved since we last checked).
+    /// It holds exactly what we hold, as it confirmed (its Hello, what it sent, what it
+    /// acknowledged storing); what was merely sent to it does not count.
     pub in_sync: bool,
-    /// How many deltas our clock held when `in_sync` was last computed.
+    /// How many of our deltas it has not confirmed holding: what was written since it left
+    /// counts too. `None` if it has not connected since this node started.
+    pub lacks: Option<u64>,
+    /// What it confirmed holding, kept after it disconnects.
     #[serde(skip)]
-    pub(crate) in_sync_at: u64,
+    pub(crate) held: Option<VersionVector>,
 }
 
 /// QUIC close codes.

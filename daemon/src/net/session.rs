@@ -167,12 +167,15 @@ pub(crate) async fn run(
                 }
             }
         }
-        let (in_sync, ours) = (session.in_sync(), session.ours().count());
-        tracing::trace!(peer = %peer.short(), in_sync, ours, known = session.known().map_or(0, |k| k.count()), "session state");
-        with_status(&shared.statuses, &peer, |s| {
-            s.in_sync = in_sync;
-            s.in_sync_at = ours;
-        });
+        if session.is_open() {
+            let held = session.held();
+            let changed = |s: &super::PeerStatus| s.held.as_ref() != Some(held);
+            with_status(&shared.statuses, &peer, |s| {
+                if changed(s) {
+                    s.held = Some(held.clone());
+                }
+            });
+        }
         if let Some(reason) = closed {
             break Err(SessionError::Closed(reason));
         }

@@ -133,15 +133,33 @@ impl Node {
         Ok(true)
     }
 
-    /// Every known peer: connected or not, traffic, and whether we are in sync.
+    /// Every member, connected or not, with its traffic, what it lacks of ours (as it
+    /// confirmed), and whether we are in sync.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        let mut peers = self.net().map(Net::statuses).unwrap_or_default();
-        // A commit since a session last checked (not yet pushed) means not in sync yet.
-        let now = self.clock().count();
-        for p in &mut peers {
-            p.in_sync &= p.in_sync_at == now;
+        let mut peers: std::collections::BTreeMap<NodeId, PeerStatus> = self
+            .net()
+            .map(Net::statuses)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| Some((p.id?, p)))
+            .collect();
+        for m in self.members() {
+            peers.entry(m.id).or_insert_with(|| PeerStatus {
+                id: Some(m.id),
+                ..PeerStatus::default()
+            });
         }
-        peers
+        // Judged against the committed clock now: a write since the peer confirmed (or since
+        // it left) is something it lacks.
+        let ours = self.clock();
+        for p in peers.values_mut() {
+            p.lacks = p.held.as_ref().map(|h| h.missing_count(&ours));
+            p.in_sync = p.connected
+                && p.held
+                    .as_ref()
+                    .is_some_and(|h| h.compare(&ours) == tandem_crdt::Causality::Equal);
+        }
+        peers.into_values().collect()
     }
 }
 
