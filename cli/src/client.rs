@@ -28,9 +28,13 @@ pub enum Body {
 }
 
 /// Where the daemon's API is and the token to use it.
+#[derive(Clone)]
 pub struct Client {
     pub base: String,
     token: String,
+    /// The data dir it was found through (`None` with `--api`): a restarted daemon may listen
+    /// elsewhere, and [`Client::reload`] finds it again.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -43,6 +47,7 @@ impl Client {
             return Ok(Client {
                 base: api.trim_end_matches('/').to_string(),
                 token: token.trim().to_string(),
+                dir: None,
             });
         }
         let hint = || {
@@ -62,7 +67,15 @@ impl Client {
         Ok(Client {
             base: format!("http://{addr}"),
             token: token.trim().to_string(),
+            dir: Some(dir.to_path_buf()),
         })
+    }
+
+    /// Finds the daemon again through the data dir (after a restart it may have a new port
+    /// and token); `None` if this client was given `--api` or the daemon is not up yet.
+    pub fn reload(&self) -> Option<Client> {
+        let dir = self.dir.as_deref()?;
+        Client::find(None, None, dir).ok()
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {

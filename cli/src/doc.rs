@@ -213,6 +213,7 @@ fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
     };
     let mut last: Option<String> = None;
     let mut connected = false;
+    let mut c = c.clone();
     loop {
         let headers: Vec<(&str, &str)> = last
             .as_deref()
@@ -221,7 +222,11 @@ fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
         let resp = match c.get_with(&path, &headers) {
             Ok(r) => r,
             Err(Failure::NotRunning(_)) if connected => {
+                // The daemon restarted (or is restarting): it may listen on a new port.
                 std::thread::sleep(Duration::from_secs(1));
+                if let Some(found) = c.reload() {
+                    c = found;
+                }
                 continue;
             }
             Err(e) => return Err(e),

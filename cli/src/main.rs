@@ -21,9 +21,13 @@ use progress::Progress;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// The node's data dir. Default: $XDG_DATA_HOME/tandem.
+    /// The node's data dir. Default: $TANDEM_DATA_DIR, else `data_dir` from the config file
+    /// (as tandemd reads it), else $XDG_DATA_HOME/tandem.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// tandemd's config file, for its `data_dir`. Default: $XDG_CONFIG_HOME/tandem/config.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -281,10 +285,14 @@ fn sync_wait(c: &Client, timeout: Duration, any: bool, j: bool) -> Res<()> {
 }
 
 fn run(cli: &Cli) -> Res<()> {
-    let dir = cli
-        .data_dir
-        .clone()
-        .unwrap_or_else(tandem::Config::default_data_dir);
+    let dir = if cli.data_dir.is_some() {
+        cli.data_dir.clone().unwrap_or_default()
+    } else {
+        // Only read when needed: a broken config file is tandemd's problem unless we need it.
+        let file = tandem::config::find(cli.config.as_deref())
+            .map_err(|e| Failure::error(e.to_string()))?;
+        tandem::config::data_dir(None, &file)
+    };
     if let Command::Id { short: s } = &cli.command {
         let id = tandem::Identity::read_id(&dir).map_err(|e| {
             Failure::Error(format!(

@@ -84,6 +84,33 @@ pub fn default_path() -> Option<PathBuf> {
     dirs::config_dir().map(|d| d.join("tandem").join("config.toml"))
 }
 
+/// The config file tandemd and the CLI both read: `named` (from `--config`, which must exist),
+/// else the default one if it exists, else none.
+pub fn find(named: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    match (named, default_path()) {
+        (Some(path), _) => load(path, true),
+        (None, Some(path)) => load(&path, false),
+        (None, None) => Ok(FileConfig::default()),
+    }
+}
+
+/// The environment variable naming the data dir (after `--data-dir`, before the config file).
+pub const DATA_DIR_ENV: &str = "TANDEM_DATA_DIR";
+
+/// The data dir, found the same way by tandemd and the CLI: the `--data-dir` flag, else
+/// `$TANDEM_DATA_DIR`, else the config file's `data_dir`, else the default
+/// (`$XDG_DATA_HOME/tandem`).
+pub fn data_dir(flag: Option<&Path>, file: &FileConfig) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os(DATA_DIR_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(crate::Config::default_data_dir)
+}
+
 /// Reads a config file. `required`: a missing file is an error (it was named on the command
 /// line); otherwise a missing file means an empty config.
 pub fn load(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {

@@ -68,6 +68,8 @@ pub enum DocError {
 pub enum MembershipError {
     #[error(transparent)]
     Invite(#[from] InviteError),
+    #[error("this invite was made by this node; run `tandem join` with it on the other device")]
+    OwnInvite,
 }
 
 /// What went wrong with the data dir.

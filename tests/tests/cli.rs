@@ -903,3 +903,110 @@ fn sync_wait_counts_only_what_members_confirmed_storing() {
     );
     a.ok(&["sync", "wait", "--any", "--timeout", "20s"]);
 }
+
+/// A node cannot join its own invite: a clear error, and it never lists itself as a peer.
+#[test]
+fn a_node_cannot_join_its_own_invite() {
+    let a = Daemon::start();
+    let token = a.ok(&["invite"]);
+    let out = a.tandem(&["join", &token]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("made by this node"), "{err}");
+    assert_eq!(json(&a.ok(&["peers", "--json"])), serde_json::json!([]));
+    assert_eq!(json(&a.ok(&["members", "--json"])), serde_json::json!([]));
+    a.ok(&["sync", "wait", "--timeout", "2s"]);
+}
+
+/// The CLI finds the daemon as tandemd does: `--data-dir`, else `$TANDEM_DATA_DIR`, else the
+/// config file's `data_dir`.
+#[test]
+fn the_cli_finds_the_data_dir_from_the_environment_and_the_config_file() {
+    let a = Daemon::start();
+    let id = a.ok(&["id"]);
+    let config = a.dir.path().join("cli-config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\ndata_dir = {:?}\n",
+            a.dir.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(bin("tandem"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", a.dir.path().join("no-config"))
+            .env_remove("TANDEM_DATA_DIR")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--config", config.to_str().unwrap(), "id"], &[]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    let out = run(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &["status"],
+        &[("TANDEM_DATA_DIR", a.dir.path().to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The default config file is read too.
+    let xdg = a.dir.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("tandem")).unwrap();
+    std::fs::copy(&config, xdg.join("tandem").join("config.toml")).unwrap();
+    let out = run(&["status"], &[("XDG_CONFIG_HOME", xdg.to_str().unwrap())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `doc watch` follows the daemon through a restart on a new port and says events may have
+/// been missed.
+#[test]
+fn doc_watch_recovers_from_a_daemon_restart() {
+    let mut a = Daemon::start();
+    let doc = a.ok(&["doc", "new", r#"{"n":0}"#]);
+    let watch = a.watch(&["--json"]);
+    let first = watch.poke_until(
+        20,
+        || {
+            a.ok(&["doc", "put", &doc, "/n", "1"]);
+        },
+        |l| l.contains("\"change\""),
+    );
+    assert!(first.contains(&doc), "{first}");
+    a.stop();
+    a.restart();
+    let n = std::cell::Cell::new(1);
+    let line = watch.poke_until(
+        30,
+        || {
+            n.set(n.get() + 1);
+            a.ok(&["doc", "put", &doc, "/n", &n.get().to_string()]);
+        },
+        |l| l.contains("\"lagged\"") || l.contains("\"change\""),
+    );
+    assert!(
+        line.contains("lagged") && line.contains("restarted"),
+        "{line}"
+    );
+    watch.poke_until(
+        30,
+        || {
+            n.set(n.get() + 1);
+            a.ok(&["doc", "put", &doc, "/n", &n.get().to_string()]);
+        },
+        |l| l.contains("\"change\"") && l.contains(&doc),
+    );
+}

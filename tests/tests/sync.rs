@@ -470,6 +470,44 @@ async fn streams_of_reserved_or_unknown_kinds_are_refused_alone() {
     assert!(conn.close_reason().is_none());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_learns_why_and_backs_off() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    pair(&a, &b).await;
+    eventually("B connected to A", || async {
+        b.peers().iter().any(|p| p.connected)
+    })
+    .await;
+    assert!(a.remove_member(b.id()).await.unwrap());
+    // B still lists A as a member (removal is local until membership is replicated), but it
+    // learns A refuses it, says why, and stops redialing twice a second.
+    eventually("B to learn it was refused", || async {
+        b.peers()
+            .iter()
+            .any(|p| !p.connected && p.error.as_deref().is_some_and(|e| e.contains("refused")))
+    })
+    .await;
+    let start = Instant::now();
+    let mut reconnects = 0;
+    let mut was = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        let now = b.peers().iter().any(|p| p.connected);
+        if now && !was {
+            reconnects += 1;
+        }
+        was = now;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Backoff after refusals: 0.5 s, 1 s, 2 s... at most a few tries in 3 s (it was 6+).
+    assert!(reconnects <= 3, "{reconnects} reconnects in 3 s");
+    assert!(
+        !a.peers().iter().any(|p| p.id == Some(b.id())),
+        "A lists B no more"
+    );
+}
+
 /// A clock whose wall time a test moves forward.
 #[derive(Debug, Default)]
 struct ShiftedClock(std::sync::atomic::AtomicI64);

@@ -83,6 +83,7 @@ impl From<Error> for ApiError {
                 DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_doc"),
                 DocError::Automerge(_) => (S::INTERNAL_SERVER_ERROR, "automerge"),
             },
+            Error::Membership(MembershipError::OwnInvite) => (S::BAD_REQUEST, "own_invite"),
             Error::Membership(MembershipError::Invite(i)) => match i {
                 InviteError::Malformed(_) => (S::BAD_REQUEST, "bad_invite"),
                 InviteError::Unknown | InviteError::Expired | InviteError::Used => {

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use std::net::SocketAddr;
 
-use tandem::config::{self, FileConfig, parse_peer};
+use tandem::config::{self, parse_peer};
 use tandem::{Config, NetConfig, Node, NodeId};
 
 /// The tandem sync daemon.
@@ -15,7 +15,8 @@ use tandem::{Config, NetConfig, Node, NodeId};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Data dir (identity, database, lock). Default: $XDG_DATA_HOME/tandem.
+    /// Data dir (identity, database, lock). Default: $TANDEM_DATA_DIR, else the config file's
+    /// `data_dir`, else $XDG_DATA_HOME/tandem.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// QUIC listen address. Default: 0.0.0.0 on port 7373, or any free port if that is taken.
@@ -63,16 +64,6 @@ fn init_logs(format: LogFormat, default_filter: &str) {
     }
 }
 
-/// The config file: the one named by `--config` (which must exist), else the default one if
-/// it exists.
-fn file_config(args: &Args) -> anyhow::Result<FileConfig> {
-    Ok(match (&args.config, config::default_path()) {
-        (Some(path), _) => config::load(path, true)?,
-        (None, Some(path)) => config::load(&path, false)?,
-        (None, None) => FileConfig::default(),
-    })
-}
-
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
     #[cfg(unix)]
     {
@@ -95,7 +86,7 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let file = match file_config(&args) {
+    let file = match config::find(args.config.as_deref()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tandemd: {e:#}");
@@ -107,11 +98,7 @@ async fn main() -> anyhow::Result<()> {
         _ => LogFormat::Human,
     });
     init_logs(log_format, file.log.as_deref().unwrap_or("info"));
-    let dir = args
-        .data_dir
-        .clone()
-        .or(file.data_dir.clone())
-        .unwrap_or_else(Config::default_data_dir);
+    let dir = config::data_dir(args.data_dir.as_deref(), &file);
     let api = args
         .api
         .or(file.api)

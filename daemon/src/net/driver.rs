@@ -30,8 +30,13 @@ pub(crate) enum Cmd {
         dialed: bool,
         reply: oneshot::Sender<bool>,
     },
-    /// A connection ended.
-    Ended { peer: NodeId, conn: ConnId },
+    /// A connection ended; `refused` if the peer closed it saying we are not (or no longer)
+    /// a member.
+    Ended {
+        peer: NodeId,
+        conn: ConnId,
+        refused: Option<String>,
+    },
     /// Every address of a dial failed.
     DialFailed { peer: NodeId, error: String },
 }
@@ -125,6 +130,7 @@ pub(crate) async fn run(
                         let mut map = shared.statuses.lock().unwrap_or_else(|p| p.into_inner());
                         let s = status_entry(&mut map, peer);
                         s.connected = true;
+                        s.error = None;
                         s.addr = Some(conn.remote_address());
                         s.last_seen = Some(shared.clock.wall_ms());
                         drop(map);
@@ -133,7 +139,11 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Cmd::Ended { peer, conn } => {
+            Cmd::Ended {
+                peer,
+                conn,
+                refused,
+            } => {
                 if conns.remove(&conn).is_some() {
                     with_status(&shared.statuses, &peer, |s| {
                         s.connected = false;
@@ -141,9 +151,16 @@ pub(crate) async fn run(
                     });
                 }
                 dialer.disconnected(&peer, conn, now, &mut rng);
+                if let Some(why) = refused {
+                    // A refusal is a failure: back off, and after a few open the breaker,
+                    // instead of redialing a peer that will refuse again twice a second.
+                    dialer.dial_failed(&peer, now, &mut rng);
+                    with_status(&shared.statuses, &peer, |s| s.error = Some(why));
+                }
             }
             Cmd::DialFailed { peer, error } => {
                 dialer.dial_failed(&peer, now, &mut rng);
+                with_status(&shared.statuses, &peer, |s| s.error = Some(error.clone()));
                 if dialer.state(&peer) == DialState::BreakerOpen {
                     tracing::debug!(peer = %peer.short(), %error, "peer unreachable; trying rarely until it shows up");
                 } else {
@@ -228,9 +245,14 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
     }
     tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
     let routes = router::spawn(conn.clone(), peer);
-    match session::run(&shared, &conn, peer, dialed, routes).await {
-        Ok(()) => conn.close(close::NORMAL.into(), b"session over"),
-        Err(e) => {
+    let result = session::run(&shared, &conn, peer, dialed, routes).await;
+    let refused = refusal(&conn);
+    match (&result, &refused) {
+        (_, Some(why)) => {
+            tracing::info!(peer = %peer.short(), reason = %why, "the peer refused us; backing off");
+        }
+        (Ok(()), None) => conn.close(close::NORMAL.into(), b"session over"),
+        (Err(e), None) => {
             tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
             conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
         }
@@ -238,8 +260,30 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
     let _ = shared.cmds.send(Cmd::Ended {
         peer,
         conn: conn.stable_id() as ConnId,
+        refused,
     });
     tracing::debug!(peer = %peer.short(), "peer disconnected");
+}
+
+/// Why the peer refused us, if it closed the connection saying we are not (or no longer) a
+/// member.
+fn refusal(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if [close::NOT_MEMBER, close::REMOVED]
+                .iter()
+                .any(|code| c.error_code == (*code).into()) =>
+        {
+            Some(format!(
+                "refused: {}",
+                String::from_utf8_lossy(&c.reason)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Dials `peer` at each address in turn; the first that answers runs the session.

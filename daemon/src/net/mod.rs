@@ -122,6 +122,8 @@ pub struct PeerStatus {
     /// How many of our deltas it has not confirmed holding: what was written since it left
     /// counts too. `None` if it has not connected since this node started.
     pub lacks: Option<u64>,
+    /// Why the last connection ended or the last dial failed (cleared when it connects).
+    pub error: Option<String>,
     /// What it confirmed holding, kept after it disconnects.
     #[serde(skip)]
     pub(crate) held: Option<VersionVector>,

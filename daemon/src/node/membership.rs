@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 use super::{Inner, Node};
 use crate::Error;
-use crate::error::DocError;
+use crate::error::{DocError, MembershipError};
 use crate::members::Membership;
 use crate::net::BoxFuture;
 use crate::net::{Commit, MemberAddrs, Net, NetError, NetHost, PeerStatus};
@@ -53,6 +53,9 @@ impl Node {
     /// the inviter and its members as members here.
     pub async fn join(&self, token: &str) -> Result<(), Error> {
         let invite = Invite::parse(token)?;
+        if invite.inviter == self.id() {
+            return Err(MembershipError::OwnInvite.into());
+        }
         let net = self.net().ok_or(NetError::Disabled)?;
         let members = net.join(&invite).await?;
         let all = std::iter::once((invite.inviter, invite.addrs.clone())).chain(members);
@@ -87,6 +90,9 @@ impl Node {
         by: NodeId,
         addrs: Vec<String>,
     ) -> Result<MemberAddrs, Error> {
+        if by == self.id() {
+            return Err(MembershipError::OwnInvite.into());
+        }
         let write = self
             .members_ref()
             .redeem(secret, by, self.inner.clock.wall_ms())?;

@@ -38,25 +38,13 @@ impl Daemon {
     /// config dir is an empty temp dir so the user's own config cannot leak in.
     pub fn start_with(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(bin("tandemd"))
-            .args([
-                "--data-dir",
-                dir.path().to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--no-mdns",
-            ])
-            .args(extra)
-            .env("XDG_CONFIG_HOME", dir.path().join("no-config"))
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_file(&dir.path().join("api.json"));
+        let child = spawn_tandemd(dir.path(), extra, env);
         Daemon { child, dir }
+    }
+
+    /// Starts tandemd again on this daemon's data dir (after [`Daemon::stop`]).
+    pub fn restart(&mut self) {
+        self.child = spawn_tandemd(self.dir.path(), &[], &[]);
     }
 
     pub fn tandem(&self, args: &[&str]) -> Output {
@@ -111,6 +99,30 @@ impl Daemon {
             "api.json removed on exit"
         );
     }
+}
+
+/// tandemd on `dir`, loopback only, API and QUIC on free ports, no mDNS, its config dir an
+/// empty temp dir (so the user's own config cannot leak in); returns once it is ready.
+fn spawn_tandemd(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
+    let child = Command::new(bin("tandemd"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--no-mdns",
+        ])
+        .args(extra)
+        .env("XDG_CONFIG_HOME", dir.join("no-config"))
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&dir.join("api.json"));
+    child
 }
 
 impl Drop for Daemon {
