@@ -44,8 +44,15 @@ impl Client {
             let token = std::fs::read_to_string(tf).map_err(|e| {
                 Failure::error(format!("cannot read token file {}: {e}", tf.display()))
             })?;
+            // `127.0.0.1:7374` means http://127.0.0.1:7374 (the API is plain HTTP on loopback).
+            let api = api.trim_end_matches('/');
+            let base = if api.contains("://") {
+                api.to_string()
+            } else {
+                format!("http://{api}")
+            };
             return Ok(Client {
-                base: api.trim_end_matches('/').to_string(),
+                base,
                 token: token.trim().to_string(),
                 dir: None,
             });

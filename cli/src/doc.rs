@@ -12,6 +12,10 @@ use crate::client::{Body, Client, Failure, Res, enc};
 use crate::progress::Progress;
 use crate::{flag, print, short, strs, utc};
 
+const DOC: &str = "The document: its id, or any unique prefix of it (as `doc ls` shows)";
+const PATH: &str =
+    "A JSON Pointer into the document, e.g. /items/0 or /title (\"\" is the whole document)";
+
 #[derive(Subcommand, Debug)]
 pub enum DocAction {
     /// Create a document (from a JSON object); prints its id.
@@ -22,27 +26,55 @@ pub enum DocAction {
     /// List documents.
     Ls,
     /// Print a document, or the value at a JSON Pointer PATH.
-    Get { doc: String, path: Option<String> },
+    Get {
+        #[arg(help = DOC)]
+        doc: String,
+        #[arg(help = PATH)]
+        path: Option<String>,
+    },
     /// Set the value at PATH (`-` at the end of an array path appends).
     Put {
+        #[arg(help = DOC)]
         doc: String,
+        #[arg(help = PATH)]
         path: String,
+        /// A JSON value: 42, true, null, {"a":1}, [1,2]; a string needs JSON quotes: '"milk"'.
         #[arg(value_name = "JSON")]
         value: String,
     },
     /// Delete the key or element at PATH.
-    Rm { doc: String, path: String },
+    Rm {
+        #[arg(help = DOC)]
+        doc: String,
+        #[arg(help = PATH)]
+        path: String,
+    },
     /// Delete the document.
-    Del { doc: String },
+    Del {
+        #[arg(help = DOC)]
+        doc: String,
+    },
     /// Print one line per change, to one document or all, until Ctrl-C.
-    Watch { doc: Option<String> },
+    Watch {
+        #[arg(help = DOC)]
+        doc: Option<String>,
+    },
     /// Edit the text at PATH in $VISUAL or $EDITOR; saved as a text diff, merged with what
     /// others changed meanwhile.
-    Edit { doc: String, path: String },
+    Edit {
+        #[arg(help = DOC)]
+        doc: String,
+        #[arg(help = PATH)]
+        path: String,
+    },
     /// The document's changes: hash, origin, time.
-    History { doc: String },
+    History {
+        #[arg(help = DOC)]
+        doc: String,
+    },
     /// Write the document as .automerge bytes (to stdout or FILE).
     Export {
+        #[arg(help = DOC)]
         doc: String,
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -56,7 +88,50 @@ fn doc_path(doc: &str, path: &str) -> String {
 }
 
 fn parse_json(s: &str) -> Res<Value> {
-    serde_json::from_str(s).map_err(|e| Failure::error(format!("not JSON: {e}")))
+    serde_json::from_str(s).map_err(|e| {
+        Failure::error(format!(
+            "not JSON ({e}): values are JSON, so a string needs quotes, e.g. '\"milk\"'"
+        ))
+    })
+}
+
+/// A document id from what the user typed: the whole id, or any unique prefix of one (as
+/// `doc ls` and `doc watch` show them).
+pub fn resolve_doc(c: &Client, typed: &str) -> Res<String> {
+    if typed.parse::<tandem::DocId>().is_ok() {
+        return Ok(typed.to_string());
+    }
+    let docs = c.json("GET", "/v1/docs", None)?;
+    let ids = docs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str());
+    unique_prefix("document", typed, ids)
+}
+
+/// The one id in `ids` that starts with `typed`, or an error listing the candidates.
+pub fn unique_prefix<'a>(
+    what: &str,
+    typed: &str,
+    ids: impl Iterator<Item = &'a str>,
+) -> Res<String> {
+    let found: Vec<&str> = if typed.is_empty() {
+        Vec::new()
+    } else {
+        ids.filter(|id| id.starts_with(typed)).collect()
+    };
+    match found[..] {
+        [one] => Ok(one.to_string()),
+        [] => Err(Failure::error(format!(
+            "no {what} id starts with {typed:?}"
+        ))),
+        _ => Err(Failure::error(format!(
+            "{typed:?} is ambiguous; it starts {} {what} ids: {}",
+            found.len(),
+            found.join(", ")
+        ))),
+    }
 }
 
 pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
@@ -86,14 +161,17 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
             }
         }
         DocAction::Get { doc, path } => {
+            let doc = &resolve_doc(c, doc)?;
             let v = c.json("GET", &doc_path(doc, path.as_deref().unwrap_or("")), None)?;
             print(&v, j);
         }
         DocAction::Put { doc, path, value } => {
+            let doc = &resolve_doc(c, doc)?;
             let v = parse_json(value)?;
             c.json("PUT", &doc_path(doc, path), Some(Body::Json(v)))?;
         }
         DocAction::Rm { doc, path } => {
+            let doc = &resolve_doc(c, doc)?;
             if path.is_empty() {
                 return Err(Failure::error(
                     "PATH is empty; use `tandem doc del` to delete the document",
@@ -102,11 +180,16 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
             c.json("DELETE", &doc_path(doc, path), None)?;
         }
         DocAction::Del { doc } => {
+            let doc = &resolve_doc(c, doc)?;
             c.json("DELETE", &format!("/v1/docs/{}", enc(doc)), None)?;
         }
-        DocAction::Watch { doc } => watch(c, doc.as_deref(), j)?,
-        DocAction::Edit { doc, path } => edit(c, doc, path)?,
+        DocAction::Watch { doc } => {
+            let doc = doc.as_deref().map(|d| resolve_doc(c, d)).transpose()?;
+            watch(c, doc.as_deref(), j)?
+        }
+        DocAction::Edit { doc, path } => edit(c, &resolve_doc(c, doc)?, path)?,
         DocAction::History { doc } => {
+            let doc = &resolve_doc(c, doc)?;
             let v = c.json("GET", &format!("/v1/docs/{}/history", enc(doc)), None)?;
             if j {
                 print(&v, true);
@@ -137,6 +220,7 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
             }
         }
         DocAction::Export { doc, output } => {
+            let doc = &resolve_doc(c, doc)?;
             let resp = c.call("GET", &format!("/v1/docs/{}/export", enc(doc)), None)?;
             let mut bytes = Vec::new();
             resp.into_reader()
@@ -233,7 +317,7 @@ fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
         };
         if !connected && !j {
             eprintln!(
-                "watching {}; Ctrl-C to stop",
+                "watching {} (times in UTC); Ctrl-C to stop",
                 doc.unwrap_or("all documents")
             );
         }

@@ -19,7 +19,7 @@ use progress::Progress;
 
 /// Command-line tool for tandem, the offline-first sync daemon.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "tandem", version = tandem::VERSION, about)]
 struct Cli {
     /// The node's data dir. Default: $TANDEM_DATA_DIR, else `data_dir` from the config file
     /// (as tandemd reads it), else $XDG_DATA_HOME/tandem.
@@ -53,7 +53,7 @@ enum Command {
     },
     /// Make a one-time invite token.
     Invite {
-        /// How long it stays valid, e.g. 10m, 1h, 30s.
+        /// How long it stays valid, from 1m to 30d, e.g. 10m, 1h, 2d.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         ttl: u64,
     },
@@ -99,7 +99,10 @@ enum SyncAction {
 #[derive(Subcommand, Debug)]
 enum MembersAction {
     /// Remove a member: it is cut off at once.
-    Rm { id: String },
+    Rm {
+        /// Its NodeId, or any unique prefix of it (the short id `members` shows).
+        id: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -362,7 +365,18 @@ fn run(cli: &Cli) -> Res<()> {
         Command::Members {
             action: Some(MembersAction::Rm { id }),
         } => {
-            c.json("DELETE", &format!("/v1/members/{}", enc(id)), None)?;
+            let id = if id.parse::<tandem::NodeId>().is_ok() {
+                id.clone()
+            } else {
+                let members = c.json("GET", "/v1/members", None)?;
+                let ids = members
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m["id"].as_str());
+                doc::unique_prefix("member", id, ids)?
+            };
+            c.json("DELETE", &format!("/v1/members/{}", enc(&id)), None)?;
         }
         Command::Members { action: None } => {
             let v = c.json("GET", "/v1/members", None)?;

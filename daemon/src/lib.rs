@@ -53,4 +53,18 @@ pub use net::{NetConfig, PeerStatus};
 pub use node::{Config, Event, HistoryEntry, Node, Subscription, SubscriptionError};
 pub use store::{DocInfo, Durability, StoreStats};
 pub use tandem_crdt as crdt;
+
+/// What `--version` prints for tandemd and the CLI alike: the release, the wire protocol and
+/// the local API version.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (wire protocol 2, API v1)");
+
 pub use tandem_crdt::{DocId, NodeId, Source};
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn the_version_line_names_the_protocol_this_build_speaks() {
+        let want = format!("wire protocol {}", tandem_crdt::proto::PROTOCOL_VERSION);
+        assert!(super::VERSION.contains(&want), "{}", super::VERSION);
+    }
+}

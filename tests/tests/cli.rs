@@ -175,6 +175,14 @@ fn api_requires_the_token_and_answers_errors_in_json() {
             .status(),
         200
     );
+    // The API's description holds no secrets: served without a token.
+    assert_eq!(
+        ureq::get(&format!("{base}/v1/openapi.json"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
     for auth in [None, Some("Bearer wrong")] {
         let mut req = ureq::get(&format!("{base}/v1/status"));
         if let Some(h) = auth {
@@ -1009,4 +1017,69 @@ fn doc_watch_recovers_from_a_daemon_restart() {
         },
         |l| l.contains("\"change\"") && l.contains(&doc),
     );
+}
+
+/// What a new user trips over: short ids, JSON values, URLs without a scheme, silly TTLs,
+/// version lines.
+#[test]
+fn rough_edges_a_new_user_hits() {
+    let a = Daemon::start();
+    let b = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    // Any unique prefix of a DocId works where an id is asked for.
+    let doc = a.ok(&["doc", "new", r#"{"items":[]}"#]);
+    a.ok(&["doc", "put", &doc[..6], "/items/-", r#""milk""#]);
+    assert_eq!(
+        a.ok(&["doc", "get", &doc[..6], "/items", "--json"]),
+        r#"["milk"]"#
+    );
+    let out = a.tandem(&["doc", "get", "zzzz"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no document id starts with"));
+    // A bare word is not JSON, and the message says how to quote it.
+    let out = a.tandem(&["doc", "put", &doc, "/items/-", "milk"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("a string needs quotes") && err.contains(r#"'"milk"'"#),
+        "{err}"
+    );
+    // --api without http:// works.
+    let (base, _) = a.api();
+    let token_file = a.dir.path().join("api-token");
+    let out = Command::new(bin("tandem"))
+        .args(["--api", base.trim_start_matches("http://")])
+        .args(["--token-file", token_file.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Invites live 1 minute to 30 days.
+    for ttl in ["0s", "59s", "31d"] {
+        let out = a.tandem(&["invite", "--ttl", ttl]);
+        assert_eq!(out.status.code(), Some(1), "{ttl}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1 minute"));
+    }
+    // A member is removed by its short id.
+    let b_short = b.ok(&["id", "--short"]);
+    a.ok(&["members", "rm", &b_short]);
+    assert_eq!(json(&a.ok(&["members", "--json"])), serde_json::json!([]));
+    // Both binaries say the same version and the protocol they speak.
+    let v = |b: &str| {
+        let out = Command::new(bin(b)).arg("--version").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (d, c) = (v("tandemd"), v("tandem"));
+    assert!(
+        d.starts_with("tandemd ") && c.starts_with("tandem "),
+        "{d} / {c}"
+    );
+    assert_eq!(
+        d.trim_start_matches("tandemd "),
+        c.trim_start_matches("tandem ")
+    );
+    assert!(d.contains("wire protocol"), "{d}");
 }

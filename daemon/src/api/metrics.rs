@@ -40,7 +40,7 @@ pub async fn render(node: &Node) -> Result<String, Error> {
     );
 
     type PeerField = fn(&crate::PeerStatus) -> u64;
-    let per_peer: [(&str, &str, &str, PeerField); 5] = [
+    let per_peer: [(&str, &str, &str, PeerField); 6] = [
         (
             "tandem_peer_bytes_sent_total",
             "counter",
@@ -68,8 +68,14 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         (
             "tandem_peer_in_sync",
             "gauge",
-            "1 if our clocks are equal as far as we know.",
+            "1 if the peer confirmed holding exactly what we hold.",
             |p| u64::from(p.in_sync),
+        ),
+        (
+            "tandem_peer_lacks_deltas",
+            "gauge",
+            "Our deltas the peer has not confirmed storing (writes since it left count).",
+            |p| p.lacks.unwrap_or(0),
         ),
     ];
     for (name, kind, help, field) in per_peer {
@@ -111,5 +117,52 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         "# HELP {name} Write requests answered by commits (group commit folds many into one).\n# TYPE {name} counter\n{name} {}",
         w.writes.load(Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP tandem_build_info The running build.\n# TYPE tandem_build_info gauge\n\
+         tandem_build_info{{version=\"{}\",protocol=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        tandem_crdt::proto::PROTOCOL_VERSION
+    );
+    process_metrics(&mut out);
     Ok(out)
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` (Linux; elsewhere left out).
+fn process_metrics(out: &mut String) {
+    // utime and stime, fields 14 and 15 of /proc/self/stat, after the parenthesised name.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // Fields counted from the state (field 3) at index 0: utime is 14, stime 15. Linux
+    // reports them in USER_HZ, which is 100 on every mainstream architecture.
+    if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time spent.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+            (u + s) as f64 / 100.0
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            kb * 1024
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}",
+            fds.count()
+        );
+    }
 }

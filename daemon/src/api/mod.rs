@@ -1,5 +1,5 @@
 //! The local HTTP API: JSON over HTTP on 127.0.0.1, a bearer token from a 0600 file on every
-//! route but `/v1/health`. Bad requests get a JSON body `{"code", "message"}` with a stable
+//! route but `/v1/health` and `/v1/openapi.json`. Bad requests get a JSON body `{"code", "message"}` with a stable
 //! code and a 4xx status, never a 500 for user input. The routes are described by the OpenAPI
 //! document served at `/v1/openapi.json` (`openapi.json` beside this file).
 
@@ -25,6 +25,9 @@ use tandem_crdt::{DocId, NodeId, PathError};
 use crate::error::{DataDirError, DocError, MembershipError, NetError, StoreError};
 use crate::members::InviteError;
 use crate::{Error, Node};
+
+/// How long an invite made through the API may be valid, in seconds: 1 minute to 30 days.
+pub const INVITE_TTL: std::ops::RangeInclusive<u64> = 60..=30 * 24 * 3600;
 
 /// Largest request body accepted (an import of a large document).
 pub const MAX_BODY: usize = 64 << 20;
@@ -433,6 +436,16 @@ async fn invite(
         serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?
     };
+    if !INVITE_TTL.contains(&req.ttl_secs) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_ttl",
+            format!(
+                "an invite must be valid for at least 1 minute and at most 30 days, not {} s",
+                req.ttl_secs
+            ),
+        ));
+    }
     let token = api.node.invite(Duration::from_secs(req.ttl_secs)).await?;
     Ok(Json(json!({"token": token})))
 }
@@ -482,7 +495,6 @@ pub fn router(node: Node, token: String, journal: Arc<events::Journal>) -> Route
     let guarded = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
-        .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_page))
         .route("/v1/docs", get(list_docs).post(create_doc))
         .route("/v1/docs/import", post(import_doc))
@@ -499,8 +511,10 @@ pub fn router(node: Node, token: String, journal: Arc<events::Journal>) -> Route
         .route("/v1/invite", post(invite))
         .route("/v1/join", post(join))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
+    // Open to any local process: health, and the API's description (it holds no secrets).
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
         .merge(guarded)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -609,5 +623,29 @@ mod tests {
             "the source scan found too few routes: {declared:?}"
         );
         assert_eq!(documented, declared);
+        // Every operation is named once and lists what it can answer.
+        let mut ids = BTreeSet::new();
+        for (method, path) in &documented {
+            let op = &doc["paths"][path][method];
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path}"));
+            assert!(ids.insert(id.to_string()), "operationId {id} twice");
+            let open = op["security"] == serde_json::json!([]);
+            assert_eq!(
+                open,
+                path == "/v1/health" || path == "/v1/openapi.json",
+                "{method} {path}"
+            );
+            let codes = op["responses"].as_object().unwrap();
+            if !open {
+                for code in ["400", "401", "500", "503"] {
+                    assert!(codes.contains_key(code), "{method} {path} lacks {code}");
+                }
+            }
+            if op.get("requestBody").is_some() {
+                assert!(codes.contains_key("413"), "{method} {path} lacks 413");
+            }
+        }
     }
 }

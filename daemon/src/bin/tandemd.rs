@@ -13,7 +13,7 @@ use tandem::{Config, NetConfig, Node, NodeId};
 ///
 /// Settings come from flags, then the config file, then defaults.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "tandemd", version = tandem::VERSION, about)]
 struct Args {
     /// Data dir (identity, database, lock). Default: $TANDEM_DATA_DIR, else the config file's
     /// `data_dir`, else $XDG_DATA_HOME/tandem.
@@ -83,8 +83,21 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     }
 }
 
+/// The default log filter. Automerge reports every refused input as an ERROR with a debug
+/// dump of its options (a bad import is the user's mistake, answered with a 400, not the
+/// daemon's error); tandem reports those failures itself.
+const DEFAULT_LOG: &str = "info,automerge=off";
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    // An error is a message for the user, not a backtrace (even with RUST_BACKTRACE set).
+    if let Err(e) = run().await {
+        eprintln!("tandemd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let file = match config::find(args.config.as_deref()) {
         Ok(f) => f,
@@ -97,16 +110,18 @@ async fn main() -> anyhow::Result<()> {
         Some("json") => LogFormat::Json,
         _ => LogFormat::Human,
     });
-    init_logs(log_format, file.log.as_deref().unwrap_or("info"));
+    init_logs(log_format, file.log.as_deref().unwrap_or(DEFAULT_LOG));
     let dir = config::data_dir(args.data_dir.as_deref(), &file);
     let api = args
         .api
         .or(file.api)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     if !api.ip().is_loopback() {
-        anyhow::bail!(
-            "--api {api} is not a loopback address; the local API serves this machine only"
+        // A bad value is a usage error, from a flag as from the config file: exit 2.
+        eprintln!(
+            "tandemd: --api {api} is not a loopback address; the local API serves this machine only"
         );
+        std::process::exit(2);
     }
     let mut config = Config::new(&dir);
     if let Some(name) = &file.name {

@@ -252,6 +252,10 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
             tracing::info!(peer = %peer.short(), reason = %why, "the peer refused us; backing off");
         }
         (Ok(()), None) => conn.close(close::NORMAL.into(), b"session over"),
+        (Err(e), None) if went_away(&conn) => {
+            // Either side shutting down or leaving politely is expected, not news.
+            tracing::debug!(peer = %peer.short(), error = %e, "sync session ended");
+        }
         (Err(e), None) => {
             tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
             conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
@@ -263,6 +267,20 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
         refused,
     });
     tracing::debug!(peer = %peer.short(), "peer disconnected");
+}
+
+/// Whether the connection ended because this node or the peer closed it on purpose
+/// (shutting down, a normal close, or a duplicate replaced).
+fn went_away(conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::LocallyClosed) => true,
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            [close::NORMAL, close::SHUTDOWN, close::DUPLICATE]
+                .iter()
+                .any(|code| c.error_code == (*code).into())
+        }
+        _ => false,
+    }
 }
 
 /// Why the peer refused us, if it closed the connection saying we are not (or no longer) a
