@@ -76,6 +76,12 @@ enum Command {
         #[command(subcommand)]
         action: SyncAction,
     },
+    /// Print the status page's one-time login URL (valid 2 minutes).
+    Open {
+        /// Also open it in a browser ($BROWSER, xdg-open or open).
+        #[arg(long)]
+        browser: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -287,6 +293,29 @@ fn sync_wait(c: &Client, timeout: Duration, any: bool, j: bool) -> Res<()> {
     }
 }
 
+/// Opens `url` in the user's browser.
+fn open_browser(url: &str) -> Res<()> {
+    let candidates: Vec<String> = std::env::var("BROWSER")
+        .ok()
+        .into_iter()
+        .chain(["xdg-open".to_string(), "open".to_string()])
+        .collect();
+    for cmd in &candidates {
+        if std::process::Command::new(cmd)
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(Failure::error(
+        "no browser found ($BROWSER, xdg-open, open); open the URL above yourself",
+    ))
+}
+
 fn run(cli: &Cli) -> Res<()> {
     let dir = if cli.data_dir.is_some() {
         cli.data_dir.clone().unwrap_or_default()
@@ -360,6 +389,19 @@ fn run(cli: &Cli) -> Res<()> {
             )?;
             if !j {
                 eprintln!("joined");
+            }
+        }
+        Command::Open { browser } => {
+            let v = c.json("POST", "/v1/ui/code", None)?;
+            let url = v["url"].as_str().unwrap_or_default().to_string();
+            if j {
+                print(&v, true);
+            } else {
+                println!("{url}");
+                eprintln!("one-time link to the status page, valid 2 minutes");
+            }
+            if *browser {
+                open_browser(&url)?;
             }
         }
         Command::Members {

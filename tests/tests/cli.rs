@@ -1083,3 +1083,74 @@ fn rough_edges_a_new_user_hits() {
     );
     assert!(d.contains("wire protocol"), "{d}");
 }
+
+/// The status page: a one-time code from `tandem open` logs a browser in with an HttpOnly,
+/// SameSite=Strict cookie; the cookie reads (GET) from this listener's own origin only.
+#[test]
+fn the_status_page_logs_in_once_and_only_reads() {
+    let a = Daemon::start();
+    let (base, _) = a.api();
+    let url = a.ok(&["open"]);
+    assert!(url.starts_with(&format!("{base}/ui/login?code=")), "{url}");
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let login = agent.get(&url).call().unwrap();
+    assert_eq!(login.status(), 303);
+    assert_eq!(login.header("location"), Some("/ui/"));
+    let cookie = login.header("set-cookie").unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    match agent.get(&url).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("a code works once: {other:?}"),
+    }
+    let page = agent
+        .get(&format!("{base}/ui/"))
+        .set("Cookie", &session)
+        .call()
+        .unwrap();
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert!(
+        page.into_string()
+            .unwrap()
+            .contains("<title>tandem</title>")
+    );
+    let status = |extra: &[(&str, &str)]| {
+        let mut req = agent
+            .get(&format!("{base}/v1/status"))
+            .set("Cookie", &session);
+        for (k, v) in extra {
+            req = req.set(k, v);
+        }
+        match req.call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(status(&[]), 200);
+    assert_eq!(status(&[("Origin", base.as_str())]), 200);
+    assert_eq!(
+        status(&[("Origin", "https://evil.example")]),
+        403,
+        "another site"
+    );
+    let port = base.rsplit(':').next().unwrap();
+    assert_eq!(
+        status(&[("Host", &format!("evil.example:{port}"))]),
+        403,
+        "DNS rebinding"
+    );
+    let write = agent
+        .post(&format!("{base}/v1/docs"))
+        .set("Cookie", &session)
+        .send_string("{}");
+    assert!(
+        matches!(write, Err(ureq::Error::Status(403, _))),
+        "read only"
+    );
+    let anonymous = agent.get(&format!("{base}/v1/status")).call();
+    assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))));
+}

@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,23 +129,49 @@ struct Api {
     node: Node,
     token: String,
     journal: Arc<events::Journal>,
+    ui: Arc<ui::Ui>,
 }
 
+/// The bearer token, or else the status page's session cookie (which may only read, and only
+/// from this listener's own origin).
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let ok = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()));
-    if !ok {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        )
-        .into_response();
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = bearer {
+        if constant_time_eq(t.as_bytes(), api.token.as_bytes()) {
+            return next.run(req).await;
+        }
+    } else {
+        let now = api.node.time();
+        match api.ui.check(req.method(), &headers, now) {
+            Ok(()) => return next.run(req).await,
+            Err(ui::Refusal::NoSession) => {}
+            Err(ui::Refusal::Foreign(what)) => {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "foreign_origin",
+                    format!("{what} is not this tandemd's own address"),
+                )
+                .into_response();
+            }
+            Err(ui::Refusal::ReadOnly) => {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "read_only",
+                    "the status page may only read; use the CLI or the bearer token to change",
+                )
+                .into_response();
+            }
+        }
     }
-    next.run(req).await
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer token",
+    )
+    .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -481,16 +508,79 @@ async fn remove_member(State(api): State<Api>, Path(id): Path<String>) -> ApiRes
     }
 }
 
+/// A one-time login code for the status page (what `tandem open` prints).
+async fn ui_code(State(api): State<Api>) -> Json<Value> {
+    let code = api.ui.new_code(api.node.time());
+    Json(json!({"code": code, "url": api.ui.login_url(&code)}))
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    code: String,
+}
+
+/// Redeems a login code: sets the session cookie and goes to the page.
+async fn ui_login(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Query(q): Query<LoginQuery>,
+) -> ApiResult<Response> {
+    if !api.ui.host_ok(&headers) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "foreign_origin",
+            "Host is not this tandemd's own address",
+        ));
+    }
+    let session = api.ui.redeem(&q.code, api.node.time()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_code",
+            "unknown, used or expired login code: run `tandem open` again",
+        )
+    })?;
+    Ok((
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, ui::Ui::cookie(&session)),
+            (header::LOCATION, "/ui/".to_string()),
+        ],
+    )
+        .into_response())
+}
+
+/// The status page.
+async fn ui_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        ui::PAGE,
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
 }
 
 /// The API's routes for `node`, guarded by `token`, with `journal` behind `/v1/events`.
-pub fn router(node: Node, token: String, journal: Arc<events::Journal>) -> Router {
+pub fn router(
+    node: Node,
+    token: String,
+    journal: Arc<events::Journal>,
+    addr: SocketAddr,
+) -> Router {
     let api = Api {
         node,
         token,
         journal,
+        ui: Arc::new(ui::Ui::new(addr)),
     };
     let guarded = Router::new()
         .route("/v1/status", get(status))
@@ -510,11 +600,14 @@ pub fn router(node: Node, token: String, journal: Arc<events::Journal>) -> Route
         .route("/v1/members/{id}", delete(remove_member))
         .route("/v1/invite", post(invite))
         .route("/v1/join", post(join))
+        .route("/v1/ui/code", post(ui_code))
+        .route("/ui/", get(ui_page))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
     // Open to any local process: health, and the API's description (it holds no secrets).
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
+        .route("/ui/login", get(ui_login))
         .merge(guarded)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -532,7 +625,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let journal = events::Journal::start(&node, events::JOURNAL_EVENTS)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let app = router(node, token, journal.clone());
+    let app = router(node, token, journal.clone(), bound);
     // Small JSON replies: send them now rather than waiting to coalesce (Nagle).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -634,7 +727,7 @@ mod tests {
             let open = op["security"] == serde_json::json!([]);
             assert_eq!(
                 open,
-                path == "/v1/health" || path == "/v1/openapi.json",
+                ["/v1/health", "/v1/openapi.json", "/ui/login"].contains(&path.as_str()),
                 "{method} {path}"
             );
             let codes = op["responses"].as_object().unwrap();

@@ -226,6 +226,11 @@ impl Node {
     }
 
     /// The store's group-commit counters.
+    /// Now, by the node's clock (monotonic).
+    pub fn time(&self) -> std::time::Instant {
+        self.inner.clock.now()
+    }
+
     pub fn writer_stats(&self) -> &crate::store::WriterStats {
         self.inner.store.writer_stats()
     }
