@@ -20,6 +20,7 @@ const PATH: &str =
 pub enum DocAction {
     /// Create a document (from a JSON object); prints its id.
     New {
+        /// The initial content: a JSON object, e.g. '{"title":"groceries","items":[]}'.
         #[arg(value_name = "JSON")]
         value: Option<String>,
     },
@@ -77,10 +78,14 @@ pub enum DocAction {
         #[arg(help = DOC)]
         doc: String,
         #[arg(short, long)]
+        /// Write to this file instead of stdout.
         output: Option<PathBuf>,
     },
     /// Import .automerge files (or stdin); prints each new id on its own line.
-    Import { files: Vec<PathBuf> },
+    Import {
+        /// .automerge files; none reads one from stdin.
+        files: Vec<PathBuf>,
+    },
 }
 
 fn doc_path(doc: &str, path: &str) -> String {

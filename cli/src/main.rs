@@ -58,7 +58,10 @@ enum Command {
         ttl: u64,
     },
     /// Join the cluster of whoever made TOKEN.
-    Join { token: String },
+    Join {
+        /// The token `tandem invite` printed on a member (starts with tandem1).
+        token: String,
+    },
     /// List members, or remove one.
     Members {
         #[command(subcommand)]
@@ -83,7 +86,10 @@ enum Command {
         browser: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]

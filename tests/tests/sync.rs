@@ -80,9 +80,14 @@ async fn two_nodes_sync_and_merge_offline_edits() {
     drop(b);
     a.splice_text(doc, "/title", 0, 0, "A: ").await.unwrap();
     a.insert(doc, "/items/-", json!("from a")).await.unwrap();
-    let b = open(db.path()).await;
+    // B edits while still offline (reconnecting is fast enough now that a networked B would
+    // already hold A's edits when it makes its own), then comes back.
+    let b = Node::open(Config::new(db.path())).await.unwrap();
     b.splice_text(doc, "/title", 6, 0, " (b)").await.unwrap();
     b.insert(doc, "/items/0", json!("from b")).await.unwrap();
+    b.close().await.unwrap();
+    drop(b);
+    let b = open(db.path()).await;
     eventually("A and B to converge", || same_doc(&a, &b, doc)).await;
     let v = a.get(doc, "").await.unwrap();
     assert_eq!(v["title"], json!("A: shared (b)"));

@@ -549,8 +549,20 @@ async fn ui_login(
         .into_response())
 }
 
-/// The status page.
-async fn ui_page() -> Response {
+/// The status page for a logged-in browser; the login form for anyone else.
+async fn ui_page(State(api): State<Api>, req: Request) -> Response {
+    let page = match api.ui.check(req.method(), req.headers(), api.node.time()) {
+        Ok(()) => ui::PAGE,
+        Err(ui::Refusal::Foreign(what)) => {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "foreign_origin",
+                format!("{what} is not this tandemd's own address"),
+            )
+            .into_response();
+        }
+        Err(_) => ui::LOGIN,
+    };
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -559,8 +571,9 @@ async fn ui_page() -> Response {
                 "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
             ),
             (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-store"),
         ],
-        ui::PAGE,
+        page,
     )
         .into_response()
 }
@@ -601,13 +614,13 @@ pub fn router(
         .route("/v1/invite", post(invite))
         .route("/v1/join", post(join))
         .route("/v1/ui/code", post(ui_code))
-        .route("/ui/", get(ui_page))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
     // Open to any local process: health, and the API's description (it holds no secrets).
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/ui/login", get(ui_login))
+        .route("/ui/", get(ui_page))
         .merge(guarded)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -727,7 +740,7 @@ mod tests {
             let open = op["security"] == serde_json::json!([]);
             assert_eq!(
                 open,
-                ["/v1/health", "/v1/openapi.json", "/ui/login"].contains(&path.as_str()),
+                ["/v1/health", "/v1/openapi.json", "/ui/login", "/ui/"].contains(&path.as_str()),
                 "{method} {path}"
             );
             let codes = op["responses"].as_object().unwrap();

@@ -26,6 +26,20 @@ pub const COOKIE: &str = "tandem_ui";
 /// The page.
 pub const PAGE: &str = include_str!("ui.html");
 
+/// What a browser without a session gets: a form for the code `tandem open` prints, and
+/// nothing about the node.
+pub const LOGIN: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tandem: log in</title>
+<style>body{font:15px system-ui,sans-serif;margin:12vh auto;max-width:30em;color:#1d2330}
+input{font:inherit;padding:6px;width:100%;box-sizing:border-box}button{font:inherit;margin-top:10px;padding:6px 14px}
+code{background:#eef0f5;padding:1px 4px;border-radius:3px}</style></head>
+<body><h1>tandem</h1>
+<p>Run <code>tandem open</code> on this machine and follow the link it prints, or paste its
+code here. A code works once, for 2 minutes.</p>
+<form id="login" method="get" action="/ui/login"><input name="code" aria-label="login code" autocomplete="off" required>
+<button type="submit">Log in</button></form></body></html>
+"#;
+
 /// Login codes and sessions of the status page.
 #[derive(Debug)]
 pub struct Ui {
