@@ -144,6 +144,17 @@ impl Dialer {
         }
     }
 
+    /// The member was just reached at `addr` (it connected from there, or our dial to it
+    /// answered): try it first from now on.
+    pub fn prefer(&mut self, id: NodeId, addr: SocketAddr, now: Instant) {
+        if id == self.me {
+            return;
+        }
+        let p = self.peer(id, now);
+        p.addrs.retain(|a| *a != addr);
+        p.addrs.insert(0, addr);
+    }
+
     /// Something says the member is at `addrs` now (mDNS, config, a join): add them, close the
     /// breaker and make it due at once.
     pub fn learn(&mut self, id: NodeId, addrs: &[SocketAddr], now: Instant) {

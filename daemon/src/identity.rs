@@ -58,7 +58,7 @@ impl Identity {
         let path = dir.join(KEY_FILE);
         match fs::read(&path) {
             Ok(bytes) => {
-                tighten_permissions(&path)?;
+                make_private(&path, 0o600)?;
                 Self::from_pkcs8(bytes, &path)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -107,18 +107,32 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-fn tighten_permissions(path: &Path) -> Result<(), Error> {
+/// Makes `path` (if it exists) private to this user: `mode` (0600 for files, 0700 for
+/// dirs) when group or others had any access, with a warning saying so. Returns whether it
+/// changed anything.
+pub(crate) fn make_private(path: &Path, mode: u32) -> Result<bool, Error> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(path, e)),
+        };
         if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "identity key was readable by others; setting mode 0600");
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "was open to other users; making it private ({mode:o})"
+            );
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io(path, e))?;
+            return Ok(true);
         }
     }
-    Ok(())
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(false)
 }
 
 #[cfg(test)]

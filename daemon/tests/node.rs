@@ -441,3 +441,47 @@ async fn text_edits_from_an_old_base_merge_and_a_replaced_text_is_refused() {
     ));
     node.close().await.unwrap();
 }
+
+/// Everything in the data dir is private to this user, even in a dir that existed open, and
+/// files restored with open modes are fixed on start.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_dir_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let node = Node::open(Config::new(&dir)).await.unwrap();
+    node.create(Some(serde_json::json!({"a": 1})))
+        .await
+        .unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["tandem.db", "tandem.db-wal", "identity.key", "LOCK"] {
+        let p = dir.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{f}");
+        }
+    }
+    node.close().await.unwrap();
+    drop(node);
+    // A restore left the database readable by everyone: fixed on the next start.
+    std::fs::set_permissions(
+        dir.join("tandem.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let node = Node::open(Config::new(&dir)).await.unwrap();
+    assert_eq!(mode(&dir.join("tandem.db")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    node.close().await.unwrap();
+    // The API token too.
+    let token = tandem::api::load_or_create_token(&dir).unwrap();
+    let tf = dir.join(tandem::api::TOKEN_FILE);
+    assert_eq!(mode(&tf), 0o600);
+    std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(tandem::api::load_or_create_token(&dir).unwrap(), token);
+    assert_eq!(mode(&tf), 0o600);
+}

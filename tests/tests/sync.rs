@@ -513,6 +513,38 @@ async fn a_removed_member_learns_why_and_backs_off() {
     );
 }
 
+/// With mDNS off, two members that both restarted on new ports find each other again: each
+/// dials the other where it last connected from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_both_moved_find_each_other_again() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(da.path()).await;
+    let b = open(db.path()).await;
+    pair(&a, &b).await;
+    let connected = |n: &Node| n.peers().iter().any(|p| p.connected);
+    eventually("A and B connected", || async {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    // A restarts on a new port: it still reaches B, and B learns where A is now.
+    let a_old = a.listen_addr().unwrap();
+    a.close().await.unwrap();
+    drop(a);
+    let a = open(da.path()).await;
+    assert_ne!(a.listen_addr().unwrap(), a_old, "a new port");
+    eventually("A back", || async { connected(&a) && connected(&b) }).await;
+    // B restarts on a new port too: A's idea of B is stale, but B dials A where A connected
+    // from, and they sync.
+    b.close().await.unwrap();
+    drop(b);
+    let b = open(db.path()).await;
+    let doc = a.create(Some(json!({"moved": true}))).await.unwrap();
+    eventually("B to get A's write after both moved", || async {
+        b.get(doc, "/moved").await.ok() == Some(json!(true))
+    })
+    .await;
+}
+
 /// A clock whose wall time a test moves forward.
 #[derive(Debug, Default)]
 struct ShiftedClock(std::sync::atomic::AtomicI64);

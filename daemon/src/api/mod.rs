@@ -666,7 +666,11 @@ pub const TOKEN_FILE: &str = "api-token";
 pub fn load_or_create_token(dir: &std::path::Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(t) if !t.trim().is_empty() => {
+            // A token restored from a backup may have come back readable by others.
+            crate::identity::make_private(&path, 0o600)?;
+            return Ok(t.trim().to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(&path, e)),
@@ -680,7 +684,7 @@ pub fn load_or_create_token(dir: &std::path::Path) -> Result<String, Error> {
 pub fn write_api_file(dir: &std::path::Path, addr: SocketAddr) -> Result<(), Error> {
     let path = dir.join(API_FILE);
     let body = json!({"addr": addr.to_string(), "pid": std::process::id()}).to_string();
-    std::fs::write(&path, body).map_err(|e| Error::io(&path, e))
+    crate::identity::write_private(&path, body.as_bytes())
 }
 
 #[cfg(test)]

@@ -113,8 +113,12 @@ pub(crate) async fn run(
                     let _ = reply.send(false);
                     continue;
                 }
-                // Members met by their own dial get their address remembered for ours.
-                dialer.add(peer, &[], now);
+                // A QUIC endpoint dials from the port it listens on: where a member connected
+                // from (or where our dial reached it) is where to dial it next, even if both
+                // restarted on new ports since.
+                let addr = conn.remote_address();
+                dialer.prefer(peer, addr, now);
+                tokio::spawn(shared.host.peer_seen_at(peer, addr));
                 let id = conn.stable_id() as ConnId;
                 match dialer.connected(peer, id, dialed, now) {
                     Admit::Refuse => {

@@ -47,6 +47,8 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     // Membership.
     fn is_member(&self, id: &NodeId) -> bool;
     fn members(&self) -> Vec<Member>;
+    /// A member was just reached at `addr`: remember it first among its addresses.
+    fn peer_seen_at(&self, id: NodeId, addr: std::net::SocketAddr) -> BoxFuture<()>;
     /// A peer said its name in Hello (untrusted; for people).
     fn peer_named(&self, id: NodeId, name: String) -> BoxFuture<()>;
     /// Inviter side of a join: checks the secret, admits `by`; returns our member list.

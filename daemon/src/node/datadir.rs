@@ -23,13 +23,15 @@ pub(super) const DB_FILE: &str = "tandem.db";
 pub(super) fn lock_data_dir(dir: &Path) -> Result<fs::File, Error> {
     use std::io::{Read, Seek, Write};
     let path = dir.join(LOCK_FILE);
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&path).map_err(|e| Error::io(&path, e))?;
+    crate::identity::make_private(&path, 0o600)?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
@@ -53,6 +55,7 @@ pub(super) fn lock_data_dir(dir: &Path) -> Result<fs::File, Error> {
     Ok(f)
 }
 
+/// Creates the data dir (0700), or makes an existing one private.
 pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
     let mut b = fs::DirBuilder::new();
     b.recursive(true);
@@ -61,5 +64,27 @@ pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
         use std::os::unix::fs::DirBuilderExt;
         b.mode(0o700);
     }
-    b.create(dir).map_err(|e| Error::io(dir, e))
+    b.create(dir).map_err(|e| Error::io(dir, e))?;
+    crate::identity::make_private(dir, 0o700)?;
+    Ok(())
+}
+
+/// The database and its WAL and shared-memory files are private: existing ones are made
+/// 0600, and a new database is created 0600 before SQLite opens it (SQLite gives its WAL and
+/// shared-memory files the database file's mode).
+pub(super) fn private_db_files(dir: &Path) -> Result<(), Error> {
+    let db = dir.join(DB_FILE);
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(&db).map_err(|e| Error::io(&db, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        crate::identity::make_private(&path, 0o600)?;
+    }
+    Ok(())
 }

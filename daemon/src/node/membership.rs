@@ -116,6 +116,28 @@ impl Node {
         self.members_ref().members()
     }
 
+    /// Records where a member was just reached, first among its addresses (at most 4 kept),
+    /// so the next dial finds it even after both restarted on new ports. A failed write only
+    /// loses the address.
+    async fn note_member_addr(&self, id: NodeId, addr: SocketAddr) {
+        let Some(m) = self.members().into_iter().find(|m| m.id == id) else {
+            return;
+        };
+        let addr = addr.to_string();
+        if m.addrs.first() == Some(&addr) {
+            return;
+        }
+        let rest = m.addrs.into_iter().filter(|a| *a != addr).take(3);
+        let addrs: Vec<String> = std::iter::once(addr.clone()).chain(rest).collect();
+        if let Some(w) = self
+            .members_ref()
+            .add(id, addrs, self.inner.clock.wall_ms())
+            && let Err(e) = self.inner.store.write(w).await
+        {
+            tracing::warn!(peer = %id.short(), error = %e, "could not record a member's address");
+        }
+    }
+
     /// Records the name a member gave in its Hello (a failed write only loses the name).
     async fn note_member_name(&self, id: NodeId, name: &str) {
         if let Some(write) = self.members_ref().set_name(&id, name)
@@ -240,6 +262,15 @@ impl NetHost for NodeLink {
 
     fn members(&self) -> Vec<Member> {
         self.node().map(|n| n.members()).unwrap_or_default()
+    }
+
+    fn peer_seen_at(&self, id: NodeId, addr: SocketAddr) -> BoxFuture<()> {
+        let node = self.node();
+        Box::pin(async move {
+            if let Some(n) = node {
+                n.note_member_addr(id, addr).await;
+            }
+        })
     }
 
     fn peer_named(&self, id: NodeId, name: String) -> BoxFuture<()> {

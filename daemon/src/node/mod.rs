@@ -140,6 +140,7 @@ impl Node {
         let lock = lock_data_dir(&dir)?;
         let identity = Identity::load_or_create(&dir)?;
         let id = identity.id();
+        datadir::private_db_files(&dir)?;
         let (store, recovered) = Store::open(
             &dir.join(DB_FILE),
             id,
