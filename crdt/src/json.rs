@@ -6,36 +6,90 @@ use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value};
 use serde_json::{Map, Number, Value as Json};
 
-/// Reads the object `obj` (or the scalar at it) as JSON.
-pub fn object_to_json<R: ReadDoc>(doc: &R, obj: &ObjId) -> Json {
-    match doc.object_type(obj) {
+/// The deepest nesting of objects and arrays a document may have, its root included. Writes
+/// that would go deeper are refused; a document that arrives deeper (from a peer) cannot be
+/// read as JSON (an error for that document, never a crash: every walk here is bounded).
+pub const MAX_DEPTH: usize = 100;
+
+/// A value or document nested deeper than [`MAX_DEPTH`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("nested deeper than {MAX_DEPTH} objects and arrays")]
+pub struct TooDeep;
+
+/// Reads the object `obj` (or the scalar at it) as JSON; `TooDeep` if it nests deeper than
+/// [`MAX_DEPTH`] below `obj`.
+pub fn object_to_json<R: ReadDoc>(doc: &R, obj: &ObjId) -> Result<Json, TooDeep> {
+    object_at(doc, obj, 1)
+}
+
+fn object_at<R: ReadDoc>(doc: &R, obj: &ObjId, depth: usize) -> Result<Json, TooDeep> {
+    let nested = |depth: usize| {
+        if depth > MAX_DEPTH {
+            Err(TooDeep)
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match doc.object_type(obj) {
         Ok(ObjType::Map) | Ok(ObjType::Table) => {
+            nested(depth)?;
             let mut map = Map::new();
             for item in doc.map_range(obj, ..) {
                 let id = item.id();
-                map.insert(item.key.to_string(), value_to_json(doc, item.value, &id));
+                map.insert(item.key.to_string(), value_at(doc, item.value, &id, depth)?);
             }
             Json::Object(map)
         }
-        Ok(ObjType::List) => Json::Array(
-            doc.list_range(obj, ..)
-                .map(|item| {
-                    let id = item.id();
-                    value_to_json(doc, item.value, &id)
-                })
-                .collect(),
-        ),
+        Ok(ObjType::List) => {
+            nested(depth)?;
+            let mut items = Vec::new();
+            for item in doc.list_range(obj, ..) {
+                let id = item.id();
+                items.push(value_at(doc, item.value, &id, depth)?);
+            }
+            Json::Array(items)
+        }
         Ok(ObjType::Text) => Json::String(doc.text(obj).unwrap_or_default()),
         Err(_) => Json::Null,
-    }
+    })
 }
 
 /// Converts one value read from a document; `id` is its object id when it is an object.
-pub fn value_to_json<R: ReadDoc>(doc: &R, value: automerge::ValueRef<'_>, id: &ObjId) -> Json {
+pub fn value_to_json<R: ReadDoc>(
+    doc: &R,
+    value: automerge::ValueRef<'_>,
+    id: &ObjId,
+) -> Result<Json, TooDeep> {
+    value_at(doc, value, id, 0)
+}
+
+fn value_at<R: ReadDoc>(
+    doc: &R,
+    value: automerge::ValueRef<'_>,
+    id: &ObjId,
+    depth: usize,
+) -> Result<Json, TooDeep> {
     match value.into_value() {
-        Value::Object(_) => object_to_json(doc, id),
-        Value::Scalar(s) => scalar_to_json(&s),
+        Value::Object(_) => object_at(doc, id, depth + 1),
+        Value::Scalar(s) => Ok(scalar_to_json(&s)),
     }
+}
+
+/// How deeply `value` nests objects and arrays (a scalar or string: 0). Iterative, so a
+/// hostile value cannot exhaust the stack.
+pub fn json_depth(value: &Json) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Json>> = match v {
+            Json::Array(items) => Box::new(items.iter()),
+            Json::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(d + 1);
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    deepest
 }
 
 /// Converts a scalar. Counters and timestamps become numbers, bytes an array of numbers,
@@ -169,7 +223,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(object_to_json(&doc, &ROOT), value);
+        assert_eq!(object_to_json(&doc, &ROOT).unwrap(), value);
         let title = doc.get(ROOT, "title").unwrap().unwrap();
         assert!(matches!(title.0, Value::Object(ObjType::Text)));
     }

@@ -6,7 +6,9 @@ use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
 use serde_json::Value as Json;
 
-use crate::json::{insert_json, json_type, object_to_json, put_json, scalar_to_json};
+use crate::json::{
+    MAX_DEPTH, insert_json, json_depth, json_type, object_to_json, put_json, scalar_to_json,
+};
 
 /// Why a path or an edit at a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +31,10 @@ pub enum PathError {
     },
     #[error("automerge refused the edit at {path:?}: {why}")]
     Automerge { path: String, why: String },
+    #[error(
+        "{path:?} would nest deeper than {limit} objects and arrays (the limit for a document)"
+    )]
+    TooDeep { path: String, limit: usize },
 }
 
 /// A parsed JSON Pointer: `""` is the whole document, `"/a/0/b~1c"` is `["a", "0", "b/c"]`.
@@ -195,12 +201,28 @@ fn resolve<R: ReadDoc>(doc: &R, tokens: &[String]) -> Result<Target, PathError> 
     Ok(cur)
 }
 
-/// Reads the value at `path` as JSON.
+/// Reads the value at `path` as JSON. A document nested deeper than [`MAX_DEPTH`] (which
+/// only a peer could have made) is an error, not a crash.
 pub fn get<R: ReadDoc>(doc: &R, path: &Pointer) -> Result<Json, PathError> {
     Ok(match resolve(doc, &path.tokens)? {
-        Target::Object(id, _) => object_to_json(doc, &id),
+        Target::Object(id, _) => object_to_json(doc, &id).map_err(|_| PathError::TooDeep {
+            path: path.text.clone(),
+            limit: MAX_DEPTH,
+        })?,
         Target::Scalar(s) => scalar_to_json(&s),
     })
+}
+
+/// Refuses to write `value` at `path` if the document would nest deeper than [`MAX_DEPTH`]:
+/// the root is level 1, each token of the path one more, then the value's own nesting.
+fn check_depth(path: &Pointer, value: &Json) -> Result<(), PathError> {
+    if path.tokens.len() + json_depth(value) > MAX_DEPTH {
+        return Err(PathError::TooDeep {
+            path: path.text.clone(),
+            limit: MAX_DEPTH,
+        });
+    }
+    Ok(())
 }
 
 /// The container at `parent` and the type it must be for the last token.
@@ -229,6 +251,7 @@ pub fn put<T: Transactable + ReadDoc>(
     path: &Pointer,
     value: &Json,
 ) -> Result<(), PathError> {
+    check_depth(path, value)?;
     let Some((parent, last)) = path.split_last() else {
         let Json::Object(map) = value else {
             return Err(PathError::TypeMismatch {
@@ -279,6 +302,7 @@ pub fn insert<T: Transactable + ReadDoc>(
     path: &Pointer,
     value: &Json,
 ) -> Result<(), PathError> {
+    check_depth(path, value)?;
     let Some((parent, last)) = path.split_last() else {
         return Err(PathError::TypeMismatch {
             path: String::new(),

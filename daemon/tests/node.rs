@@ -485,3 +485,58 @@ async fn the_data_dir_and_its_files_are_private() {
     assert_eq!(tandem::api::load_or_create_token(&dir).unwrap(), token);
     assert_eq!(mode(&tf), 0o600);
 }
+
+/// Nesting is bounded: a write that would nest deeper than the limit is refused, and a document
+/// made deeper elsewhere (imported here, as a peer's would arrive) is an error to read, never
+/// a crash of the node.
+#[tokio::test]
+async fn deep_nesting_is_refused_or_reported_never_a_crash() {
+    use tandem::crdt::json::MAX_DEPTH;
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::open(Config::new(tmp.path())).await.unwrap();
+    let mut events = node.subscribe(None).unwrap();
+    let nest = |levels: usize| {
+        let mut v = serde_json::json!(1);
+        for _ in 0..levels {
+            v = serde_json::json!({ "a": v });
+        }
+        v
+    };
+    // MAX_DEPTH nested objects fit exactly (the root is the first); the scalar at the bottom
+    // can be replaced by a scalar, not by one more object.
+    let doc = node.create(Some(nest(MAX_DEPTH))).await.unwrap();
+    let mut path = String::new();
+    for _ in 0..MAX_DEPTH {
+        path.push_str("/a");
+    }
+    assert!(matches!(
+        node.put(doc, &path, nest(1)).await,
+        Err(Error::Doc(DocError::Path(PathError::TooDeep { .. })))
+    ));
+    node.put(doc, &path, serde_json::json!(2)).await.unwrap();
+    assert_eq!(node.get(doc, &path).await.unwrap(), serde_json::json!(2));
+
+    // 600 levels, made with Automerge directly, as a peer could.
+    let mut am = automerge::Automerge::new();
+    let mut tx = am.transaction();
+    let mut obj = automerge::ROOT;
+    for _ in 0..600 {
+        obj = automerge::transaction::Transactable::put_object(
+            &mut tx,
+            &obj,
+            "a",
+            automerge::ObjType::Map,
+        )
+        .unwrap();
+    }
+    tx.commit();
+    let deep = node.import(&am.save()).await.unwrap();
+    assert!(matches!(
+        node.get(deep, "").await,
+        Err(Error::Doc(DocError::Path(PathError::TooDeep { .. })))
+    ));
+    // The node is fine and still serves everything else.
+    assert_eq!(node.get(doc, &path).await.unwrap(), serde_json::json!(2));
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {}
+    node.close().await.unwrap();
+}

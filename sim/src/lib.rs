@@ -973,7 +973,10 @@ impl Sim {
                 .iter()
                 .map(|n| {
                     let heads = n.docs.get(&doc).map(|a| a.get_heads()).unwrap_or_default();
-                    let json = n.docs.get(&doc).map(|a| json::object_to_json(a, &ROOT));
+                    let json = n
+                        .docs
+                        .get(&doc)
+                        .map(|a| json::object_to_json(a, &ROOT).ok());
                     (heads, json, n.deleted(&doc))
                 })
                 .collect();

@@ -75,6 +75,7 @@ impl From<Error> for ApiError {
                     PathError::TypeMismatch { .. } => (S::CONFLICT, "type_mismatch"),
                     PathError::OutOfRange { .. } => (S::BAD_REQUEST, "out_of_range"),
                     PathError::Automerge { .. } => (S::BAD_REQUEST, "bad_edit"),
+                    PathError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "too_deep"),
                 },
                 DocError::Id(_) => (S::BAD_REQUEST, "bad_id"),
                 DocError::NotAnObject(_) => (S::BAD_REQUEST, "not_an_object"),
