@@ -19,6 +19,8 @@ pub enum DeltaError {
     },
     #[error("delta {id}: change checksum does not match its content")]
     BadChecksum { id: DeltaId },
+    #[error("delta {id}: automerge failed on its bytes: {why}")]
+    Panicked { id: DeltaId, why: String },
     #[error("delta {id}: change is {len} bytes, over the limit of {max}")]
     TooLarge { id: DeltaId, len: usize, max: usize },
 }
@@ -61,11 +63,11 @@ impl Delta {
                         max: MAX_CHANGE_BYTES,
                     });
                 }
-                let change = automerge::Change::try_from(bytes.as_slice()).map_err(|source| {
-                    DeltaError::BadChange {
-                        id: self.id,
-                        source,
-                    }
+                let parsed = contain(|| automerge::Change::try_from(bytes.as_slice()))
+                    .map_err(|why| DeltaError::Panicked { id: self.id, why })?;
+                let change = parsed.map_err(|source| DeltaError::BadChange {
+                    id: self.id,
+                    source,
                 })?;
                 // Automerge's parser does not check the header checksum; it is the first four
                 // bytes of the change hash, so a flipped bit anywhere is caught here.
@@ -93,6 +95,17 @@ impl Delta {
             DeltaBody::Tombstone => None,
         }
     }
+}
+
+/// Runs `f`, turning a panic inside it (Automerge on hostile bytes) into an error with its
+/// message: bytes from a peer or the disk must never take the node down.
+pub fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into())
+    })
 }
 
 #[cfg(test)]
@@ -155,5 +168,14 @@ mod tests {
             body: DeltaBody::Tombstone,
         };
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn a_panic_is_contained_as_an_error() {
+        assert_eq!(contain(|| 7), Ok(7));
+        let e = contain(|| -> u8 { panic!("automerge bug") }).unwrap_err();
+        assert_eq!(e, "automerge bug");
+        let e = contain(|| -> u8 { panic!("{}", String::from("formatted")) }).unwrap_err();
+        assert_eq!(e, "formatted");
     }
 }

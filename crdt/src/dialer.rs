@@ -246,15 +246,18 @@ impl Dialer {
             dialed,
             since: now,
         });
-        p.failures = 0;
         Admit::Accept { replaces }
     }
 
-    /// A connection ended. If it was the live one, the peer is redialed after a short pause.
+    /// A connection ended. `healthy`: its session worked and ended for an ordinary reason
+    /// (the network, a restart): failures are forgotten and the peer is redialed after a
+    /// short pause. Otherwise (the peer refused us, or the session broke) it counts as a
+    /// failure: a handshake that succeeds only to fail again must not reset the backoff.
     pub fn disconnected(
         &mut self,
         id: &NodeId,
         conn: ConnId,
+        healthy: bool,
         now: Instant,
         rng: &mut impl RngCore,
     ) {
@@ -264,7 +267,12 @@ impl Dialer {
         };
         if p.conn.as_ref().is_some_and(|c| c.id == conn) {
             p.conn = None;
-            p.next_attempt = now + backoff(&cfg, 0, rng);
+            p.failures = if healthy {
+                0
+            } else {
+                p.failures.saturating_add(1)
+            };
+            p.next_attempt = now + backoff(&cfg, p.failures, rng);
         }
     }
 
@@ -418,14 +426,14 @@ mod tests {
         );
         assert_eq!(d.state(&n(2)), DialState::Connected);
         assert_eq!(d.poll_timeout(), None, "nothing to dial while connected");
-        d.disconnected(&n(2), 7, t1, &mut rng);
+        d.disconnected(&n(2), 7, true, t1, &mut rng);
         let t2 = d.poll_timeout().unwrap();
         assert!(t2 - t1 < d.config().base + d.config().jitter);
         assert_eq!(d.state(&n(2)), DialState::Connecting);
         // A stale disconnect (of a connection already replaced) changes nothing.
         assert!(d.poll_dial(t2).is_some());
         d.connected(n(2), 8, true, t2);
-        d.disconnected(&n(2), 7, t2, &mut rng);
+        d.disconnected(&n(2), 7, true, t2, &mut rng);
         assert_eq!(d.connection(&n(2)), Some(8));
         assert_eq!(
             d.remove(&n(2)),
@@ -433,6 +441,32 @@ mod tests {
             "removal hands back the connection to close"
         );
         assert_eq!(d.poll_dial(t2 + Duration::from_secs(999)), None);
+    }
+
+    #[test]
+    fn a_peer_that_accepts_then_fails_backs_off_like_a_failed_dial() {
+        let t0 = Instant::now();
+        let mut rng = Counter(3);
+        let mut d = Dialer::new(n(1), DialerConfig::default());
+        d.add(n(2), &[addr(1)], t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for conn in 1..=4 {
+            assert!(d.poll_dial(now).is_some());
+            d.connected(n(2), conn, true, now);
+            // The handshake worked, then the peer refused us (or sent garbage).
+            d.disconnected(&n(2), conn, false, now, &mut rng);
+            let next = d.poll_timeout().unwrap();
+            waits.push(next - now);
+            now = next;
+        }
+        assert_eq!(d.state(&n(2)), DialState::Backoff { failures: 4 });
+        assert!(waits.windows(2).all(|w| w[1] > w[0]), "growing: {waits:?}");
+        // A session that works and then ends for an ordinary reason forgets the failures.
+        assert!(d.poll_dial(now).is_some());
+        d.connected(n(2), 9, true, now);
+        d.disconnected(&n(2), 9, true, now, &mut rng);
+        assert_eq!(d.state(&n(2)), DialState::Connecting);
     }
 
     #[test]

@@ -407,7 +407,8 @@ impl Sim {
         if let Some(end) = node.ends.remove(&conn) {
             let peer = self.nodes[end.peer].id;
             let node = &mut self.nodes[at];
-            node.dialer.disconnected(&peer, conn, now, &mut self.rng);
+            node.dialer
+                .disconnected(&peer, conn, true, now, &mut self.rng);
         }
     }
 
@@ -774,10 +775,10 @@ impl Sim {
             // simply dials again.)
             self.nodes[from]
                 .dialer
-                .disconnected(&tid, conn, now, &mut self.rng);
+                .disconnected(&tid, conn, true, now, &mut self.rng);
             self.nodes[to]
                 .dialer
-                .disconnected(&fid, conn, now, &mut self.rng);
+                .disconnected(&fid, conn, true, now, &mut self.rng);
             return;
         }
         self.links.insert(conn, (from, to));

@@ -545,6 +545,63 @@ async fn members_that_both_moved_find_each_other_again() {
     .await;
 }
 
+/// A member that answers every dial with garbage is redialed with backoff, not twice a
+/// second, and the reason is shown for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_breaks_the_protocol_is_redialed_with_backoff() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tandem::net::tls;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let h = open(dirs[1].path()).await;
+    pair(&a, &h).await;
+    let h_id = h.id();
+    let h_addr = h.listen_addr().unwrap();
+    h.close().await.unwrap();
+    drop(h);
+    // H's identity now answers at H's address with a server that sends garbage.
+    let identity = tandem::Identity::load_or_create(dirs[1].path()).unwrap();
+    // (The old endpoint's socket may linger a moment after close.)
+    let start = Instant::now();
+    let endpoint = loop {
+        match quinn::Endpoint::server(tls::server_config(&identity).unwrap(), h_addr) {
+            Ok(e) => break e,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot take over H's address: {e}"),
+        }
+    };
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok((mut send, _recv)) = conn.accept_bi().await {
+                    let _ = send.write_all(&[0xff; 16]).await;
+                }
+                conn.closed().await;
+            });
+        }
+    });
+    eventually("A to say why H fails", || async {
+        a.peers()
+            .iter()
+            .any(|p| p.id == Some(h_id) && p.error.as_deref().is_some_and(|e| e.contains("frame")))
+    })
+    .await;
+    let before = accepted.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = accepted.load(Ordering::SeqCst) - before;
+    // Backoff after failures: 0.5 s, 1 s, 2 s... at most a few dials in 3 s (it was 6+).
+    assert!(during <= 3, "{during} dials in 3 s");
+    server.abort();
+}
+
 /// A clock whose wall time a test moves forward.
 #[derive(Debug, Default)]
 struct ShiftedClock(std::sync::atomic::AtomicI64);

@@ -30,12 +30,12 @@ pub(crate) enum Cmd {
         dialed: bool,
         reply: oneshot::Sender<bool>,
     },
-    /// A connection ended; `refused` if the peer closed it saying we are not (or no longer)
-    /// a member.
+    /// A connection ended; `failed` says why if it ended badly (the peer refused us, or one
+    /// side broke the protocol): that counts as a failed dial for the backoff.
     Ended {
         peer: NodeId,
         conn: ConnId,
-        refused: Option<String>,
+        failed: Option<String>,
     },
     /// Every address of a dial failed.
     DialFailed { peer: NodeId, error: String },
@@ -143,22 +143,18 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Cmd::Ended {
-                peer,
-                conn,
-                refused,
-            } => {
+            Cmd::Ended { peer, conn, failed } => {
                 if conns.remove(&conn).is_some() {
                     with_status(&shared.statuses, &peer, |s| {
                         s.connected = false;
                         s.in_sync = false;
                     });
                 }
-                dialer.disconnected(&peer, conn, now, &mut rng);
-                if let Some(why) = refused {
-                    // A refusal is a failure: back off, and after a few open the breaker,
-                    // instead of redialing a peer that will refuse again twice a second.
-                    dialer.dial_failed(&peer, now, &mut rng);
+                // A refusal or a broken session is a failure: back off, and after a few open
+                // the breaker, instead of redialing twice a second a peer that will refuse
+                // again or send the same bad data again.
+                dialer.disconnected(&peer, conn, failed.is_none(), now, &mut rng);
+                if let Some(why) = failed {
                     with_status(&shared.statuses, &peer, |s| s.error = Some(why));
                 }
             }
@@ -250,25 +246,32 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
     tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
     let routes = router::spawn(conn.clone(), peer);
     let result = session::run(&shared, &conn, peer, dialed, routes).await;
-    let refused = refusal(&conn);
-    match (&result, &refused) {
+    let failed = match (&result, refusal(&conn)) {
         (_, Some(why)) => {
             tracing::info!(peer = %peer.short(), reason = %why, "the peer refused us; backing off");
+            Some(why)
         }
-        (Ok(()), None) => conn.close(close::NORMAL.into(), b"session over"),
+        (Ok(()), None) => {
+            conn.close(close::NORMAL.into(), b"session over");
+            None
+        }
         (Err(e), None) if went_away(&conn) => {
             // Either side shutting down or leaving politely is expected, not news.
             tracing::debug!(peer = %peer.short(), error = %e, "sync session ended");
+            None
         }
         (Err(e), None) => {
             tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
             conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
+            // The session broke (bad data, a timeout, our store): back off. A connection
+            // that merely dropped (a network change) is redialed at once.
+            e.is_breakage().then(|| e.to_string())
         }
-    }
+    };
     let _ = shared.cmds.send(Cmd::Ended {
         peer,
         conn: conn.stable_id() as ConnId,
-        refused,
+        failed,
     });
     tracing::debug!(peer = %peer.short(), "peer disconnected");
 }
@@ -288,23 +291,22 @@ fn went_away(conn: &quinn::Connection) -> bool {
 }
 
 /// Why the peer refused us, if it closed the connection saying we are not (or no longer) a
-/// member.
+/// member, or that we broke the protocol (then we would only do it again).
 fn refusal(conn: &quinn::Connection) -> Option<String> {
-    match conn.close_reason()? {
-        quinn::ConnectionError::ApplicationClosed(c)
-            if [close::NOT_MEMBER, close::REMOVED]
-                .iter()
-                .any(|code| c.error_code == (*code).into()) =>
-        {
-            Some(format!(
-                "refused: {}",
-                String::from_utf8_lossy(&c.reason)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            ))
-        }
-        _ => None,
+    let quinn::ConnectionError::ApplicationClosed(c) = conn.close_reason()? else {
+        return None;
+    };
+    let code = |k: u32| c.error_code == k.into();
+    let reason: String = String::from_utf8_lossy(&c.reason)
+        .chars()
+        .take(200)
+        .collect();
+    if code(close::NOT_MEMBER) || code(close::REMOVED) {
+        Some(format!("refused: {reason}"))
+    } else if code(close::PROTOCOL) || code(close::TIMEOUT) {
+        Some(format!("the peer closed the session: {reason}"))
+    } else {
+        None
     }
 }
 

@@ -34,6 +34,19 @@ pub(crate) enum SessionError {
     Connection(#[from] quinn::ConnectionError),
 }
 
+impl SessionError {
+    /// Whether the session broke (the protocol, a timeout, bad data, our store) rather than
+    /// its connection going away.
+    pub(crate) fn is_breakage(&self) -> bool {
+        match self {
+            SessionError::Closed(_) => true,
+            SessionError::Wire(WireError::Frame(_) | WireError::Unexpected(_)) => true,
+            SessionError::Wire(WireError::Read(_) | WireError::Write(_)) => false,
+            SessionError::Connection(_) => false,
+        }
+    }
+}
+
 /// What the helper tasks report to the session task.
 enum Ev {
     Loaded(Lane, Result<(CatchUp, Option<Vec<Delta>>), String>),

@@ -210,9 +210,16 @@ impl Node {
                 continue;
             };
             let before = st.am.get_heads();
-            if let Err(e) = st.am.apply_changes(changes) {
-                tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
-                continue;
+            match tandem_crdt::delta::contain(|| st.am.apply_changes(changes)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
+                    continue;
+                }
+                Err(panic) => {
+                    tracing::error!(%doc, %panic, "automerge panicked applying received changes; stored anyway");
+                    continue;
+                }
             }
             st.deleted |= tombstone;
             let after = st.am.get_heads();

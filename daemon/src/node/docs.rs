@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash};
 use serde_json::Value as Json;
+use tandem_crdt::delta::contain;
 use tandem_crdt::{DeltaBody, DocId, NodeId, Pointer, actor_id, pointer};
 
 use super::Node;
@@ -69,28 +70,28 @@ impl Node {
                     }
                     return Err(Error::Doc(DocError::NotFound(doc)));
                 };
-                let corrupt = |e: automerge::AutomergeError| {
-                    Error::Doc(DocError::Corrupt {
-                        doc,
-                        why: e.to_string(),
-                    })
+                let corrupt = |why: String| {
+                    tracing::error!(%doc, %why, "stored document cannot be loaded");
+                    Error::Doc(DocError::Corrupt { doc, why })
                 };
-                let mut am = match &stored.snapshot {
-                    Some(bytes) => Automerge::load(bytes).map_err(corrupt)?,
-                    None => Automerge::new(),
-                };
-                let changes = stored
-                    .changes
-                    .iter()
-                    .map(|b| automerge::Change::try_from(b.as_slice()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| {
-                        Error::Doc(DocError::Corrupt {
-                            doc,
-                            why: e.to_string(),
-                        })
-                    })?;
-                am.apply_changes(changes).map_err(corrupt)?;
+                // Automerge on bytes from the disk: an error or even a panic is this
+                // document's damage, reported as such, never the node's end.
+                let mut am = contain(|| {
+                    let mut am = match &stored.snapshot {
+                        Some(bytes) => Automerge::load(bytes).map_err(|e| e.to_string())?,
+                        None => Automerge::new(),
+                    };
+                    let changes = stored
+                        .changes
+                        .iter()
+                        .map(|b| automerge::Change::try_from(b.as_slice()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())?;
+                    am.apply_changes(changes).map_err(|e| e.to_string())?;
+                    Ok::<_, String>(am)
+                })
+                .map_err(|panic| corrupt(format!("automerge panicked: {panic}")))?
+                .map_err(corrupt)?;
                 am.set_actor(actor);
                 tracing::trace!(%doc, "document loaded");
                 Ok(Mutex::new(DocState {
@@ -359,7 +360,8 @@ impl Node {
     /// Imports `.automerge` bytes as a new document and returns its id. Corrupt or truncated
     /// bytes are refused and nothing is written.
     pub async fn import(&self, bytes: &[u8]) -> Result<DocId, Error> {
-        let mut am = Automerge::load(bytes)
+        let mut am = contain(|| Automerge::load(bytes))
+            .map_err(|p| Error::Doc(DocError::CorruptImport(format!("automerge panicked: {p}"))))?
             .map_err(|e| Error::Doc(DocError::CorruptImport(e.to_string())))?;
         let changes = am.get_changes(&[]);
         if changes.is_empty() {
