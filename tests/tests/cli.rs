@@ -1154,3 +1154,51 @@ fn the_status_page_logs_in_once_and_only_reads() {
     let anonymous = agent.get(&format!("{base}/v1/status")).call();
     assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))));
 }
+
+/// Any local process can open connections to the API: half-sent requests are closed after the
+/// header timeout, and past the connection limit they make room for real clients, so an
+/// authorised write still gets through at once.
+#[test]
+fn half_sent_requests_cannot_starve_the_api() {
+    use std::io::{Read, Write};
+    let a = Daemon::start();
+    let (base, _) = a.api();
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..tandem::api::MAX_CONNECTIONS + 200 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        held.push(s);
+    }
+    let start = Instant::now();
+    let doc = a.ok(&["doc", "new", r#"{"still":"served"}"#]);
+    assert_eq!(
+        a.ok(&["doc", "get", &doc, "/still", "--json"]),
+        r#""served""#
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the CLI waited {:?}",
+        start.elapsed()
+    );
+    // The half-sent requests are closed (made room for, or timed out), none answered.
+    std::thread::sleep(tandem::api::HEADER_TIMEOUT + Duration::from_secs(1));
+    let mut buf = [0u8; 512];
+    let open = held
+        .iter_mut()
+        .filter_map(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let still_open = match s.read(&mut buf) {
+                Ok(0) => false,                             // closed
+                Ok(_) => !buf.starts_with(b"HTTP/1.1 408"), // an answer other than a timeout
+                Err(e) => {
+                    e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut
+                }
+            };
+            still_open.then_some(())
+        })
+        .count();
+    assert_eq!(open, 0, "{open} half-sent requests still held open");
+}

@@ -5,7 +5,10 @@
 
 pub mod events;
 pub mod metrics;
+mod server;
 pub mod ui;
+
+pub use server::{HEADER_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -640,21 +643,11 @@ pub async fn serve(
     let journal = events::Journal::start(&node, events::JOURNAL_EVENTS)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let app = router(node, token, journal.clone(), bound);
-    // Small JSON replies: send them now rather than waiting to coalesce (Nagle).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::trace!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                // Event streams never end by themselves; a graceful stop waits for them.
-                journal.close();
-            })
-            .await
-    });
+    let task = tokio::spawn(server::run(listener, app, async move {
+        shutdown.await;
+        // Event streams never end by themselves; a graceful stop waits for them.
+        journal.close();
+    }));
     Ok((bound, task))
 }
 
