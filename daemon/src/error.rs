@@ -88,6 +88,12 @@ pub enum DataDirError {
     },
     #[error("identity key {path}: {why}")]
     Identity { path: PathBuf, why: String },
+    #[error(
+        "{path} is {state}, but this data dir has a node identity: the database was lost or \
+         truncated. Restore it from a backup (docs/operations.md), or, to start this node \
+         over empty, move identity.key away as well"
+    )]
+    LostDatabase { path: PathBuf, state: &'static str },
 }
 
 impl Error {

@@ -540,3 +540,46 @@ async fn deep_nesting_is_refused_or_reported_never_a_crash() {
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {}
     node.close().await.unwrap();
 }
+
+/// A data dir whose database was lost (deleted, or truncated to nothing) but whose identity
+/// remains does not start as an empty node without a word.
+#[tokio::test]
+async fn a_lost_database_is_refused_not_silently_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::open(Config::new(tmp.path())).await.unwrap();
+    node.create(Some(serde_json::json!({"precious": true})))
+        .await
+        .unwrap();
+    node.close().await.unwrap();
+    drop(node);
+    let db = tmp.path().join("tandem.db");
+    for extra in ["tandem.db-wal", "tandem.db-shm"] {
+        let _ = std::fs::remove_file(tmp.path().join(extra));
+    }
+    std::fs::File::create(&db).unwrap(); // truncated to 0 bytes
+    let err = Node::open(Config::new(tmp.path())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataDir(DataDirError::LostDatabase { state: "empty", .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("Restore it from a backup"),
+        "{err}"
+    );
+    std::fs::remove_file(&db).unwrap();
+    let err = Node::open(Config::new(tmp.path())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataDir(DataDirError::LostDatabase {
+                state: "missing",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert!(!db.exists(), "nothing was created in its place");
+}

@@ -115,9 +115,9 @@ impl From<Error> for ApiError {
             },
             Error::DataDir(d) => match d {
                 DataDirError::Locked { .. } => (S::CONFLICT, "locked"),
-                DataDirError::Io { .. } | DataDirError::Identity { .. } => {
-                    (S::INTERNAL_SERVER_ERROR, "data_dir")
-                }
+                DataDirError::Io { .. }
+                | DataDirError::Identity { .. }
+                | DataDirError::LostDatabase { .. } => (S::INTERNAL_SERVER_ERROR, "data_dir"),
             },
             Error::App(_) => (S::BAD_REQUEST, "app"),
             Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),

@@ -69,6 +69,23 @@ pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// A data dir with an identity but no database (or an empty one) lost its data: refuse to
+/// start rather than come up as an empty node without a word.
+pub(super) fn check_database_present(dir: &Path) -> Result<(), Error> {
+    if !dir.join(crate::identity::KEY_FILE).exists() {
+        return Ok(()); // a new node
+    }
+    let db = dir.join(DB_FILE);
+    let state = match fs::metadata(&db) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => "empty",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+        Err(e) => return Err(Error::io(&db, e)),
+    };
+    tracing::error!(path = %db.display(), state, "the database is gone but the identity is not");
+    Err(DataDirError::LostDatabase { path: db, state }.into())
+}
+
 /// The database and its WAL and shared-memory files are private: existing ones are made
 /// 0600, and a new database is created 0600 before SQLite opens it (SQLite gives its WAL and
 /// shared-memory files the database file's mode).

@@ -138,6 +138,7 @@ impl Node {
         let dir = config.data_dir.clone();
         create_private_dir(&dir)?;
         let lock = lock_data_dir(&dir)?;
+        datadir::check_database_present(&dir)?;
         let identity = Identity::load_or_create(&dir)?;
         let id = identity.id();
         datadir::private_db_files(&dir)?;
