@@ -255,17 +255,23 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
             conn.close(close::NORMAL.into(), b"session over");
             None
         }
+        (Err(e), None) if e.is_breakage() => {
+            // The session broke (bad data, a timeout, our store): back off.
+            tracing::info!(peer = %peer.short(), error = %e, "sync session broke; backing off");
+            conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
+            Some(e.to_string())
+        }
         (Err(e), None) if went_away(&conn) => {
             // Either side shutting down or leaving politely is expected, not news.
             tracing::debug!(peer = %peer.short(), error = %e, "sync session ended");
             None
         }
         (Err(e), None) => {
+            // A stream failed or the connection dropped (a network change, a killed peer):
+            // end it with the reason, and redial soon.
             tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
             conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
-            // The session broke (bad data, a timeout, our store): back off. A connection
-            // that merely dropped (a network change) is redialed at once.
-            e.is_breakage().then(|| e.to_string())
+            None
         }
     };
     let _ = shared.cmds.send(Cmd::Ended {
