@@ -152,14 +152,7 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
         match api.ui.check(req.method(), &headers, now) {
             Ok(()) => return next.run(req).await,
             Err(ui::Refusal::NoSession) => {}
-            Err(ui::Refusal::Foreign(what)) => {
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "foreign_origin",
-                    format!("{what} is not this tandemd's own address"),
-                )
-                .into_response();
-            }
+            Err(ui::Refusal::Foreign(what)) => return foreign(what).into_response(),
             Err(ui::Refusal::ReadOnly) => {
                 return ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -512,6 +505,15 @@ async fn remove_member(State(api): State<Api>, Path(id): Path<String>) -> ApiRes
     }
 }
 
+/// A request naming another site in `Host` or `Origin` (cross-site, or DNS rebinding).
+fn foreign(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "foreign_origin",
+        format!("{what} is not this tandemd's own address"),
+    )
+}
+
 /// A one-time login code for the status page (what `tandem open` prints).
 async fn ui_code(State(api): State<Api>) -> Json<Value> {
     let code = api.ui.new_code(api.node.time());
@@ -530,11 +532,7 @@ async fn ui_login(
     Query(q): Query<LoginQuery>,
 ) -> ApiResult<Response> {
     if !api.ui.host_ok(&headers) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "foreign_origin",
-            "Host is not this tandemd's own address",
-        ));
+        return Err(foreign("Host"));
     }
     let session = api.ui.redeem(&q.code, api.node.time()).ok_or_else(|| {
         ApiError::new(
@@ -557,14 +555,7 @@ async fn ui_login(
 async fn ui_page(State(api): State<Api>, req: Request) -> Response {
     let page = match api.ui.check(req.method(), req.headers(), api.node.time()) {
         Ok(()) => ui::PAGE,
-        Err(ui::Refusal::Foreign(what)) => {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "foreign_origin",
-                format!("{what} is not this tandemd's own address"),
-            )
-            .into_response();
-        }
+        Err(ui::Refusal::Foreign(what)) => return foreign(what).into_response(),
         Err(_) => ui::LOGIN,
     };
     (
