@@ -118,8 +118,18 @@ impl LoadRequest {
         engine: &crate::Engine,
         store: &S,
     ) -> Result<(CatchUp, Option<Vec<Delta>>), S::Error> {
+        self.run_with(|known| engine.catch_up(known), store)
+    }
+
+    /// The same, with the plan made by `plan` only when the request starts one: a caller
+    /// whose engine sits behind a lock takes it for the plan alone, not for every batch.
+    pub fn run_with<S: crate::engine::DeltaStore>(
+        self,
+        plan: impl FnOnce(&VersionVector) -> CatchUp,
+        store: &S,
+    ) -> Result<(CatchUp, Option<Vec<Delta>>), S::Error> {
         let mut plan = match self.cursor {
-            Cursor::Start(known) => engine.catch_up(&known),
+            Cursor::Start(known) => plan(&known),
             Cursor::Continue(p) => p,
         };
         let batch = plan.next_batch(store, self.max_bytes)?;
@@ -806,6 +816,16 @@ mod tests {
 
     use crate::engine::tests::change;
 
+    /// Node n(`node`)'s Hello, holding `clock`.
+    fn hello(node: u8, clock: VersionVector) -> SyncMsg {
+        SyncMsg::Hello {
+            version: PROTOCOL_VERSION,
+            node: n(node),
+            name: String::new(),
+            clock,
+        }
+    }
+
     /// A session with n(2) whose Hello (empty clock) has arrived.
     fn opened() -> Session {
         let t = Instant::now();
@@ -816,15 +836,7 @@ mod tests {
             VersionVector::new(),
             t,
         );
-        s.handle_sync(
-            t,
-            SyncMsg::Hello {
-                version: PROTOCOL_VERSION,
-                node: n(2),
-                name: String::new(),
-                clock: VersionVector::new(),
-            },
-        );
+        s.handle_sync(t, hello(2, VersionVector::new()));
         s
     }
 
@@ -1027,15 +1039,7 @@ mod tests {
             VersionVector::new(),
             t,
         );
-        s.handle_sync(
-            t,
-            SyncMsg::Hello {
-                version: PROTOCOL_VERSION,
-                node: n(2),
-                name: "b".into(),
-                clock: VersionVector::new(),
-            },
-        );
+        s.handle_sync(t, hello(2, VersionVector::new()));
         let mut e = Engine::new(n(2), VersionVector::new());
         let d = e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Change(change(1)));
         s.handle_sync(
@@ -1090,15 +1094,7 @@ mod tests {
         // A batch that is never acknowledged.
         let mut a = Side::new(1, 2, 5, cfg.clone(), t);
         a.drain(t);
-        a.session.handle_sync(
-            t,
-            SyncMsg::Hello {
-                version: PROTOCOL_VERSION,
-                node: n(2),
-                name: String::new(),
-                clock: VersionVector::new(),
-            },
-        );
+        a.session.handle_sync(t, hello(2, VersionVector::new()));
         a.drain(t);
         assert_eq!(a.session.unacked(), 1);
         assert_eq!(a.session.poll_timeout(), Some(t + cfg.ack_timeout));
@@ -1116,15 +1112,7 @@ mod tests {
         let mut a = Side::new(1, 2, 0, cfg, t);
         let mut b_clock = VersionVector::new();
         a.drain(t);
-        a.session.handle_sync(
-            t,
-            SyncMsg::Hello {
-                version: PROTOCOL_VERSION,
-                node: n(2),
-                name: String::new(),
-                clock: b_clock.clone(),
-            },
-        );
+        a.session.handle_sync(t, hello(2, b_clock.clone()));
         a.drain(t);
         let doc = DocId::from_bytes([1; 16]);
         // Commit one: pushed. A delta the peer is known to hold: not pushed.

@@ -26,10 +26,10 @@ const LIVE_DOCS: usize = 4;
 /// Feeds deltas just committed to the sync sessions, if any listens. Called on the writer
 /// thread after the commit is durable and the committed clock published, and decided there
 /// (not when the write was queued): a session that subscribed meanwhile must not miss it.
-fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &[Delta], source: Source) {
+fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &Arc<Vec<Delta>>, source: Source) {
     if feed.receiver_count() > 0 {
         let _ = feed.send(Commit {
-            deltas: Arc::new(deltas.to_vec()),
+            deltas: deltas.clone(),
             source,
         });
     }
@@ -85,7 +85,7 @@ impl Node {
             drop(keep);
         });
         let rx = self.inner.store.submit(Write::Deltas {
-            deltas,
+            deltas: Arc::new(deltas),
             heads: vec![(doc, heads)],
             after_commit: Some(after_commit),
         });
@@ -253,7 +253,7 @@ impl Node {
             drop(keep);
         });
         let rx = self.inner.store.submit(Write::Deltas {
-            deltas,
+            deltas: Arc::new(deltas),
             heads,
             after_commit: Some(after_commit),
         });

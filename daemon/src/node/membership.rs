@@ -235,8 +235,8 @@ impl NetHost for NodeLink {
 
     fn load(&self, req: LoadRequest) -> Result<(CatchUp, Option<Vec<Delta>>), String> {
         let node = self.node().ok_or("the node is closed")?;
-        let engine = node.engine().clone();
-        req.run(&engine, &node.inner.store)
+        // The engine lock only while planning; each later batch is a store read alone.
+        req.run_with(|known| node.engine().catch_up(known), &node.inner.store)
             .map_err(|e| e.to_string())
     }
 

@@ -80,14 +80,15 @@ pub struct Recovered {
 }
 
 /// What runs right after a commit, on the writer thread, given the deltas it committed.
-pub type AfterCommit = Box<dyn FnOnce(&[Delta]) + Send>;
+pub type AfterCommit = Box<dyn FnOnce(&Arc<Vec<Delta>>) + Send>;
 
 /// A write for the writer thread.
 pub enum Write {
     /// Store deltas (idempotently) and advance the clock; `heads` sets the current heads of
     /// documents whose state the caller knows.
     Deltas {
-        deltas: Vec<Delta>,
+        /// Shared, so the feed of commits hands them on without a copy.
+        deltas: Arc<Vec<Delta>>,
         heads: Vec<(DocId, Vec<automerge::ChangeHash>)>,
         /// Runs on the writer thread right after the commit succeeds (before the reply), with
         /// the deltas just committed.

@@ -194,7 +194,7 @@ impl Writer {
                         "INSERT OR IGNORE INTO deltas (origin, seq, doc, kind, change, received_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )?;
-                    for d in deltas {
+                    for d in deltas.iter() {
                         let seq = i64::try_from(d.id.seq).map_err(|_| StoreError::Corrupt {
                             table: "deltas",
                             why: format!("seq {} out of range", d.id.seq),
