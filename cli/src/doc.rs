@@ -103,24 +103,26 @@ fn parse_json(s: &str) -> Res<Value> {
 /// A document id from what the user typed: the whole id, or any unique prefix of one (as
 /// `doc ls` and `doc watch` show them).
 pub fn resolve_doc(c: &Client, typed: &str) -> Res<String> {
-    if typed.parse::<tandem::DocId>().is_ok() {
+    resolve_id::<tandem::DocId>(c, typed, "/v1/docs", "document")
+}
+
+/// An id of type `T` from what the user typed: the whole id, or a unique prefix of one of the
+/// ids the list at `route` holds (its items' `id`); an ambiguous prefix lists the candidates.
+pub fn resolve_id<T: std::str::FromStr>(
+    c: &Client,
+    typed: &str,
+    route: &str,
+    what: &str,
+) -> Res<String> {
+    if typed.parse::<T>().is_ok() {
         return Ok(typed.to_string());
     }
-    let docs = c.json("GET", "/v1/docs", None)?;
-    let ids = docs
+    let list = c.json("GET", route, None)?;
+    let ids = list
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|d| d["id"].as_str());
-    unique_prefix("document", typed, ids)
-}
-
-/// The one id in `ids` that starts with `typed`, or an error listing the candidates.
-pub fn unique_prefix<'a>(
-    what: &str,
-    typed: &str,
-    ids: impl Iterator<Item = &'a str>,
-) -> Res<String> {
     let found: Vec<&str> = if typed.is_empty() {
         Vec::new()
     } else {

@@ -413,17 +413,7 @@ fn run(cli: &Cli) -> Res<()> {
         Command::Members {
             action: Some(MembersAction::Rm { id }),
         } => {
-            let id = if id.parse::<tandem::NodeId>().is_ok() {
-                id.clone()
-            } else {
-                let members = c.json("GET", "/v1/members", None)?;
-                let ids = members
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|m| m["id"].as_str());
-                doc::unique_prefix("member", id, ids)?
-            };
+            let id = doc::resolve_id::<tandem::NodeId>(&c, id, "/v1/members", "member")?;
             c.json("DELETE", &format!("/v1/members/{}", enc(&id)), None)?;
         }
         Command::Members { action: None } => {

@@ -100,6 +100,19 @@ struct Peer {
     conn: Option<Conn>,
 }
 
+impl Peer {
+    /// Schedules the next dial after an attempt that went well (failures forgotten, a short
+    /// pause) or badly (one more failure, a longer wait).
+    fn schedule(&mut self, cfg: &DialerConfig, ok: bool, now: Instant, rng: &mut impl RngCore) {
+        self.failures = if ok {
+            0
+        } else {
+            self.failures.saturating_add(1)
+        };
+        self.next_attempt = now + backoff(cfg, self.failures, rng);
+    }
+}
+
 /// The dialer of one node.
 #[derive(Debug, Clone)]
 pub struct Dialer {
@@ -206,13 +219,10 @@ impl Dialer {
 
     /// Every address of a dial failed.
     pub fn dial_failed(&mut self, id: &NodeId, now: Instant, rng: &mut impl RngCore) {
-        let cfg = self.cfg.clone();
-        let Some(p) = self.peers.get_mut(id) else {
-            return;
-        };
-        p.dialing = false;
-        p.failures = p.failures.saturating_add(1);
-        p.next_attempt = now + backoff(&cfg, p.failures, rng);
+        if let Some(p) = self.peers.get_mut(id) {
+            p.dialing = false;
+            p.schedule(&self.cfg, false, now, rng);
+        }
     }
 
     /// A connection to `id` is established (`dialed` by us or not). One connection per pair,
@@ -261,18 +271,11 @@ impl Dialer {
         now: Instant,
         rng: &mut impl RngCore,
     ) {
-        let cfg = self.cfg.clone();
-        let Some(p) = self.peers.get_mut(id) else {
-            return;
-        };
-        if p.conn.as_ref().is_some_and(|c| c.id == conn) {
+        if let Some(p) = self.peers.get_mut(id)
+            && p.conn.as_ref().is_some_and(|c| c.id == conn)
+        {
             p.conn = None;
-            p.failures = if healthy {
-                0
-            } else {
-                p.failures.saturating_add(1)
-            };
-            p.next_attempt = now + backoff(&cfg, p.failures, rng);
+            p.schedule(&self.cfg, healthy, now, rng);
         }
     }
 

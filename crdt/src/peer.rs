@@ -1,11 +1,9 @@
-//! What one node knows about one connected peer, and the sync decisions that follow from it:
-//! what to send in catch-up, which new deltas to push, whether the two are in sync. Pure state;
-//! the daemon's sessions and the simulator both drive it.
+//! What one node knows a connected peer holds or was sent, and the filter that follows from
+//! it: nothing goes to a peer twice. Pure state, kept by [`crate::Session`] (which judges
+//! in-sync on what the peer *confirmed*, kept apart from this).
 
-use crate::clock::{Causality, VersionVector};
+use crate::clock::VersionVector;
 use crate::delta::Delta;
-use crate::engine::{CatchUp, Engine};
-use crate::id::DeltaId;
 
 /// Sync state for one peer, from its Hello on.
 #[derive(Debug, Clone)]
@@ -25,11 +23,6 @@ impl PeerSync {
         &self.known
     }
 
-    /// What the peer lacks of what `engine` holds, in `(origin, seq)` order.
-    pub fn plan(&self, engine: &Engine) -> CatchUp {
-        engine.catch_up(&self.known)
-    }
-
     /// Keeps only the deltas the peer is not known to hold: a delta is never sent to a peer
     /// whose clock is known to cover it.
     pub fn unknown<'a>(&self, deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
@@ -40,20 +33,10 @@ impl PeerSync {
             .collect()
     }
 
-    /// Whether the peer is known to hold `id`.
-    pub fn holds(&self, id: DeltaId) -> bool {
-        self.known.contains(id)
-    }
-
     /// Records deltas that crossed the connection (sent or received): the peer holds them.
     pub fn note<'a>(&mut self, deltas: impl IntoIterator<Item = &'a Delta>) {
         for d in deltas {
             self.known.insert(d.id);
         }
-    }
-
-    /// Whether our clock `ours` equals what the peer is known to hold.
-    pub fn in_sync(&self, ours: &VersionVector) -> bool {
-        ours.compare(&self.known) == Causality::Equal
     }
 }

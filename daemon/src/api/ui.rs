@@ -110,11 +110,16 @@ impl Ui {
         format!("http://{}/ui/login?code={code}", self.addr)
     }
 
-    /// Whether `Host` names this listener (by address or as localhost).
+    /// Whether `Host` names this listener.
     pub fn host_ok(&self, headers: &HeaderMap) -> bool {
-        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-            return false;
-        };
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| self.is_ours(h))
+    }
+
+    /// Whether `host` (`name:port`) is this listener, by address or as localhost.
+    fn is_ours(&self, host: &str) -> bool {
         let port = self.addr.port();
         [
             self.addr.to_string(),
@@ -152,15 +157,7 @@ impl Ui {
             return Err(Refusal::Foreign("Host"));
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let ours = |o: &str| {
-                o.strip_prefix("http://").is_some_and(|h| {
-                    let mut hm = HeaderMap::new();
-                    if let Ok(v) = h.parse() {
-                        hm.insert(header::HOST, v);
-                    }
-                    self.host_ok(&hm)
-                })
-            };
+            let ours = |o: &str| o.strip_prefix("http://").is_some_and(|h| self.is_ours(h));
             if !origin.to_str().is_ok_and(ours) {
                 return Err(Refusal::Foreign("Origin"));
             }

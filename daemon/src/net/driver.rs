@@ -145,10 +145,8 @@ pub(crate) async fn run(
             }
             Cmd::Ended { peer, conn, failed } => {
                 if conns.remove(&conn).is_some() {
-                    with_status(&shared.statuses, &peer, |s| {
-                        s.connected = false;
-                        s.in_sync = false;
-                    });
+                    // (In-sync is derived from this and what the peer confirmed.)
+                    with_status(&shared.statuses, &peer, |s| s.connected = false);
                 }
                 // A refusal or a broken session is a failure: back off, and after a few open
                 // the breaker, instead of redialing twice a second a peer that will refuse
@@ -246,27 +244,27 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
     tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
     let routes = router::spawn(conn.clone(), peer);
     let result = session::run(&shared, &conn, peer, dialed, routes).await;
-    let failed = match (&result, refusal(&conn)) {
-        (_, Some(why)) => {
+    let failed = match (&result, how_closed(&conn)) {
+        (_, Closed::Refused(why)) => {
             tracing::info!(peer = %peer.short(), reason = %why, "the peer refused us; backing off");
             Some(why)
         }
-        (Ok(()), None) => {
+        (Ok(()), _) => {
             conn.close(close::NORMAL.into(), b"session over");
             None
         }
-        (Err(e), None) if e.is_breakage() => {
+        (Err(e), _) if e.is_breakage() => {
             // The session broke (bad data, a timeout, our store): back off.
             tracing::info!(peer = %peer.short(), error = %e, "sync session broke; backing off");
             conn.close(close::PROTOCOL.into(), e.to_string().as_bytes());
             Some(e.to_string())
         }
-        (Err(e), None) if went_away(&conn) => {
+        (Err(e), Closed::Polite) => {
             // Either side shutting down or leaving politely is expected, not news.
             tracing::debug!(peer = %peer.short(), error = %e, "sync session ended");
             None
         }
-        (Err(e), None) => {
+        (Err(e), Closed::Other) => {
             // A stream failed or the connection dropped (a network change, a killed peer):
             // end it with the reason, and redial soon.
             tracing::info!(peer = %peer.short(), error = %e, "sync session ended");
@@ -282,37 +280,36 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
     tracing::debug!(peer = %peer.short(), "peer disconnected");
 }
 
-/// Whether the connection ended because this node or the peer closed it on purpose
-/// (shutting down, a normal close, or a duplicate replaced).
-fn went_away(conn: &quinn::Connection) -> bool {
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::LocallyClosed) => true,
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            [close::NORMAL, close::SHUTDOWN, close::DUPLICATE]
-                .iter()
-                .any(|code| c.error_code == (*code).into())
-        }
-        _ => false,
-    }
+/// How a connection was closed, as its close frame (or our own close) tells.
+enum Closed {
+    /// On purpose: shutting down, a normal close, a duplicate replaced, or closed here.
+    Polite,
+    /// By the peer, saying we are not (or no longer) a member or that we broke the protocol:
+    /// we would only meet the same again.
+    Refused(String),
+    /// Not closed yet, or lost (a timeout, a reset).
+    Other,
 }
 
-/// Why the peer refused us, if it closed the connection saying we are not (or no longer) a
-/// member, or that we broke the protocol (then we would only do it again).
-fn refusal(conn: &quinn::Connection) -> Option<String> {
-    let quinn::ConnectionError::ApplicationClosed(c) = conn.close_reason()? else {
-        return None;
+fn how_closed(conn: &quinn::Connection) -> Closed {
+    let c = match conn.close_reason() {
+        Some(quinn::ConnectionError::LocallyClosed) => return Closed::Polite,
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => c,
+        _ => return Closed::Other,
     };
     let code = |k: u32| c.error_code == k.into();
     let reason: String = String::from_utf8_lossy(&c.reason)
         .chars()
         .take(200)
         .collect();
-    if code(close::NOT_MEMBER) || code(close::REMOVED) {
-        Some(format!("refused: {reason}"))
+    if code(close::NORMAL) || code(close::SHUTDOWN) || code(close::DUPLICATE) {
+        Closed::Polite
+    } else if code(close::NOT_MEMBER) || code(close::REMOVED) {
+        Closed::Refused(format!("refused: {reason}"))
     } else if code(close::PROTOCOL) || code(close::TIMEOUT) {
-        Some(format!("the peer closed the session: {reason}"))
+        Closed::Refused(format!("the peer closed the session: {reason}"))
     } else {
-        None
+        Closed::Other
     }
 }
 
