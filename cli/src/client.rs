@@ -116,7 +116,18 @@ impl Client {
             Err(ureq::Error::Status(_, resp)) => {
                 let v: Value = resp.into_json().unwrap_or(Value::Null);
                 let msg = v["message"].as_str().unwrap_or("request failed");
-                Err(Failure::error(msg))
+                let hint = match v["code"].as_str() {
+                    Some("disk_full") => {
+                        "\nhint: free space on the disk that holds the data dir (`df -h`); \
+                         tandemd resumes writing by itself, no restart needed"
+                    }
+                    Some("damaged") => {
+                        "\nhint: `tandem status` lists the damaged changes; they heal when a \
+                         member that holds them is online"
+                    }
+                    _ => "",
+                };
+                Err(Failure::error(format!("{msg}{hint}")))
             }
             Err(ureq::Error::Transport(t)) => Err(Failure::NotRunning(format!(
                 "cannot reach tandemd at {}: {t}\nhint: start it with `tandemd`",

@@ -377,6 +377,28 @@ fn run(cli: &Cli) -> Res<()> {
                     v["clock"]["origins"],
                     v["clock"]["digest"].as_str().unwrap_or("")
                 );
+                if v["disk_full"] == json!(true) {
+                    println!(
+                        "disk        FULL: writes are refused until space is freed on the disk \
+                         holding the data dir; they resume by themselves"
+                    );
+                }
+                if let Some(damaged) = v["damaged"].as_array().filter(|d| !d.is_empty()) {
+                    println!(
+                        "damaged     {} change(s) found damaged on disk, waiting for a good copy \
+                         from a member:",
+                        v["damaged_count"]
+                    );
+                    for d in damaged {
+                        println!(
+                            "            doc {} (from {} #{}): {}",
+                            d["doc"].as_str().unwrap_or(""),
+                            d["origin"].as_str().unwrap_or("").get(..8).unwrap_or(""),
+                            d["seq"],
+                            d["why"].as_str().unwrap_or("")
+                        );
+                    }
+                }
             }
         }
         Command::Invite { ttl } => {

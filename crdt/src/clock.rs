@@ -100,6 +100,29 @@ impl OriginSet {
         set
     }
 
+    /// Removes one seq; returns whether it was held. Rare (a damaged delta dropped to be
+    /// fetched again), so it rebuilds the intervals.
+    pub fn remove(&mut self, seq: u64) -> bool {
+        if !self.contains(seq) {
+            return false;
+        }
+        let mut out = Vec::with_capacity(self.extra.len() + 2);
+        for (lo, hi) in self.intervals() {
+            if seq < lo || seq > hi {
+                out.push((lo, hi));
+                continue;
+            }
+            if lo < seq {
+                out.push((lo, seq - 1));
+            }
+            if seq < hi {
+                out.push((seq + 1, hi));
+            }
+        }
+        *self = Self::from_intervals(out);
+        true
+    }
+
     /// Adds `lo..=hi`; returns whether anything was new. O(log n) to find the place, plus
     /// the ranges it merges.
     pub fn insert_range(&mut self, lo: u64, hi: u64) -> bool {
@@ -221,6 +244,18 @@ impl VersionVector {
             return false;
         }
         self.origins.entry(origin).or_default().insert_range(lo, hi)
+    }
+
+    /// Removes one delta id; returns whether it was held.
+    pub fn remove(&mut self, id: DeltaId) -> bool {
+        let Some(set) = self.origins.get_mut(&id.origin) else {
+            return false;
+        };
+        let removed = set.remove(id.seq);
+        if set.is_empty() {
+            self.origins.remove(&id.origin);
+        }
+        removed
     }
 
     pub fn contains(&self, id: DeltaId) -> bool {
@@ -603,6 +638,23 @@ mod tests {
             prop_assert_eq!(&postcard::from_bytes::<VersionVector>(&bytes).unwrap(), &ab);
             prop_assert_eq!(bytes, postcard::to_allocvec(&ba).unwrap());
             if a != b { prop_assert_ne!(a.digest(), b.digest()); }
+        }
+
+        #[test]
+        fn remove_is_set_difference(a in arb_vv(), pick in 0usize..64) {
+            let all: Vec<_> = members(&a).into_iter().collect();
+            let mut b = a.clone();
+            if let Some(&victim) = all.get(pick % all.len().max(1)) {
+                prop_assert!(b.remove(victim));
+                prop_assert!(!b.remove(victim));
+                let mut expect = members(&a);
+                expect.remove(&victim);
+                prop_assert_eq!(members(&b), expect);
+                // Canonical form: equal to the clock built from the same set.
+                let mut rebuilt = VersionVector::new();
+                for id in members(&b) { rebuilt.insert(id); }
+                prop_assert_eq!(b, rebuilt);
+            }
         }
     }
 }

@@ -97,6 +97,57 @@ impl Delta {
     }
 }
 
+/// Checks that stored or received bytes are the Automerge change they claim to be, without
+/// parsing it: a change chunk's header holds the first four bytes of its hash (SHA-256 over
+/// the chunk type, length and body), so a flipped bit anywhere in it shows. A compressed chunk
+/// (whose checksum covers the uncompressed form) is parsed instead. Cheap enough for every
+/// load and every delta served to a peer.
+pub fn check_change_bytes(bytes: &[u8]) -> Result<(), String> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE: u8 = 1;
+    if bytes.get(..4) != Some(&MAGIC) {
+        return Err("not an Automerge chunk (bad magic bytes)".into());
+    }
+    let (Some(checksum), Some(&kind)) = (bytes.get(4..8), bytes.get(8)) else {
+        return Err("truncated chunk header".into());
+    };
+    if kind != CHANGE {
+        let change = contain(|| automerge::Change::try_from(bytes))
+            .map_err(|why| format!("automerge failed on it: {why}"))?
+            .map_err(|e| e.to_string())?;
+        return if checksum == &change.hash().0[..4] {
+            Ok(())
+        } else {
+            Err("checksum does not match its content".into())
+        };
+    }
+    // The body length, LEB128, after the type byte.
+    let mut len: u64 = 0;
+    let mut at = 9;
+    for shift in (0..64).step_by(7) {
+        let Some(&b) = bytes.get(at) else {
+            return Err("truncated chunk length".into());
+        };
+        at += 1;
+        len |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    if usize::try_from(len).ok().and_then(|l| at.checked_add(l)) != Some(bytes.len()) {
+        return Err(format!(
+            "chunk says {len} bytes, has {}",
+            bytes.len().saturating_sub(at)
+        ));
+    }
+    let hash = <sha2::Sha256 as sha2::Digest>::digest(&bytes[8..]);
+    if checksum == &hash[..4] {
+        Ok(())
+    } else {
+        Err("checksum does not match its content".into())
+    }
+}
+
 /// Runs `f`, turning a panic inside it (Automerge on hostile bytes) into an error with its
 /// message: bytes from a peer or the disk must never take the node down.
 pub fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
@@ -177,5 +228,27 @@ mod tests {
         assert_eq!(e, "automerge bug");
         let e = contain(|| -> u8 { panic!("{}", String::from("formatted")) }).unwrap_err();
         assert_eq!(e, "formatted");
+    }
+
+    #[test]
+    fn the_cheap_check_agrees_with_parsing() {
+        // A small change and a big, compressible one (automerge may store it compressed).
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "text", "x".repeat(5000)).unwrap();
+        tx.commit();
+        let big = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        for good in [change_bytes(), big] {
+            assert_eq!(check_change_bytes(&good), Ok(()));
+            for i in 0..good.len().min(400) {
+                let mut flipped = good.clone();
+                flipped[i] ^= 0x55;
+                assert!(check_change_bytes(&flipped).is_err(), "flip at {i} passed");
+            }
+            assert!(check_change_bytes(&good[..good.len() - 1]).is_err());
+            assert!(check_change_bytes(&[good.clone(), vec![0]].concat()).is_err());
+        }
+        assert!(check_change_bytes(&[]).is_err());
+        assert!(check_change_bytes(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff]).is_err());
     }
 }

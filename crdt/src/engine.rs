@@ -133,12 +133,39 @@ pub enum Action {
 pub struct Engine {
     me: NodeId,
     clock: VersionVector,
+    /// Own seqs up to here are taken even if not in the clock (a damaged own delta was dropped
+    /// to be fetched again): a new local delta never reuses one.
+    own_floor: u64,
 }
 
 impl Engine {
     /// Starts from the clock recovered from storage.
     pub fn new(me: NodeId, clock: VersionVector) -> Self {
-        Self { me, clock }
+        Self {
+            me,
+            clock,
+            own_floor: 0,
+        }
+    }
+
+    /// Marks own seqs up to `seq` as taken (see [`Engine::forget`]), across restarts.
+    pub fn with_own_floor(mut self, seq: u64) -> Self {
+        self.own_floor = self.own_floor.max(seq);
+        self
+    }
+
+    /// Drops a delta from the clock (it was found damaged in storage), so that peers send it
+    /// again. Its seq is never reused for a local delta.
+    pub fn forget(&mut self, id: DeltaId) {
+        self.clock.remove(id);
+        if id.origin == self.me {
+            self.own_floor = self.own_floor.max(id.seq);
+        }
+    }
+
+    /// Rolls the clock back to what storage holds, after writes queued on top of it failed.
+    pub fn reset_clock(&mut self, committed: VersionVector) {
+        self.clock = committed;
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -163,7 +190,7 @@ impl Engine {
 
     /// The local-write path: wraps `body` as this node's next delta and advances the clock.
     pub fn local_delta(&mut self, doc: DocId, body: DeltaBody) -> Delta {
-        let seq = self.clock.max_seq(&self.me) + 1;
+        let seq = self.clock.max_seq(&self.me).max(self.own_floor) + 1;
         let id = DeltaId {
             origin: self.me,
             seq,

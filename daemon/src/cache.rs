@@ -4,6 +4,7 @@
 //! that is applied in memory but not yet committed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::Automerge;
@@ -20,13 +21,22 @@ pub(crate) struct DocState {
 #[derive(Default)]
 pub(crate) struct DocEntry {
     state: OnceCell<Mutex<DocState>>,
+    /// Dropped from the cache because its in-memory state may differ from the store (a failed
+    /// commit, damage found): a write still holding it must not commit what it built on it.
+    stale: AtomicBool,
 }
 
 impl DocEntry {
     pub fn loaded(state: DocState) -> Self {
         Self {
             state: OnceCell::from(Mutex::new(state)),
+            stale: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the entry was discarded (see [`DocCache::discard`]).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
     }
 
     pub fn cell(&self) -> &OnceCell<Mutex<DocState>> {
@@ -127,6 +137,21 @@ impl DocCache {
             let tick = *tick;
             self.order.remove(&tick);
             self.map.remove(&doc);
+        }
+    }
+
+    /// Drops `doc` (or, for `None`, every document) from the cache and marks the entries stale:
+    /// the next reader loads it again from the store.
+    pub fn discard(&mut self, doc: Option<DocId>) {
+        let victims: Vec<DocId> = match doc {
+            Some(d) => vec![d],
+            None => self.map.keys().copied().collect(),
+        };
+        for d in victims {
+            if let Some((entry, tick)) = self.map.remove(&d) {
+                entry.stale.store(true, Ordering::Release);
+                self.order.remove(&tick);
+            }
         }
     }
 

@@ -52,6 +52,11 @@ pub enum DocError {
     Automerge(#[from] automerge::AutomergeError),
     #[error("stored document {doc} cannot be loaded: {why}")]
     Corrupt { doc: DocId, why: String },
+    #[error(
+        "document {doc} has {deltas} damaged change(s) on this node's disk; they are being fetched \
+         again from members and the document is served again once they arrive (see `tandem status`)"
+    )]
+    Damaged { doc: DocId, deltas: u64 },
     #[error("the base heads are not in this document: {0}")]
     BadBase(String),
     #[error(

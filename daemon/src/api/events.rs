@@ -222,7 +222,11 @@ impl Journal {
     fn sse(&self, item: Item) -> SseEvent {
         match item {
             Item::Change(id, data) => SseEvent::default()
-                .event("change")
+                .event(if data["damaged"].is_null() {
+                    "change"
+                } else {
+                    "damaged"
+                })
                 .id(format!("{}-{id}", self.epoch))
                 .data(data.to_string()),
             Item::Lagged {
@@ -295,6 +299,7 @@ pub fn event_json(e: &Event) -> Value {
         "deleted": e.deleted,
         "paths": paths,
         "more": more,
+        "damaged": e.damaged,
     })
 }
 

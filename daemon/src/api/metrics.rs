@@ -34,6 +34,26 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         node.members().len() as u64,
     );
     gauge(
+        "tandem_damaged_deltas",
+        "Deltas found damaged on disk and not yet replaced by a good copy from a member.",
+        node.damaged().await?.len() as u64,
+    );
+    gauge(
+        "tandem_disk_full",
+        "1 while the last commit failed because the disk is full.",
+        u64::from(node.disk_full()),
+    );
+    gauge(
+        "tandem_damage_found_total",
+        "Damaged deltas and snapshots found since start.",
+        node.damage_found(),
+    );
+    gauge(
+        "tandem_commit_failures_total",
+        "Commits that failed (a full disk, an IO error) since start; their writes were refused.",
+        node.writer_stats().failures.load(Relaxed),
+    );
+    gauge(
         "tandem_peers_connected",
         "Peers with an open sync session.",
         peers.iter().filter(|p| p.connected).count() as u64,

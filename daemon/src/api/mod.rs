@@ -89,6 +89,8 @@ impl From<Error> for ApiError {
                 // A stored document that cannot be loaded, or Automerge refusing a change we
                 // made: damage on this node, not a fault of the request.
                 DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_doc"),
+                // Being healed from members: try again later.
+                DocError::Damaged { .. } => (S::SERVICE_UNAVAILABLE, "damaged"),
                 DocError::Automerge(_) => (S::INTERNAL_SERVER_ERROR, "automerge"),
             },
             Error::Membership(MembershipError::OwnInvite) => (S::BAD_REQUEST, "own_invite"),
@@ -107,6 +109,8 @@ impl From<Error> for ApiError {
             },
             Error::Store(st) => match st {
                 StoreError::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
+                StoreError::DiskFull => (S::INSUFFICIENT_STORAGE, "disk_full"),
+                StoreError::Damaged(_) => (S::SERVICE_UNAVAILABLE, "damaged"),
                 StoreError::Sqlite(_)
                 | StoreError::TooNew { .. }
                 | StoreError::IdentityMismatch { .. }
@@ -201,6 +205,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
     let n = &api.node;
     let (stats, loaded) = n.stats().await?;
     let clock = n.clock();
+    let damaged = n.damaged().await?;
     Ok(Json(json!({
         "id": n.id(),
         "name": n.name(),
@@ -212,6 +217,15 @@ async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
         "clock": {"origins": clock.iter().count(), "deltas": clock.count(), "digest": hex(&clock.digest())},
         "members": n.members().len(),
         "connected": n.peers().iter().filter(|p| p.connected).count(),
+        "disk_full": n.disk_full(),
+        "damaged_count": damaged.len(),
+        "damaged": damaged.iter().take(100).map(|d| json!({
+            "doc": d.doc,
+            "origin": d.id.origin,
+            "seq": d.id.seq,
+            "found_at": d.found_at,
+            "why": d.why,
+        })).collect::<Vec<_>>(),
     })))
 }
 

@@ -39,6 +39,8 @@ pub(crate) enum Cmd {
     },
     /// Every address of a dial failed.
     DialFailed { peer: NodeId, error: String },
+    /// Close every connection politely; they are redialed at once (see `Net::resync`).
+    Resync,
 }
 
 /// Runs the driver until shutdown.
@@ -154,6 +156,12 @@ pub(crate) async fn run(
                 dialer.disconnected(&peer, conn, failed.is_none(), now, &mut rng);
                 if let Some(why) = failed {
                     with_status(&shared.statuses, &peer, |s| s.error = Some(why));
+                }
+            }
+            Cmd::Resync => {
+                for (peer, conn) in conns.values() {
+                    tracing::debug!(peer = %peer.short(), "restarting the session to resync");
+                    conn.close(close::RESYNC.into(), b"resyncing");
                 }
             }
             Cmd::DialFailed { peer, error } => {
@@ -302,7 +310,8 @@ fn how_closed(conn: &quinn::Connection) -> Closed {
         .chars()
         .take(200)
         .collect();
-    if code(close::NORMAL) || code(close::SHUTDOWN) || code(close::DUPLICATE) {
+    if code(close::NORMAL) || code(close::SHUTDOWN) || code(close::DUPLICATE) || code(close::RESYNC)
+    {
         Closed::Polite
     } else if code(close::NOT_MEMBER) || code(close::REMOVED) {
         Closed::Refused(format!("refused: {reason}"))

@@ -139,6 +139,8 @@ pub(crate) mod close {
     pub const SHUTDOWN: u32 = 5;
     pub const TIMEOUT: u32 = 6;
     pub const LOCAL: u32 = 7;
+    /// This side dropped damaged deltas from its clock: start again with fresh clocks.
+    pub const RESYNC: u32 = 8;
 }
 
 /// Per-peer status, written by the driver (connection state) and the sessions (traffic, in
@@ -342,6 +344,12 @@ impl Net {
     }
 
     /// A member was removed: close its connection and stop dialing it.
+    /// Restarts every session, so each begins again from the clocks both sides hold now (this
+    /// node dropped damaged deltas; its peers believe it holds them).
+    pub(crate) fn resync(&self) {
+        let _ = self.shared.cmds.send(driver::Cmd::Resync);
+    }
+
     pub(crate) fn remove(&self, id: NodeId) {
         let _ = self.shared.cmds.send(driver::Cmd::Remove { id });
     }

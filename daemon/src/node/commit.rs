@@ -41,6 +41,13 @@ pub(super) struct Pending {
 }
 
 impl Pending {
+    /// A write refused before it was queued.
+    fn refused(e: StoreError) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(e));
+        Pending { rx }
+    }
+
     pub(super) async fn wait(self) -> Result<(), Error> {
         self.rx
             .await
@@ -68,6 +75,13 @@ impl Node {
             None
         };
         let mut engine = self.engine();
+        if keep.is_stale() {
+            // A failed commit rolled memory back while this change was made: it may build on
+            // a change that never reached the disk.
+            return Pending::refused(StoreError::CommitFailed(
+                "an earlier write failed while this one was made; try again".into(),
+            ));
+        }
         let mut deltas = Vec::with_capacity(bodies.len());
         for body in bodies {
             for action in engine.handle(Input::LocalChange { doc, body }) {
@@ -214,10 +228,13 @@ impl Node {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
+                    // Reloaded from the store on the next read, not served half-applied.
+                    self.cache().discard(Some(doc));
                     continue;
                 }
                 Err(panic) => {
                     tracing::error!(%doc, %panic, "automerge panicked applying received changes; stored anyway");
+                    self.cache().discard(Some(doc));
                     continue;
                 }
             }
@@ -235,6 +252,7 @@ impl Node {
                     patches,
                     heads: after.clone(),
                     deleted: st.deleted,
+                    damaged: None,
                 });
             }
             heads.push((doc, after));
@@ -268,10 +286,16 @@ impl Node {
         let mut plan = self.engine().catch_up(clock);
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            while let Some(batch) = plan.next_batch(&node.inner.store, 1 << 20)? {
-                out.extend(batch);
+            loop {
+                match plan.next_batch(&node.inner.store, 1 << 20) {
+                    Ok(Some(batch)) => out.extend(batch),
+                    Ok(None) => return Ok::<_, Error>(out),
+                    Err(e) => {
+                        node.noticed(&e);
+                        return Err(e.into());
+                    }
+                }
             }
-            Ok::<_, Error>(out)
         })
         .await
         .map_err(|_| Error::Closed)?

@@ -105,3 +105,65 @@ pub(super) fn private_db_files(dir: &Path) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Space kept in reserve in the data dir, so that a node stopped on a full disk can start
+/// again: a start that finds no room releases it.
+pub(super) const RESERVE_FILE: &str = "reserve";
+pub(super) const RESERVE_BYTES: usize = 8 << 20;
+
+/// Whether the data dir's disk has some room (a quarter MiB can be written), checked before
+/// the database opens: a start needs a little space for the database and the files it writes.
+pub(super) fn has_room(dir: &Path) -> bool {
+    let path = dir.join(".room-probe");
+    let probe = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::File::create(&path)?;
+        f.write_all(&[0u8; 256 << 10])?;
+        f.sync_all()
+    };
+    let ok = probe().is_ok();
+    let _ = fs::remove_file(&path);
+    ok
+}
+
+/// Makes the reserve if it is missing or short. Real blocks (zeros written, not a sparse
+/// file), else it would reserve nothing. Best effort: on a disk without room it warns.
+pub(super) fn keep_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if fs::metadata(&path).is_ok_and(|m| m.len() as usize >= RESERVE_BYTES) {
+        let _ = crate::identity::make_private(&path, 0o600);
+        return;
+    }
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&path)?;
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..RESERVE_BYTES / chunk.len() {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&path);
+        tracing::warn!(error = %e, "no room for the {} MiB disk reserve in the data dir", RESERVE_BYTES >> 20);
+    }
+}
+
+/// Frees the reserve (the disk is full and the node must start); says so.
+pub(super) fn release_reserve(dir: &Path) -> bool {
+    let released = fs::remove_file(dir.join(RESERVE_FILE)).is_ok();
+    if released {
+        tracing::warn!(
+            "the disk is full: released the {} MiB reserve to start; free some space",
+            RESERVE_BYTES >> 20
+        );
+    }
+    released
+}

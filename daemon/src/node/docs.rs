@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex};
 use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash};
 use serde_json::Value as Json;
-use tandem_crdt::delta::contain;
+use tandem_crdt::delta::{check_change_bytes, contain};
 use tandem_crdt::{DeltaBody, DocId, NodeId, Pointer, actor_id, pointer};
 
 use super::Node;
 use crate::Error;
 use crate::cache::{DocEntry, DocState};
 use crate::error::DocError;
-use crate::store::{self, DocInfo};
+use crate::store::{self, Damage, DocInfo};
 
 /// One change in a document's history.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,49 +55,17 @@ impl Node {
 
     async fn load_entry(&self, doc: DocId, create: bool) -> Result<Arc<DocEntry>, Error> {
         let entry = self.cache().get_or_insert(doc);
-        let store = &self.inner.store;
-        let actor = self.inner.actor.clone();
         let loaded = entry
             .cell()
             .get_or_try_init(|| async move {
-                let stored = store.read(move |c| store::load_doc(c, doc)).await?;
-                let Some(stored) = stored else {
-                    if create {
-                        return Ok(Mutex::new(DocState {
-                            am: Automerge::new().with_actor(actor),
-                            deleted: false,
-                        }));
-                    }
-                    return Err(Error::Doc(DocError::NotFound(doc)));
-                };
-                let corrupt = |why: String| {
-                    tracing::error!(%doc, %why, "stored document cannot be loaded");
-                    Error::Doc(DocError::Corrupt { doc, why })
-                };
-                // Automerge on bytes from the disk: an error or even a panic is this
-                // document's damage, reported as such, never the node's end.
-                let mut am = contain(|| {
-                    let mut am = match &stored.snapshot {
-                        Some(bytes) => Automerge::load(bytes).map_err(|e| e.to_string())?,
-                        None => Automerge::new(),
-                    };
-                    let changes = stored
-                        .changes
-                        .iter()
-                        .map(|b| automerge::Change::try_from(b.as_slice()))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())?;
-                    am.apply_changes(changes).map_err(|e| e.to_string())?;
-                    Ok::<_, String>(am)
-                })
-                .map_err(|panic| corrupt(format!("automerge panicked: {panic}")))?
-                .map_err(corrupt)?;
-                am.set_actor(actor);
-                tracing::trace!(%doc, "document loaded");
-                Ok(Mutex::new(DocState {
-                    am,
-                    deleted: stored.deleted,
-                }))
+                match self.load_state(doc).await? {
+                    Some(state) => Ok(Mutex::new(state)),
+                    None if create => Ok(Mutex::new(DocState {
+                        am: Automerge::new().with_actor(self.inner.actor.clone()),
+                        deleted: false,
+                    })),
+                    None => Err(Error::Doc(DocError::NotFound(doc))),
+                }
             })
             .await;
         match loaded {
@@ -107,6 +75,80 @@ impl Node {
                 self.cache().forget_if_unloaded(doc);
                 Err(e)
             }
+        }
+    }
+
+    /// Reads a document from the store: its snapshot, then the changes after it, each checked
+    /// against its checksum first. Damage is this document's, reported and healed, never the
+    /// node's end and never served: a damaged change is quarantined (members send a good copy)
+    /// and the document refused until then; a damaged snapshot is dropped and the document
+    /// rebuilt from its deltas. `None` if the store has never seen it.
+    async fn load_state(&self, doc: DocId) -> Result<Option<DocState>, Error> {
+        let store = &self.inner.store;
+        let mut dropped_snapshot = false;
+        loop {
+            let Some(stored) = store.read(move |c| store::load_doc(c, doc)).await? else {
+                return Ok(None);
+            };
+            let bad: Vec<Damage> = stored
+                .changes
+                .iter()
+                .filter_map(|(id, bytes)| {
+                    check_change_bytes(bytes)
+                        .err()
+                        .map(|why| Damage { id: *id, doc, why })
+                })
+                .collect();
+            let damaged = stored.damaged + bad.len() as u64;
+            self.quarantine(bad).await?;
+            if damaged > 0 {
+                return Err(Error::Doc(DocError::Damaged {
+                    doc,
+                    deltas: damaged,
+                }));
+            }
+            let corrupt = |why: String| {
+                tracing::error!(%doc, %why, "stored document cannot be loaded");
+                Error::Doc(DocError::Corrupt { doc, why })
+            };
+            // Automerge on bytes from the disk: an error or even a panic is this document's
+            // damage, never the node's end.
+            let mut am = match &stored.snapshot {
+                None => Automerge::new(),
+                Some(bytes) => match contain(|| Automerge::load(bytes)) {
+                    Ok(Ok(am)) => am,
+                    Ok(Err(e)) if !dropped_snapshot => {
+                        self.drop_snapshot(doc, &e.to_string()).await?;
+                        dropped_snapshot = true;
+                        continue;
+                    }
+                    Err(panic) if !dropped_snapshot => {
+                        self.drop_snapshot(doc, &format!("automerge panicked: {panic}"))
+                            .await?;
+                        dropped_snapshot = true;
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(corrupt(e.to_string())),
+                    Err(panic) => return Err(corrupt(format!("automerge panicked: {panic}"))),
+                },
+            };
+            contain(|| {
+                let changes = stored
+                    .changes
+                    .iter()
+                    .map(|(_, b)| automerge::Change::try_from(b.as_slice()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                am.apply_changes(changes).map_err(|e| e.to_string())
+            })
+            .map_err(|panic| corrupt(format!("automerge panicked: {panic}")))?
+            .map_err(corrupt)?;
+            am.set_actor(self.inner.actor.clone());
+            tracing::trace!(%doc, "document loaded");
+            return Ok(Some(DocState {
+                am,
+                deleted: stored.deleted,
+            }));
         }
     }
 

@@ -23,6 +23,9 @@ pub struct Event {
     pub patches: Vec<Patch>,
     /// The document was deleted.
     pub deleted: bool,
+    /// Damage was found in the stored document (why): it is unreadable until members send a
+    /// good copy. `heads` and `patches` are empty then.
+    pub damaged: Option<String>,
 }
 
 /// Why a subscription yielded no event.
@@ -115,6 +118,7 @@ impl Node {
                 },
                 heads,
                 deleted,
+                damaged: None,
             }
         })
     }

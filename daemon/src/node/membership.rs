@@ -237,7 +237,11 @@ impl NetHost for NodeLink {
         let node = self.node().ok_or("the node is closed")?;
         // The engine lock only while planning; each later batch is a store read alone.
         req.run_with(|known| node.engine().catch_up(known), &node.inner.store)
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                // Damage is never served: quarantined, fetched again once sessions restart.
+                node.noticed(&e);
+                e.to_string()
+            })
     }
 
     fn apply_remote(

@@ -9,6 +9,7 @@
 //! door through which the network layer sees the node.
 
 mod commit;
+mod damage;
 mod datadir;
 mod docs;
 mod events;
@@ -93,8 +94,11 @@ pub(crate) struct Inner {
     name: String,
     actor: automerge::ActorId,
     data_dir: PathBuf,
-    engine: Mutex<Engine>,
-    cache: Mutex<DocCache>,
+    /// Shared with the store's failure hook, which rolls it back after a failed commit.
+    engine: Arc<Mutex<Engine>>,
+    cache: Arc<Mutex<DocCache>>,
+    /// Damaged deltas found since start.
+    damage_found: std::sync::atomic::AtomicU64,
     events: Mutex<Option<broadcast::Sender<Arc<Event>>>>,
     /// The data-dir lock; released by `close` (or on drop).
     lock: Mutex<Option<fs::File>>,
@@ -142,6 +146,12 @@ impl Node {
         let identity = Identity::load_or_create(&dir)?;
         let id = identity.id();
         datadir::private_db_files(&dir)?;
+        // A node stopped on a full disk starts on the space kept in reserve.
+        if datadir::has_room(&dir) {
+            datadir::keep_reserve(&dir);
+        } else {
+            datadir::release_reserve(&dir);
+        }
         let (store, recovered) = Store::open(
             &dir.join(DB_FILE),
             id,
@@ -154,6 +164,11 @@ impl Node {
         let (events, _) = broadcast::channel(config.event_buffer.max(1));
         let (commits, _) = broadcast::channel(1024);
         tracing::info!(node = %id, incarnation = recovered.incarnation, dir = %dir.display(), "node open");
+        let engine = Arc::new(Mutex::new(
+            Engine::new(id, recovered.clock).with_own_floor(recovered.own_damaged_max),
+        ));
+        let cache = Arc::new(Mutex::new(DocCache::new(config.cache_docs)));
+        store.set_failure_hook(damage::rollback_hook(engine.clone(), cache.clone()));
         Ok(Node {
             inner: Arc::new(Inner {
                 net: OnceLock::new(),
@@ -167,8 +182,9 @@ impl Node {
                 name: crate::members::clean_name(&config.name),
                 actor: actor_id(&id, recovered.incarnation),
                 data_dir: dir,
-                engine: Mutex::new(Engine::new(id, recovered.clock)),
-                cache: Mutex::new(DocCache::new(config.cache_docs)),
+                engine,
+                cache,
+                damage_found: Default::default(),
                 events: Mutex::new(Some(events)),
                 lock: Mutex::new(Some(lock)),
             }),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{OptionalExtension, params};
 use tandem_crdt::DocId;
+use tandem_crdt::delta::{check_change_bytes, contain};
 
 use super::writer::Request;
 use super::{ReadPool, StoreError, Write};
@@ -81,8 +82,11 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
         table: "documents",
         why,
     };
+    // Automerge on bytes from the disk is contained: a panic must not end this thread.
     let mut am = match &snapshot {
-        Some(bytes) => automerge::Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?,
+        Some(bytes) => contain(|| automerge::Automerge::load(bytes))
+            .map_err(corrupt)?
+            .map_err(|e| corrupt(e.to_string()))?,
         None => automerge::Automerge::new(),
     };
     let mut stmt = tx.prepare_cached(
@@ -94,6 +98,9 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
     while let Some(r) = rows.next()? {
         last = r.get(0)?;
         if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(1)? {
+            // Damage folded into a snapshot could never be found again; the next load of the
+            // document quarantines it instead.
+            check_change_bytes(&bytes).map_err(corrupt)?;
             changes.push(
                 automerge::Change::try_from(bytes.as_slice())
                     .map_err(|e| corrupt(e.to_string()))?,
@@ -103,7 +110,8 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
     if last == upto {
         return Ok(None);
     }
-    am.apply_changes(changes)
+    contain(|| am.apply_changes(changes))
+        .map_err(corrupt)?
         .map_err(|e| corrupt(e.to_string()))?;
     if !automerge::ReadDoc::get_missing_deps(&am, &[]).is_empty() {
         // Some change waits for a dependency not received yet; a snapshot would drop it.

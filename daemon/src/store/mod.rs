@@ -15,31 +15,59 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tandem_crdt::delta::check_change_bytes;
 use tandem_crdt::{Delta, DeltaBody, DeltaId, DeltaStore, DocId, NodeId, VersionVector};
 use tokio::sync::oneshot;
 
 pub use schema::SCHEMA_VERSION;
 use writer::Request;
-pub use writer::{COMMIT_BUCKETS_MICROS, WriterStats};
+pub use writer::{COMMIT_BUCKETS_MICROS, FailureHook, WriterStats};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error(
         "the database has schema version {found}, newer than this build supports ({supported}); upgrade tandem"
     )]
     TooNew { found: i64, supported: i64 },
     #[error("the database belongs to node {stored}, but the identity key is {key}")]
     IdentityMismatch { stored: String, key: String },
-    #[error("a commit failed ({0}); the store refuses further writes until it is reopened")]
+    #[error("a commit failed ({0}); the write was not made")]
     CommitFailed(String),
     #[error("the store is closed")]
     Closed,
     #[error("corrupt row in {table}: {why}")]
     Corrupt { table: &'static str, why: String },
+    #[error("the disk holding the data dir is full; free some space (writes resume by themselves)")]
+    DiskFull,
+    /// Stored deltas failed their checksum; they are to be quarantined and fetched again.
+    #[error("{} stored delta(s) are damaged: {}", .0.len(), .0.first().map_or("", |d| d.why.as_str()))]
+    Damaged(Vec<Damage>),
+}
+
+impl StoreError {
+    /// The same failure, for each writer whose write it refused.
+    pub(crate) fn clone_for_reply(&self) -> StoreError {
+        match self {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::CommitFailed(why) => StoreError::CommitFailed(why.clone()),
+            other => StoreError::CommitFailed(other.to_string()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// A full disk is its own error: the user can fix it, and writing resumes when they do.
+    fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::DiskFull
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
 }
 
 /// How hard a commit pushes data to disk.
@@ -77,6 +105,9 @@ pub struct Recovered {
     pub incarnation: u64,
     /// The node clock: exactly the deltas stored.
     pub clock: VersionVector,
+    /// The highest of this node's own seqs found damaged (0 if none): never to be reused, even
+    /// when the delta is gone from the clock.
+    pub own_damaged_max: u64,
 }
 
 /// What runs right after a commit, on the writer thread, given the deltas it committed.
@@ -99,6 +130,11 @@ pub enum Write {
         sql: &'static str,
         params: Vec<rusqlite::types::Value>,
     },
+    /// Move deltas found damaged out of `deltas` and the clock into `damaged`, with why; a good
+    /// copy stored later replaces them (healing the document).
+    Quarantine { deltas: Vec<Damage> },
+    /// Forget `doc`'s snapshot (found damaged): it loads from its deltas, which stay.
+    DropSnapshot { doc: DocId },
     /// Record a compacted snapshot of `doc` (with its heads) covering every delta with rowid
     /// `<= upto`.
     Snapshot {
@@ -121,6 +157,13 @@ impl std::fmt::Debug for Write {
                 .debug_struct("Exec")
                 .field("sql", sql)
                 .finish_non_exhaustive(),
+            Write::Quarantine { deltas } => f
+                .debug_struct("Quarantine")
+                .field("deltas", &deltas.len())
+                .finish(),
+            Write::DropSnapshot { doc } => {
+                f.debug_struct("DropSnapshot").field("doc", doc).finish()
+            }
             Write::Snapshot { doc, upto, .. } => f
                 .debug_struct("Snapshot")
                 .field("doc", doc)
@@ -134,9 +177,29 @@ impl std::fmt::Debug for Write {
 #[derive(Debug, Default)]
 pub struct StoredDoc {
     pub snapshot: Option<Vec<u8>>,
-    /// Change bytes not in the snapshot, in arrival order.
-    pub changes: Vec<Vec<u8>>,
+    /// Changes not in the snapshot, in arrival order, with the deltas that carried them.
+    pub changes: Vec<(DeltaId, Vec<u8>)>,
     pub deleted: bool,
+    /// Deltas of this document found damaged and not yet replaced.
+    pub damaged: u64,
+}
+
+/// A stored delta that failed its check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub id: DeltaId,
+    pub doc: DocId,
+    pub why: String,
+}
+
+/// A delta found damaged and not yet replaced by a good copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedDelta {
+    pub id: DeltaId,
+    pub doc: DocId,
+    /// Unix milliseconds.
+    pub found_at: i64,
+    pub why: String,
 }
 
 /// A row of the document list.
@@ -202,6 +265,7 @@ pub struct Store {
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<WriterStats>,
     committed: Arc<Mutex<VersionVector>>,
+    hook: Arc<Mutex<Option<FailureHook>>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -267,6 +331,19 @@ impl Store {
         )?;
         tx.commit()?;
         let clock = load_clock(&conn)?;
+        let damaged_ids = damaged(&conn)?;
+        let own_damaged_max = damaged_ids
+            .iter()
+            .filter(|d| d.id.origin == node)
+            .map(|d| d.id.seq)
+            .max()
+            .unwrap_or(0);
+        if !damaged_ids.is_empty() {
+            tracing::warn!(
+                deltas = damaged_ids.len(),
+                "damaged deltas from an earlier run wait for a good copy from a member"
+            );
+        }
         tracing::debug!(%node, incarnation, deltas = clock.count(), "store opened");
 
         let readers = Arc::new(ReadPool {
@@ -276,14 +353,19 @@ impl Store {
         let (requests, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let committed = Arc::new(Mutex::new(clock.clone()));
+        let hook = Arc::new(Mutex::new(None));
         let (compact_tx, compact_rx) = mpsc::channel();
         let writer = writer::Writer::new(
             conn,
             clock.clone(),
             compact_tx,
             i64::from(opts.compact_after),
-            stats.clone(),
-            committed.clone(),
+            writer::Shared {
+                stats: stats.clone(),
+                committed: committed.clone(),
+                hook: hook.clone(),
+            },
+            damaged_ids.iter().map(|d| d.id).collect(),
         );
         let w = std::thread::Builder::new()
             .name("tandem-writer".into())
@@ -301,8 +383,13 @@ impl Store {
                 threads: Mutex::new(vec![w, c]),
                 stats,
                 committed,
+                hook,
             },
-            Recovered { incarnation, clock },
+            Recovered {
+                incarnation,
+                clock,
+                own_damaged_max,
+            },
         ))
     }
 
@@ -313,6 +400,11 @@ impl Store {
         // A send error means the writer is gone; the dropped reply then reads as Closed.
         let _ = self.requests.send(Request::Write { write, reply });
         rx
+    }
+
+    /// Sets what runs after a failed commit (see [`FailureHook`]).
+    pub fn set_failure_hook(&self, hook: FailureHook) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// The clock of exactly the deltas committed so far.
@@ -389,18 +481,64 @@ pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, Stor
         return Ok(None);
     };
     let mut stmt = tx.prepare_cached(
-        "SELECT change FROM deltas WHERE doc = ?1 AND rowid > ?2 AND kind = 0 ORDER BY rowid",
+        "SELECT origin, seq, change FROM deltas
+         WHERE doc = ?1 AND rowid > ?2 AND kind = 0 ORDER BY rowid",
     )?;
-    let changes = stmt
-        .query_map(params![doc.as_bytes().as_slice(), upto], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt.query_map(params![doc.as_bytes().as_slice(), upto], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    let mut changes = Vec::new();
+    for row in rows {
+        let (origin, seq, change) = row?;
+        let id = DeltaId {
+            origin: node_id_from(&origin, "deltas")?,
+            seq: seq.max(0) as u64,
+        };
+        changes.push((id, change));
+    }
+    let damaged: i64 = tx
+        .prepare_cached("SELECT count(*) FROM damaged WHERE doc = ?1")?
+        .query_row([doc.as_bytes().as_slice()], |r| r.get(0))?;
     Ok(Some(StoredDoc {
         snapshot,
         changes,
         deleted,
+        damaged: damaged.max(0) as u64,
     }))
+}
+
+/// Every delta found damaged and not yet replaced, oldest first.
+pub fn damaged(conn: &Connection) -> Result<Vec<DamagedDelta>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT origin, seq, doc, found_at, why FROM damaged ORDER BY found_at, origin, seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (origin, seq, doc, found_at, why) = row?;
+        out.push(DamagedDelta {
+            id: DeltaId {
+                origin: node_id_from(&origin, "damaged")?,
+                seq: seq.max(0) as u64,
+            },
+            doc: doc_id_from(&doc)?,
+            found_at,
+            why,
+        });
+    }
+    Ok(out)
 }
 
 /// Lists documents, most recently updated first.
@@ -551,13 +689,27 @@ impl DeltaStore for Store {
             let mut rows = stmt.query(params![origin.as_bytes().as_slice(), lo, hi])?;
             let mut out = Vec::new();
             let mut used = 0;
+            let mut damaged = Vec::new();
             while let Some(row) = rows.next()? {
                 let d = delta_from_row(row)?;
+                // Never serve damage: a peer would refuse it, and the session would restart
+                // forever. The caller quarantines it and members send a good copy.
+                if let Some(Err(why)) = d.change_bytes().map(check_change_bytes) {
+                    damaged.push(Damage {
+                        id: d.id,
+                        doc: d.doc,
+                        why,
+                    });
+                    continue;
+                }
                 used += d.encoded_len();
                 if !out.is_empty() && used > max_bytes {
                     break;
                 }
                 out.push(d);
+            }
+            if !damaged.is_empty() {
+                return Err(StoreError::Damaged(damaged));
             }
             Ok(out)
         })

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -75,6 +75,20 @@ const MIGRATIONS: &[&str] = &[
     // 2 -> 3: members' names, as each says in its Hello.
     r#"
     ALTER TABLE members ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    "#,
+    // 3 -> 4: deltas found damaged on disk. They leave `deltas` and the clock (so members send
+    // them again) and wait here, for inspection, until a good copy replaces them.
+    r#"
+    CREATE TABLE damaged (
+        origin   BLOB    NOT NULL,
+        seq      INTEGER NOT NULL,
+        doc      BLOB    NOT NULL,
+        change   BLOB,                     -- the damaged bytes, as found
+        found_at INTEGER NOT NULL,         -- unix milliseconds
+        why      TEXT    NOT NULL,
+        PRIMARY KEY (origin, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX damaged_by_doc ON damaged (doc);
     "#,
 ];
 

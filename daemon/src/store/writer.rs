@@ -1,18 +1,27 @@
 //! The writer thread: owns the write connection and does group commit. It takes every request
 //! already queued (up to a bound), writes them in one transaction, commits once (one fsync), and
-//! only then answers each caller. After a failed commit it refuses all later writes: its view of
-//! the clock can no longer be trusted, and reopening recovers from what is on disk.
+//! only then answers each caller. A failed commit (a full disk, an IO error) is rolled back;
+//! the writer then refuses every write already queued (they may build on the failed one: the
+//! next local seq, a change whose dependency was not stored) and lets the node roll its engine
+//! back to what is committed (the failure hook), then carries on: writing resumes by itself
+//! when the disk has room again.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use rusqlite::{Connection, Transaction, params};
-use tandem_crdt::{DeltaBody, DocId, NodeId, VersionVector};
+use tandem_crdt::{DeltaBody, DeltaId, DocId, NodeId, VersionVector};
 use tokio::sync::oneshot;
 
 use super::{StoreError, Write, heads_to_bytes, now_ms};
+
+/// Called on the writer thread after a failed commit, with a function that refuses every write
+/// still queued and returns the committed clock. The node takes its engine lock (so no local
+/// write is queued meanwhile), calls it, rolls its engine back to that clock and drops its
+/// in-memory documents, which may hold changes that were never stored.
+pub type FailureHook = Box<dyn FnMut(&mut dyn FnMut() -> VersionVector) + Send>;
 
 pub(super) enum Request {
     Write {
@@ -38,6 +47,10 @@ pub struct WriterStats {
     /// [`COMMIT_BUCKETS_MICROS`]`[i]` and more than the bucket before; the last slot counts the
     /// rest.
     pub commit_histogram: [AtomicU64; COMMIT_BUCKETS_MICROS.len() + 1],
+    /// Commits that failed.
+    pub failures: AtomicU64,
+    /// Whether the last commit failed because the disk is full.
+    pub disk_full: AtomicBool,
 }
 
 /// Upper bounds of the commit latency histogram's buckets, in microseconds.
@@ -55,15 +68,25 @@ impl WriterStats {
     }
 }
 
+/// What the writer shares with the [`super::Store`] handle.
+pub(super) struct Shared {
+    pub(super) stats: Arc<WriterStats>,
+    /// The clock of what is committed, shared with readers.
+    pub(super) committed: Arc<std::sync::Mutex<VersionVector>>,
+    pub(super) hook: Arc<std::sync::Mutex<Option<FailureHook>>>,
+}
+
 pub(super) struct Writer {
     stats: Arc<WriterStats>,
-    /// The clock of what is committed, shared with readers.
     committed: Arc<std::sync::Mutex<VersionVector>>,
     conn: Connection,
     clock: VersionVector,
     compact: mpsc::Sender<DocId>,
     compact_after: i64,
-    failed: Option<String>,
+    failures: u64,
+    hook: Arc<std::sync::Mutex<Option<FailureHook>>>,
+    /// Deltas in the `damaged` table: a good copy stored replaces them.
+    damaged: BTreeSet<DeltaId>,
 }
 
 #[derive(Default)]
@@ -80,9 +103,14 @@ impl Writer {
         clock: VersionVector,
         compact: mpsc::Sender<DocId>,
         compact_after: i64,
-        stats: Arc<WriterStats>,
-        committed: Arc<std::sync::Mutex<VersionVector>>,
+        shared: Shared,
+        damaged: BTreeSet<DeltaId>,
     ) -> Self {
+        let Shared {
+            stats,
+            committed,
+            hook,
+        } = shared;
         Self {
             stats,
             committed,
@@ -90,7 +118,9 @@ impl Writer {
             clock,
             compact,
             compact_after: compact_after.max(1),
-            failed: None,
+            failures: 0,
+            hook,
+            damaged,
         }
     }
 
@@ -113,18 +143,56 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(group);
+            if let Err(e) = self.commit_group(group) {
+                shutdown |= self.recover(&rx, &e);
+            }
         }
         tracing::debug!("writer stopped");
     }
 
-    fn commit_group(&mut self, group: Vec<(Write, oneshot::Sender<Result<(), StoreError>>)>) {
-        if let Some(why) = &self.failed {
-            for (_, reply) in group {
-                let _ = reply.send(Err(StoreError::CommitFailed(why.clone())));
+    /// After a failed commit: refuses what is queued (with the same error) while the node rolls
+    /// back. Returns whether a shutdown was among the refused requests.
+    fn recover(&mut self, rx: &mpsc::Receiver<Request>, error: &StoreError) -> bool {
+        let committed = self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.clock = committed.clone();
+        let mut shutdown = false;
+        let mut refused = 0usize;
+        let mut drain = || {
+            while let Ok(req) = rx.try_recv() {
+                match req {
+                    Request::Write { reply, .. } => {
+                        refused += 1;
+                        let _ = reply.send(Err(error.clone_for_reply()));
+                    }
+                    Request::Shutdown => shutdown = true,
+                }
             }
-            return;
+            committed.clone()
+        };
+        let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
+        match hook.as_mut() {
+            Some(h) => h(&mut drain),
+            None => {
+                drain();
+            }
         }
+        drop(hook);
+        tracing::debug!(
+            refused,
+            failures = self.failures,
+            "writer rolled back after a failed commit"
+        );
+        shutdown
+    }
+
+    fn commit_group(
+        &mut self,
+        group: Vec<(Write, oneshot::Sender<Result<(), StoreError>>)>,
+    ) -> Result<(), StoreError> {
         let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         let started = Instant::now();
         let result = self.apply(&writes);
@@ -134,6 +202,9 @@ impl Writer {
         match result {
             Ok(to_compact) => {
                 tracing::trace!(requests = n, "group committed");
+                if self.stats.disk_full.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the disk has room again; writing resumed");
+                }
                 // Published before anyone is told of the commit.
                 *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = self.clock.clone();
                 for w in writes {
@@ -152,19 +223,29 @@ impl Writer {
                 for reply in replies {
                     let _ = reply.send(Ok(()));
                 }
+                Ok(())
             }
             Err(e) => {
-                let why = e.to_string();
-                tracing::error!(error = %why, "commit failed; refusing further writes");
-                self.clock = self
-                    .committed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                self.failed = Some(why.clone());
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::CommitFailed(why.clone())));
+                self.failures += 1;
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .disk_full
+                    .store(matches!(e, StoreError::DiskFull), Ordering::Relaxed);
+                let e = match e {
+                    StoreError::DiskFull => StoreError::DiskFull,
+                    other => StoreError::CommitFailed(other.to_string()),
+                };
+                if matches!(e, StoreError::DiskFull) {
+                    tracing::error!(
+                        "the disk is full: {n} writes refused; writing resumes when space is freed"
+                    );
+                } else {
+                    tracing::error!(error = %e, "commit failed: {n} writes refused");
                 }
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone_for_reply()));
+                }
+                Err(e)
             }
         }
     }
@@ -187,6 +268,8 @@ impl Writer {
         let mut docs: BTreeMap<DocId, DocDelta> = BTreeMap::new();
         let mut origins: BTreeSet<NodeId> = BTreeSet::new();
         let mut due = Vec::new();
+        let mut healed = Vec::new();
+        let mut quarantined = Vec::new();
         for write in writes {
             match write {
                 Write::Deltas { deltas, heads, .. } => {
@@ -212,6 +295,13 @@ impl Writer {
                             now
                         ])?;
                         if inserted == 1 {
+                            if self.damaged.contains(&d.id) {
+                                tx.prepare_cached(
+                                    "DELETE FROM damaged WHERE origin = ?1 AND seq = ?2",
+                                )?
+                                .execute(params![d.id.origin.as_bytes().as_slice(), seq])?;
+                                healed.push(d.id);
+                            }
                             self.clock.insert(d.id);
                             origins.insert(d.id.origin);
                             let e = docs.entry(d.doc).or_default();
@@ -234,6 +324,38 @@ impl Writer {
                     heads,
                     upto,
                 } => write_snapshot(&tx, *doc, snapshot, heads, *upto)?,
+                Write::DropSnapshot { doc } => {
+                    let key = doc.as_bytes().as_slice();
+                    tx.execute("DELETE FROM snapshots WHERE doc = ?1", [key])?;
+                    tx.execute(
+                        "UPDATE documents SET snapshot_upto = 0, folded = 0,
+                             pending = (SELECT count(*) FROM deltas WHERE doc = ?1),
+                             size = (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1)
+                         WHERE doc = ?1",
+                        [key],
+                    )?;
+                }
+                Write::Quarantine { deltas } => {
+                    for super::Damage { id, why, .. } in deltas {
+                        let origin = id.origin.as_bytes().as_slice();
+                        let seq = i64::try_from(id.seq).unwrap_or(i64::MAX);
+                        let moved = tx.execute(
+                            "INSERT OR REPLACE INTO damaged (origin, seq, doc, change, found_at, why)
+                             SELECT origin, seq, doc, change, ?3, ?4 FROM deltas
+                             WHERE origin = ?1 AND seq = ?2",
+                            params![origin, seq, now, why],
+                        )?;
+                        tx.execute(
+                            "DELETE FROM deltas WHERE origin = ?1 AND seq = ?2",
+                            params![origin, seq],
+                        )?;
+                        if moved == 1 {
+                            self.clock.remove(*id);
+                            origins.insert(id.origin);
+                            quarantined.push(*id);
+                        }
+                    }
+                }
             }
         }
         {
@@ -258,7 +380,15 @@ impl Writer {
                 "INSERT OR REPLACE INTO clock (origin, prefix, extra) VALUES (?1, ?2, ?3)",
             )?;
             for origin in &origins {
-                if let Some(set) = self.clock.origin(origin) {
+                let Some(set) = self.clock.origin(origin) else {
+                    // Its only delta was quarantined.
+                    tx.execute(
+                        "DELETE FROM clock WHERE origin = ?1",
+                        [origin.as_bytes().as_slice()],
+                    )?;
+                    continue;
+                };
+                {
                     let extra =
                         postcard::to_allocvec(set.extra()).map_err(|e| StoreError::Corrupt {
                             table: "clock",
@@ -273,6 +403,11 @@ impl Writer {
             }
         }
         tx.commit()?;
+        for id in &healed {
+            self.damaged.remove(id);
+            tracing::info!(origin = %id.origin.short(), seq = id.seq, "damaged delta replaced by a good copy");
+        }
+        self.damaged.extend(quarantined);
         Ok(due)
     }
 }

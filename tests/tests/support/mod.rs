@@ -42,6 +42,14 @@ impl Daemon {
         Daemon { child, dir }
     }
 
+    /// A daemon whose data dir is made inside `parent` (a small disk, say).
+    pub fn start_in(parent: &Path) -> Daemon {
+        std::fs::create_dir_all(parent).unwrap();
+        let dir = tempfile::tempdir_in(parent).unwrap();
+        let child = spawn_tandemd(dir.path(), &[], &[]);
+        Daemon { child, dir }
+    }
+
     /// Starts tandemd again on this daemon's data dir (after [`Daemon::stop`]).
     pub fn restart(&mut self) {
         self.child = spawn_tandemd(self.dir.path(), &[], &[]);

@@ -1,0 +1,177 @@
+//! Damage and a full disk with real daemons: a node whose stored change was flipped on disk
+//! reports it and heals from its member over QUIC without a restart; a full disk is its own
+//! error (507, a CLI message that says what to do), and writing resumes when space returns.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::Daemon;
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Flips three bytes inside this node's own change `seq`; SQLite's checks still pass.
+fn flip_own_change(db: &Path, seq: i64) {
+    let db = rusqlite::Connection::open(db).unwrap();
+    let (rowid, mut change): (i64, Vec<u8>) = db
+        .query_row(
+            "SELECT rowid, change FROM deltas WHERE seq = ?1
+             AND origin = (SELECT value FROM meta WHERE key = 'node_id')",
+            [seq],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let mid = change.len() / 2;
+    for b in &mut change[mid..mid + 3] {
+        *b ^= 0x5a;
+    }
+    db.execute(
+        "UPDATE deltas SET change = ?2 WHERE rowid = ?1",
+        rusqlite::params![rowid, change],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_damaged_change_is_reported_and_healed_from_a_member_over_quic() {
+    let mut a = Daemon::start();
+    let b = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    let doc = a.ok(&["doc", "new", r#"{"k0":0}"#]);
+    for i in 1..5 {
+        a.ok(&["doc", "put", &doc, &format!("/k{i}"), &i.to_string()]);
+    }
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    let want = a.ok(&["doc", "get", &doc]);
+    a.stop();
+    flip_own_change(&a.dir.path().join("tandem.db"), 3);
+    a.restart();
+
+    // Never served without its keys: a clear error, and the status says what is healing.
+    let out = a.tandem(&["doc", "get", &doc]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "damaged doc served: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("damaged") && err.contains("hint"), "{err}");
+
+    // B sends the good copy once the sessions restart: healed, no restart, no operator.
+    let started = Instant::now();
+    let healed = loop {
+        let out = a.tandem(&["doc", "get", &doc]);
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap().trim().to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not healed within 20 s: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("healed in {:?}", started.elapsed());
+    assert_eq!(healed, want);
+    let status = json(&a.ok(&["status", "--json"]));
+    assert_eq!(status["damaged_count"], 0, "{status}");
+    let metrics = ureq::get(&format!("{}/metrics", a.api().0))
+        .set("Authorization", &format!("Bearer {}", a.api().1))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metrics.contains("tandem_damage_found_total 1"), "{metrics}");
+    // Both ends settle: equal clocks, in sync.
+    a.ok(&["sync", "wait", "--timeout", "20s"]);
+    b.ok(&["sync", "wait", "--timeout", "20s"]);
+}
+
+/// Mounts a small tmpfs (root only) for a data dir that can fill up.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mb: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tandem-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_its_own_error_and_writing_resumes_when_space_returns() {
+    let Some(disk) = SmallDisk::mount(16) else {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs this as root)");
+        return;
+    };
+    let mut a = Daemon::start_in(&disk.dir.path().join("data"));
+    let doc = a.ok(&["doc", "new", r#"{"n":0}"#]);
+    // Fill the disk to the last byte.
+    let filler = disk.dir.path().join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let big = "x".repeat(100_000);
+    let out = a.tandem(&["doc", "put", &doc, "/big", &format!("\"{big}\"")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("disk") && err.contains("full") && err.contains("free"),
+        "{err}"
+    );
+    let (url, token) = a.api();
+    let resp = ureq::put(&format!("{url}/v1/docs/{doc}?path=/n"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .set("Content-Type", "application/json")
+        .send_string(&format!("\"{big}\""));
+    match resp {
+        Err(ureq::Error::Status(507, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap();
+            assert_eq!(v["code"], "disk_full");
+        }
+        other => panic!("want 507 disk_full, got {other:?}"),
+    }
+    assert_eq!(json(&a.ok(&["status", "--json"]))["disk_full"], true);
+    // Reads still work, and nothing acknowledged was lost.
+    assert_eq!(a.ok(&["doc", "get", &doc, "/n"]), "0");
+
+    // Space returns: the next write lands, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&["doc", "put", &doc, "/n", "1"]);
+    assert_eq!(json(&a.ok(&["status", "--json"]))["disk_full"], false);
+
+    // Full again, then a restart on the full disk still succeeds (the reserve).
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    a.stop();
+    a.restart();
+    assert_eq!(a.ok(&["doc", "get", &doc, "/n"]), "1");
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&["doc", "put", &doc, "/n", "2"]);
+    a.stop();
+    a.restart();
+    assert_eq!(a.ok(&["doc", "get", &doc, "/n"]), "2");
+}
