@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::id::{DeltaId, DocId};
+use crate::sign::Auth;
 
 /// Why a delta was refused.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum DeltaError {
     Panicked { id: DeltaId, why: String },
     #[error("delta {id}: change is {len} bytes, over the limit of {max}")]
     TooLarge { id: DeltaId, len: usize, max: usize },
+    #[error("delta {id}: not signed by its origin (forged, unsigned or altered)")]
+    BadSignature { id: DeltaId },
 }
 
 /// Largest change payload a delta may carry (16 MiB); bigger edits are split by the app.
@@ -38,12 +41,14 @@ pub enum DeltaBody {
     Tombstone,
 }
 
-/// One local commit on one document.
+/// One local commit on one document, signed by its origin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delta {
     pub id: DeltaId,
     pub doc: DocId,
     pub body: DeltaBody,
+    /// Its place in the origin's hash chain and the origin's signature ([`crate::sign`]).
+    pub auth: Auth,
 }
 
 impl Delta {
@@ -85,7 +90,7 @@ impl Delta {
             DeltaBody::Change(b) => b.len() + 5,
             DeltaBody::Tombstone => 1,
         };
-        32 + 10 + 16 + body
+        32 + 10 + 16 + 32 + 65 + body
     }
 
     /// The change payload, if this delta carries one.
@@ -186,6 +191,7 @@ mod tests {
             id: id(1),
             doc: DocId::from_bytes([0; 16]),
             body: DeltaBody::Change(change_bytes()),
+            auth: Auth::default(),
         };
         assert!(d.validate().unwrap().is_some());
     }
@@ -210,6 +216,7 @@ mod tests {
                 id: id(1),
                 doc: DocId::from_bytes([0; 16]),
                 body: DeltaBody::Change(bytes),
+                auth: Auth::default(),
             };
             assert!(d.validate().is_err(), "case {i} accepted");
         }
@@ -217,6 +224,7 @@ mod tests {
             id: id(0),
             doc: DocId::from_bytes([0; 16]),
             body: DeltaBody::Tombstone,
+            auth: Auth::default(),
         };
         assert!(zero.validate().is_err());
     }

@@ -5,10 +5,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use crate::clock::VersionVector;
 use crate::delta::{Delta, DeltaBody, DeltaError};
 use crate::id::{DeltaId, DocId, NodeId};
+use crate::sign::{self, Auth, Signer};
 
 /// Read access to the deltas a node holds.
 pub trait DeltaStore {
@@ -132,20 +134,33 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct Engine {
     me: NodeId,
+    signer: Arc<Signer>,
     clock: VersionVector,
     /// Own seqs up to here are taken even if not in the clock (a damaged own delta was dropped
     /// to be fetched again): a new local delta never reuses one.
     own_floor: u64,
+    /// The chain hash of this node's latest delta: the next one links to it.
+    chain: [u8; 32],
 }
 
 impl Engine {
-    /// Starts from the clock recovered from storage.
-    pub fn new(me: NodeId, clock: VersionVector) -> Self {
+    /// Starts from the clock recovered from storage; local deltas are signed with `signer`.
+    pub fn new(signer: Arc<Signer>, clock: VersionVector) -> Self {
         Self {
-            me,
+            me: signer.id(),
+            signer,
             clock,
             own_floor: 0,
+            chain: [0; 32],
         }
+    }
+
+    /// Continues this node's hash chain after its latest stored delta (whose chain hash this
+    /// is). Without it the next delta starts a new chain, which costs a receiver one more
+    /// signature check, nothing else.
+    pub fn with_chain(mut self, chain: [u8; 32]) -> Self {
+        self.chain = chain;
+        self
     }
 
     /// Marks own seqs up to `seq` as taken (see [`Engine::forget`]), across restarts.
@@ -164,6 +179,7 @@ impl Engine {
     }
 
     /// Rolls the clock back to what storage holds, after writes queued on top of it failed.
+    /// The chain goes on from the last delta made, which links nothing that was not signed.
     pub fn reset_clock(&mut self, committed: VersionVector) {
         self.clock = committed;
     }
@@ -196,11 +212,18 @@ impl Engine {
             seq,
         };
         self.clock.insert(id);
-        Delta { id, doc, body }
+        let mut d = Delta {
+            id,
+            doc,
+            body,
+            auth: Auth::default(),
+        };
+        self.chain = self.signer.sign(&mut d, self.chain);
+        d
     }
 
     fn remote_deltas(&mut self, from: NodeId, deltas: Vec<Delta>) -> Vec<Action> {
-        let mut fresh = Vec::new();
+        let mut candidates = Vec::new();
         let mut actions = Vec::new();
         for d in deltas {
             if self.clock.contains(d.id) {
@@ -210,8 +233,21 @@ impl Engine {
                 actions.push(Action::Reject { from, error });
                 continue;
             }
-            self.clock.insert(d.id);
-            fresh.push(d);
+            candidates.push(d);
+        }
+        // Only what its origin signed gets in: a forged delta that came first would make the
+        // genuine one with its id look like a duplicate.
+        let authentic = sign::verify_batch(&candidates);
+        let mut fresh = Vec::with_capacity(candidates.len());
+        for (d, ok) in candidates.into_iter().zip(authentic) {
+            if !ok {
+                actions.push(Action::Reject {
+                    from,
+                    error: DeltaError::BadSignature { id: d.id },
+                });
+            } else if self.clock.insert(d.id) {
+                fresh.push(d);
+            }
         }
         if !fresh.is_empty() {
             actions.insert(
@@ -293,7 +329,11 @@ pub(crate) mod tests {
     use super::*;
 
     fn n(i: u8) -> NodeId {
-        NodeId::from_bytes([i; 32])
+        crate::sign::Signer::from_seed([i; 32]).id()
+    }
+
+    fn signer(i: u8) -> std::sync::Arc<crate::sign::Signer> {
+        std::sync::Arc::new(crate::sign::Signer::from_seed([i; 32]))
     }
 
     fn doc() -> DocId {
@@ -312,7 +352,7 @@ pub(crate) mod tests {
 
     #[test]
     fn local_writes_take_contiguous_seqs() {
-        let mut e = Engine::new(n(1), VersionVector::new());
+        let mut e = Engine::new(signer(1), VersionVector::new());
         for i in 1..=3 {
             let actions = e.handle(Input::LocalChange {
                 doc: doc(),
@@ -326,15 +366,15 @@ pub(crate) mod tests {
         }
         assert_eq!(e.clock().origin(&n(1)).unwrap().prefix(), 3);
         // A restart continues from the recovered clock.
-        let mut e2 = Engine::new(n(1), e.clock().clone());
+        let mut e2 = Engine::new(signer(1), e.clock().clone());
         assert_eq!(e2.local_delta(doc(), DeltaBody::Tombstone).id.seq, 4);
     }
 
     #[test]
     fn remote_deltas_are_deduplicated_and_validated() {
-        let mut a = Engine::new(n(1), VersionVector::new());
+        let mut a = Engine::new(signer(1), VersionVector::new());
         let d1 = a.local_delta(doc(), DeltaBody::Change(change(1)));
-        let mut b = Engine::new(n(2), VersionVector::new());
+        let mut b = Engine::new(signer(2), VersionVector::new());
         let bad = Delta {
             id: DeltaId {
                 origin: n(1),
@@ -342,6 +382,7 @@ pub(crate) mod tests {
             },
             doc: doc(),
             body: DeltaBody::Change(vec![1, 2, 3]),
+            auth: Auth::default(),
         };
         let actions = b.handle(Input::RemoteDeltas {
             from: n(1),
@@ -364,7 +405,7 @@ pub(crate) mod tests {
 
     #[test]
     fn catch_up_sends_only_what_is_missing_in_bounded_batches() {
-        let mut a = Engine::new(n(1), VersionVector::new());
+        let mut a = Engine::new(signer(1), VersionVector::new());
         let mut store = MemStore::new();
         for i in 0..50 {
             let d = a.local_delta(doc(), DeltaBody::Change(change(i * 10)));
@@ -388,7 +429,7 @@ pub(crate) mod tests {
 
     #[test]
     fn oversized_delta_travels_alone() {
-        let mut a = Engine::new(n(1), VersionVector::new());
+        let mut a = Engine::new(signer(1), VersionVector::new());
         let mut store = MemStore::new();
         store.insert([a.local_delta(doc(), DeltaBody::Change(change(5_000)))]);
         store.insert([a.local_delta(doc(), DeltaBody::Change(change(1)))]);

@@ -21,6 +21,7 @@ pub mod peer;
 pub mod pointer;
 pub mod proto;
 pub mod session;
+pub mod sign;
 
 pub use automerge;
 pub use clock::{Causality, LamportClock, VersionVector};
@@ -32,6 +33,7 @@ pub use members::{Invite, InviteError, Member, Roster};
 pub use peer::PeerSync;
 pub use pointer::{PathError, Pointer};
 pub use session::{Session, SessionConfig};
+pub use sign::{Auth, Signer};
 
 /// The Automerge actor id for `node` in its `incarnation`-th process start. Actors are never
 /// reused across processes, so two runs of one node can never make two different changes with

@@ -14,7 +14,7 @@ use crate::delta::{Delta, MAX_CHANGE_BYTES};
 use crate::id::NodeId;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted: one maximal change plus room for its envelope.
 pub const MAX_FRAME: usize = MAX_CHANGE_BYTES + 64 * 1024;

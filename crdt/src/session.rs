@@ -811,7 +811,11 @@ mod tests {
     use crate::id::DocId;
 
     fn n(i: u8) -> NodeId {
-        NodeId::from_bytes([i; 32])
+        crate::sign::Signer::from_seed([i; 32]).id()
+    }
+
+    fn signer(i: u8) -> std::sync::Arc<crate::sign::Signer> {
+        std::sync::Arc::new(crate::sign::Signer::from_seed([i; 32]))
     }
 
     use crate::engine::tests::change;
@@ -849,7 +853,7 @@ mod tests {
 
     impl Side {
         fn new(me: u8, peer: u8, writes: usize, cfg: SessionConfig, now: Instant) -> Self {
-            let mut engine = Engine::new(n(me), VersionVector::new());
+            let mut engine = Engine::new(signer(me), VersionVector::new());
             let mut store = MemStore::new();
             for i in 0..writes {
                 store.insert([engine.local_delta(
@@ -1002,7 +1006,7 @@ mod tests {
     #[test]
     fn a_batch_over_the_window_or_out_of_order_closes() {
         let t = Instant::now();
-        let mut e = Engine::new(n(2), VersionVector::new());
+        let mut e = Engine::new(signer(2), VersionVector::new());
         let mut batch = |seq| SyncMsg::Batch {
             seq,
             deltas: vec![e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Tombstone)],
@@ -1040,7 +1044,7 @@ mod tests {
             t,
         );
         s.handle_sync(t, hello(2, VersionVector::new()));
-        let mut e = Engine::new(n(2), VersionVector::new());
+        let mut e = Engine::new(signer(2), VersionVector::new());
         let d = e.local_delta(DocId::from_bytes([1; 16]), DeltaBody::Change(change(1)));
         s.handle_sync(
             t,
@@ -1182,7 +1186,7 @@ mod tests {
     fn pushes_are_acknowledged_once_stored_and_a_burst_costs_one_ack() {
         let t = Instant::now();
         let mut s = opened();
-        let mut e = Engine::new(n(2), VersionVector::new());
+        let mut e = Engine::new(signer(2), VersionVector::new());
         let doc = DocId::from_bytes([1; 16]);
         for _ in 0..3 {
             let d = e.local_delta(doc, DeltaBody::Change(change(1)));

@@ -67,9 +67,10 @@ struct Replica {
 
 impl Replica {
     fn new(i: usize) -> Self {
-        let id = NodeId::from_bytes([i as u8 + 1; 32]);
+        let signer = std::sync::Arc::new(tandem_crdt::Signer::from_seed([i as u8 + 1; 32]));
+        let id = signer.id();
         Self {
-            engine: Engine::new(id, VersionVector::new()),
+            engine: Engine::new(signer, VersionVector::new()),
             store: MemStore::new(),
             docs: BTreeMap::new(),
             actor: actor_id(&id, 0),

@@ -33,6 +33,16 @@ impl Identity {
         self.id
     }
 
+    /// The key that signs this node's deltas.
+    pub fn signer(&self) -> Result<tandem_crdt::Signer, Error> {
+        tandem_crdt::Signer::from_pkcs8(&self.pkcs8).map_err(|e| {
+            Error::DataDir(DataDirError::Identity {
+                path: KEY_FILE.into(),
+                why: e.to_string(),
+            })
+        })
+    }
+
     /// The private key as PKCS#8 DER (for TLS certificates).
     pub fn pkcs8(&self) -> &[u8] {
         &self.pkcs8

@@ -376,9 +376,16 @@ async fn sqlite_store_answers_catch_up_in_order() {
     let me = node.id();
     node.close().await.unwrap();
     drop(node);
+    let signer = std::sync::Arc::new(
+        tandem::Identity::load_or_create(dir.path())
+            .unwrap()
+            .signer()
+            .unwrap(),
+    );
     let (store, rec) =
-        tandem::store::Store::open(&dir.path().join("tandem.db"), me, Default::default()).unwrap();
-    let engine = tandem::crdt::Engine::new(me, rec.clock.clone());
+        tandem::store::Store::open(&dir.path().join("tandem.db"), &signer, Default::default())
+            .unwrap();
+    let engine = tandem::crdt::Engine::new(signer, rec.clock.clone());
     let mut peer = tandem::crdt::VersionVector::new();
     peer.insert_range(me, 1, 10);
     let mut plan = engine.catch_up(&peer);
@@ -388,6 +395,12 @@ async fn sqlite_store_answers_catch_up_in_order() {
         for d in &batch {
             d.validate().unwrap();
         }
+        // Signed and chained as stored: one check vouches for each batch's run.
+        assert!(
+            tandem::crdt::sign::verify_batch(&batch)
+                .iter()
+                .all(|ok| *ok)
+        );
         seqs.extend(batch.iter().map(|d| d.id.seq));
     }
     assert_eq!(seqs, (11..=31).collect::<Vec<_>>());
@@ -582,4 +595,65 @@ async fn a_lost_database_is_refused_not_silently_replaced() {
         "{err}"
     );
     assert!(!db.exists(), "nothing was created in its place");
+}
+
+/// A data dir from before deltas were signed (schema 4): it opens with every document; this
+/// node's own deltas are signed then, so members accept them; another origin's unsigned
+/// deltas stay readable here but are not relayed (members would refuse them).
+#[tokio::test]
+async fn deltas_stored_before_signing_are_signed_or_kept_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let doc = node.create(Some(json!({"n": 0}))).await.unwrap();
+    for i in 1..4 {
+        node.put(doc, "/n", json!(i)).await.unwrap();
+    }
+    let other = {
+        let o = tempfile::tempdir().unwrap();
+        let n = open(o.path()).await;
+        let d = n.create(Some(json!({"theirs": 1}))).await.unwrap();
+        let deltas = n.deltas_missing_from(&Default::default()).await.unwrap();
+        (d, deltas)
+    };
+    node.ingest(other.1[0].id.origin, other.1.clone())
+        .await
+        .unwrap();
+    let me = node.id();
+    node.close().await.unwrap();
+    drop(node);
+    {
+        // As schema 4 left it: no signatures anywhere.
+        let db = rusqlite::Connection::open(dir.path().join("tandem.db")).unwrap();
+        db.execute_batch(
+            "UPDATE deltas SET prev = NULL, sig = NULL;
+             DELETE FROM meta WHERE key = 'own_signed';",
+        )
+        .unwrap();
+    }
+    let node = open(dir.path()).await;
+    assert_eq!(node.get(doc, "/n").await.unwrap(), json!(3));
+    assert_eq!(node.get(other.0, "/theirs").await.unwrap(), json!(1));
+    let served = node
+        .deltas_missing_from(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(served.len(), 4, "own deltas only");
+    assert!(served.iter().all(|d| d.id.origin == me));
+    assert!(
+        tandem::crdt::sign::verify_batch(&served)
+            .iter()
+            .all(|ok| *ok)
+    );
+    // New writes continue the chain.
+    node.put(doc, "/n", json!(4)).await.unwrap();
+    let all = node
+        .deltas_missing_from(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(
+        all[4].auth.prev,
+        tandem::crdt::sign::chain_hash(&all[3]),
+        "linked"
+    );
 }

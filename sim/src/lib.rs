@@ -20,6 +20,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
@@ -28,7 +29,9 @@ use tandem_crdt::dialer::{Admit, ConnId, Dialer, DialerConfig};
 use tandem_crdt::engine::{Action, CatchUp, Engine, Input, MemStore, Source};
 use tandem_crdt::proto::{PushMsg, SyncMsg};
 use tandem_crdt::session::{Fault, Lane, LoadRequest, Output, Session, SessionConfig};
-use tandem_crdt::{Delta, DeltaBody, DeltaId, DocId, NodeId, VersionVector, actor_id, json};
+use tandem_crdt::{
+    Delta, DeltaBody, DeltaId, DocId, NodeId, Signer, VersionVector, actor_id, json,
+};
 
 /// SplitMix64: small, fast, and the whole simulation replays from its seed.
 #[derive(Debug, Clone)]
@@ -142,6 +145,7 @@ pub struct SimNode {
     pub up: bool,
     pub incarnation: u64,
     pub engine: Engine,
+    signer: Arc<Signer>,
     pub store: MemStore,
     pub docs: BTreeMap<DocId, Automerge>,
     pub dialer: Dialer,
@@ -244,9 +248,10 @@ impl Sim {
         let dup = [0.0, 0.05][rng.below(2) as usize];
         let feed_loss = [0.0, 0.02][rng.below(2) as usize];
         let base = Instant::now();
-        let ids: Vec<NodeId> = (0..n)
-            .map(|i| NodeId::from_bytes([i as u8 + 1; 32]))
+        let signers: Vec<Arc<Signer>> = (0..n)
+            .map(|i| Arc::new(Signer::from_seed([i as u8 + 1; 32])))
             .collect();
+        let ids: Vec<NodeId> = signers.iter().map(|s| s.id()).collect();
         let nodes = (0..n)
             .map(|i| {
                 let mut dialer = Dialer::new(ids[i], dialer_config());
@@ -264,7 +269,8 @@ impl Sim {
                     id: ids[i],
                     up: true,
                     incarnation: 1,
-                    engine: Engine::new(ids[i], VersionVector::new()),
+                    engine: Engine::new(signers[i].clone(), VersionVector::new()),
+                    signer: signers[i].clone(),
                     store: MemStore::new(),
                     docs: BTreeMap::new(),
                     dialer,
@@ -373,7 +379,17 @@ impl Sim {
         n.up = false;
         n.incarnation += 1;
         n.docs.clear();
-        n.engine = Engine::new(n.id, n.store.clock());
+        // The chain goes on from the last own delta stored, as the daemon's does.
+        let clock = n.store.clock();
+        let last = DeltaId {
+            origin: n.id,
+            seq: clock.max_seq(&n.id),
+        };
+        let chain = n
+            .store
+            .get(&last)
+            .map_or([0; 32], tandem_crdt::sign::chain_hash);
+        n.engine = Engine::new(n.signer.clone(), clock).with_chain(chain);
         let mut dialer = Dialer::new(n.id, dialer_config());
         let peers: Vec<NodeId> = n.dialer.peers().collect();
         for p in peers {

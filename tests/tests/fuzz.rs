@@ -1,9 +1,11 @@
 //! Mutation fuzzing of everything that parses bytes from the network or from disk: whole sync
 //! streams fed through the frame reader into the real `Session` (Hello, Batch, Ack, CaughtUp,
 //! with the version vectors and deltas inside), push and join frames, invite tokens, and
-//! imported `.automerge` files. Inputs are valid encodings mutated by bit flips, byte edits,
-//! truncation, splices and hostile lengths, all from one seed. Nothing may panic; what decodes
-//! is handled as a node would (the session's stores validated by the engine).
+//! imported `.automerge` files; forged deltas (genuine signed ones altered field by field),
+//! stored changes corrupted on disk and read back through the load path, and deeply nested
+//! JSON. Inputs are valid encodings mutated by bit flips, byte edits, truncation, splices and
+//! hostile lengths, all from one seed. Nothing may panic; what decodes is handled as a node
+//! would (the session's stores validated by the engine); nothing forged or damaged is served.
 //!
 //! `FUZZ_ITERS` sets inputs per target (default 20,000); `FUZZ_SEED` the seed. A failing input
 //! is written to `target/fuzz-failures/` for replay.
@@ -14,7 +16,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use serde_json::json;
 use std::time::Instant;
-use tandem::crdt::{Delta, DeltaBody, DeltaId, DocId, NodeId, VersionVector};
+use tandem::crdt::{Delta, DeltaBody, DeltaId, DocId, NodeId, Signer, VersionVector};
 use tandem::members::Invite;
 
 use tandem::crdt::engine::{Action, Engine, Input, MemStore};
@@ -128,17 +130,40 @@ fn change(i: i64) -> Vec<u8> {
     doc.get_last_local_change().unwrap().raw_bytes().to_vec()
 }
 
+/// The peer whose stream is fuzzed: its deltas are signed by it, as a real node's are.
+fn peer() -> Signer {
+    Signer::from_seed([5; 32])
+}
+
+/// A delta of `signer`, linked after `prev` and signed.
+fn signed(signer: &Signer, seq: u64, body: DeltaBody, prev: [u8; 32]) -> Delta {
+    let mut d = Delta {
+        id: DeltaId {
+            origin: signer.id(),
+            seq,
+        },
+        doc: DocId::from_bytes([1; 16]),
+        body,
+        auth: Default::default(),
+    };
+    signer.sign(&mut d, prev);
+    d
+}
+
 fn frame_corpus() -> Vec<Vec<u8>> {
-    let node = NodeId::from_bytes([5; 32]);
+    let signer = peer();
+    let node = signer.id();
     let mut clock = VersionVector::new();
     clock.insert_range(node, 1, 1000);
     clock.insert_range(node, 1005, 1010);
     clock.insert_range(NodeId::from_bytes([6; 32]), 3, 9);
-    let delta = |seq, body| Delta {
-        id: DeltaId { origin: node, seq },
-        doc: DocId::from_bytes([1; 16]),
-        body,
-    };
+    let first = signed(&signer, 1001, DeltaBody::Change(change(1)), [7; 32]);
+    let second = signed(
+        &signer,
+        1002,
+        DeltaBody::Tombstone,
+        tandem::crdt::sign::chain_hash(&first),
+    );
     let hello = SyncMsg::Hello {
         version: PROTOCOL_VERSION,
         node,
@@ -147,10 +172,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
     };
     let batch = SyncMsg::Batch {
         seq: 1,
-        deltas: vec![
-            delta(1001, DeltaBody::Change(change(1))),
-            delta(1002, DeltaBody::Tombstone),
-        ],
+        deltas: vec![first, second],
     };
     // A whole sync stream: what a peer sends after the connection opens.
     let stream: Vec<u8> = [hello, batch, SyncMsg::Ack { seq: 1 }, SyncMsg::CaughtUp]
@@ -158,7 +180,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
         .flat_map(|m| proto::encode(m).unwrap())
         .collect();
     let push = PushMsg::Push {
-        deltas: vec![delta(3, DeltaBody::Change(change(3)))],
+        deltas: vec![signed(&signer, 3, DeltaBody::Change(change(3)), [0; 32])],
     };
     let joins = [
         JoinMsg::Request {
@@ -181,10 +203,11 @@ fn frame_corpus() -> Vec<Vec<u8>> {
 /// for as a node would, until the stream ends, a frame is undecodable, or the session closes.
 /// Returns how many deltas it stored.
 fn run_session(bytes: &[u8]) -> usize {
-    let me = NodeId::from_bytes([1; 32]);
-    let peer = NodeId::from_bytes([5; 32]);
+    let signer = std::sync::Arc::new(Signer::from_seed([1; 32]));
+    let me = signer.id();
+    let peer = peer().id();
     let now = Instant::now();
-    let mut engine = Engine::new(me, VersionVector::new());
+    let mut engine = Engine::new(signer, VersionVector::new());
     let mut store = MemStore::new();
     let mut session = Session::new(
         SessionConfig::default(),
@@ -308,4 +331,206 @@ fn fuzz_automerge_imports() {
     assert_eq!(stats.deltas, node.clock().count());
     assert!(node.clock().count() >= before.count());
     eprintln!("imports: {accepted} mutated files were valid documents and imported whole");
+}
+
+/// Forged deltas: genuine signed chains from two origins, altered field by field as a lying
+/// member could (another origin, another seq or document, a changed body, a borrowed `prev` or
+/// signature), fed to a real engine. Whatever it accepts must be exactly a genuine delta.
+#[test]
+fn fuzz_forged_deltas_are_never_accepted() {
+    use tandem::crdt::sign::chain_hash;
+    let a = Signer::from_seed([11; 32]);
+    let b = Signer::from_seed([12; 32]);
+    let mut genuine: Vec<Delta> = Vec::new();
+    for s in [&a, &b] {
+        let mut prev = [0; 32];
+        for seq in 1..=6 {
+            let body = if seq == 4 {
+                DeltaBody::Tombstone
+            } else {
+                DeltaBody::Change(change(seq as i64 * 7))
+            };
+            let d = signed(s, seq, body, prev);
+            prev = chain_hash(&d);
+            genuine.push(d);
+        }
+    }
+    let by_id: std::collections::BTreeMap<DeltaId, Delta> =
+        genuine.iter().map(|d| (d.id, d.clone())).collect();
+    let me = std::sync::Arc::new(Signer::from_seed([13; 32]));
+    let mut rng = Rng(seed() ^ 0xf0_4e);
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    for _ in 0..iters() / 4 {
+        // A window of the genuine deltas, in order, then 1-3 alterations.
+        let start = rng.below(genuine.len());
+        let len = 1 + rng.below(genuine.len() - start);
+        let mut batch: Vec<Delta> = genuine[start..start + len].to_vec();
+        for _ in 0..1 + rng.below(3) {
+            let i = rng.below(batch.len());
+            let other = genuine[rng.below(genuine.len())].clone();
+            let d = &mut batch[i];
+            match rng.below(8) {
+                0 => d.id.origin = other.id.origin,
+                1 => d.id.seq = d.id.seq.wrapping_add(1 + rng.below(3) as u64),
+                2 => d.doc = DocId::from_bytes([rng.next() as u8; 16]),
+                3 => d.body = other.body,
+                4 => d.auth.prev[rng.below(32)] ^= 1 << rng.below(8),
+                5 => d.auth.sig.0[rng.below(64)] ^= 1 << rng.below(8),
+                6 => d.auth = other.auth,
+                _ => {
+                    // Signed by the forger's own key under another origin's name.
+                    me.sign(d, other.auth.prev);
+                }
+            }
+        }
+        let mut engine = Engine::new(me.clone(), VersionVector::new());
+        for action in engine.handle(Input::RemoteDeltas {
+            from: me.id(),
+            deltas: batch,
+        }) {
+            match action {
+                Action::Persist { deltas, .. } => {
+                    for d in deltas {
+                        let real = by_id.get(&d.id);
+                        assert!(
+                            real.is_some_and(|r| r.doc == d.doc && r.body == d.body),
+                            "a forged delta was accepted: {:?}",
+                            d.id
+                        );
+                        accepted += 1;
+                    }
+                }
+                Action::Reject { .. } => refused += 1,
+            }
+        }
+    }
+    assert!(accepted > 0 && refused > 0);
+    eprintln!("forged deltas: {refused} refused, {accepted} genuine accepted, none forged");
+}
+
+/// Corrupted stored changes, fed through the load path: one stored change of a document is
+/// mutated in SQLite, the node reopens and reads it. It must answer with the true document or
+/// an error, never a wrong document; then a member's good copy heals it.
+#[test]
+fn fuzz_corrupt_stored_changes_are_never_served() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("tandem.db");
+    let mut cfg = tandem::Config::new(dir.path());
+    cfg.compact_after = 1_000; // keep the changes as changes
+    let (doc, want, pristine, me) = rt.block_on(async {
+        let node = tandem::Node::open(cfg.clone()).await.unwrap();
+        let doc = node.create(Some(json!({"k0": 0}))).await.unwrap();
+        for i in 1..6 {
+            node.put(doc, &format!("/k{i}"), json!(i)).await.unwrap();
+        }
+        let want = node.get(doc, "").await.unwrap();
+        let all = node
+            .deltas_missing_from(&VersionVector::new())
+            .await
+            .unwrap();
+        let me = node.id();
+        node.close().await.unwrap();
+        (doc, want, all, me)
+    });
+    let mut rng = Rng(seed() ^ 0x10ad);
+    let rounds = (iters() / 100).max(20);
+    let (mut served, mut reported) = (0, 0);
+    for round in 0..rounds {
+        let victim = &pristine[rng.below(pristine.len())];
+        let Some(good) = victim.change_bytes() else {
+            continue;
+        };
+        let bad = mutate(&mut rng, good, &[good.to_vec()]);
+        {
+            let db = rusqlite::Connection::open(&db_path).unwrap();
+            db.execute(
+                "UPDATE deltas SET change = ?2 WHERE origin = ?1 AND seq = ?3",
+                rusqlite::params![me.as_bytes().as_slice(), bad, victim.id.seq as i64],
+            )
+            .unwrap();
+        }
+        rt.block_on(async {
+            let node = tandem::Node::open(cfg.clone()).await.unwrap();
+            match node.get(doc, "").await {
+                Ok(v) => {
+                    assert_eq!(v, want, "round {round}: a damaged document was served");
+                    served += 1;
+                }
+                Err(_) => reported += 1,
+            }
+            // A member holding everything sends what this node now lacks: healed.
+            let lacks: Vec<Delta> = pristine
+                .iter()
+                .filter(|d| !node.clock().contains(d.id))
+                .cloned()
+                .collect();
+            node.ingest(NodeId::from_bytes([3; 32]), lacks)
+                .await
+                .unwrap();
+            assert_eq!(
+                node.get(doc, "").await.unwrap(),
+                want,
+                "round {round}: not healed"
+            );
+            assert!(node.damaged().await.unwrap().is_empty());
+            node.close().await.unwrap();
+        });
+    }
+    assert!(reported > 0);
+    eprintln!(
+        "stored changes: {rounds} corrupted; {reported} reported, {served} unchanged bytes served, 0 wrong"
+    );
+}
+
+/// Deeply nested JSON of random shapes: written whole or refused with `TooDeep`, never a
+/// crash, and what was written reads back the same.
+#[test]
+fn fuzz_deep_json_is_refused_or_stored_whole() {
+    use tandem::crdt::json::MAX_DEPTH;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = rt
+        .block_on(tandem::Node::open(tandem::Config::new(dir.path())))
+        .unwrap();
+    let mut rng = Rng(seed() ^ 0xdee9);
+    let (mut stored, mut refused) = (0, 0);
+    for _ in 0..(iters() / 100).max(50) {
+        // A chain of objects and lists around 100 levels deep, with side branches.
+        let depth = MAX_DEPTH - 20 + rng.below(60);
+        let mut v = json!(rng.next() as u32);
+        // Containers from the root object down: the root, plus one per wrap.
+        let mut levels = 1;
+        for _ in 0..depth {
+            v = if rng.below(2) == 0 {
+                json!({ "a": v, "s": rng.below(9) })
+            } else {
+                json!([rng.below(9), v])
+            };
+            levels += 1;
+        }
+        let doc_value = json!({ "root": v });
+        match rt.block_on(node.create(Some(doc_value.clone()))) {
+            Ok(doc) => {
+                assert!(levels <= MAX_DEPTH, "{levels} levels were accepted");
+                assert_eq!(rt.block_on(node.get(doc, "")).unwrap(), doc_value);
+                stored += 1;
+            }
+            Err(tandem::Error::Doc(tandem::DocError::Path(tandem::crdt::PathError::TooDeep {
+                ..
+            }))) => {
+                assert!(levels > MAX_DEPTH, "{levels} levels were refused");
+                refused += 1;
+            }
+            Err(e) => panic!("deep JSON: unexpected error {e}"),
+        }
+    }
+    assert!(stored > 0 && refused > 0);
+    eprintln!("deep JSON: {stored} stored whole, {refused} refused as too deep");
 }

@@ -370,6 +370,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
         },
         doc: DocId::from_bytes([7; 16]),
         body: tandem::crdt::DeltaBody::Change(bad_change),
+        auth: Default::default(),
     };
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]),
@@ -420,6 +421,97 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
         "nothing bad was stored"
     );
     assert_eq!(a.clock().max_seq(&h_id), 0);
+}
+
+/// A member (H) sends A a delta in B's name before B ever wrote: A refuses it, names H, and
+/// the genuine delta with that id, when B writes it, is not taken for a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delta_through_a_member_is_refused_naming_it() {
+    use tandem::net::{tls, wire};
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let b = open(dirs[1].path()).await;
+    pair(&a, &b).await;
+    let (h_id, endpoint, cfg) = raw_member(&a, dirs[2].path()).await;
+    let h_key = tandem::Identity::load_or_create(dirs[2].path())
+        .unwrap()
+        .signer()
+        .unwrap();
+    let change = {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        automerge::transaction::Transactable::put(&mut tx, automerge::ROOT, "owned", true).unwrap();
+        tx.commit();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    let b_first = tandem::crdt::DeltaId {
+        origin: b.id(),
+        seq: 1,
+    };
+    let mut forged = tandem::crdt::Delta {
+        id: b_first,
+        doc: DocId::from_bytes([9; 16]),
+        body: tandem::crdt::DeltaBody::Change(change),
+        auth: Default::default(),
+    };
+    // Signed, but by H's key: what a compromised member can do.
+    h_key.sign(&mut forged, [0; 32]);
+
+    let conn = endpoint
+        .connect_with(cfg, a.listen_addr().unwrap(), &tls::server_name(&a.id()))
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[wire::StreamKind::Sync.byte()])
+        .await
+        .unwrap();
+    let mut bytes = wire::encode(&wire::SyncMsg::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: h_id,
+        name: "h".into(),
+        clock: tandem::crdt::VersionVector::new(),
+    })
+    .unwrap();
+    bytes.extend(
+        wire::encode(&wire::SyncMsg::Batch {
+            seq: 1,
+            deltas: vec![forged],
+        })
+        .unwrap(),
+    );
+    send.write_all(&bytes).await.unwrap();
+    let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    eprintln!("forger closed with: {reason}");
+    assert!(
+        reason.to_string().contains("not signed by its origin"),
+        "{reason}"
+    );
+    assert!(
+        !a.clock().contains(b_first),
+        "the forged delta was not stored"
+    );
+    assert!(a.get(DocId::from_bytes([9; 16]), "").await.is_err());
+    // A says which peer sent it.
+    eventually("A names the forger", || async {
+        a.peers().iter().any(|p| {
+            p.id == Some(h_id)
+                && p.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("not signed by its origin"))
+        })
+    })
+    .await;
+
+    // B's genuine first delta is not mistaken for a duplicate of the forged one.
+    let doc = b.create(Some(json!({"genuine": true}))).await.unwrap();
+    eventually("A to hold B's genuine write", || async {
+        a.clock().contains(b_first) && a.get(doc, "/genuine").await.ok() == Some(json!(true))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,9 +17,9 @@ use tandem_crdt::NodeId;
 use crate::Identity;
 
 /// ALPN for members: the sync protocol.
-pub const ALPN_SYNC: &[u8] = b"tandem/2";
+pub const ALPN_SYNC: &[u8] = b"tandem/3";
 /// ALPN for the join handshake: the only thing a non-member may speak.
-pub const ALPN_JOIN: &[u8] = b"tandem-join/2";
+pub const ALPN_JOIN: &[u8] = b"tandem-join/3";
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte key follows.
 const ED25519_SPKI_PREFIX: [u8; 12] = [

@@ -152,9 +152,10 @@ impl Node {
         } else {
             datadir::release_reserve(&dir);
         }
+        let signer = Arc::new(identity.signer()?);
         let (store, recovered) = Store::open(
             &dir.join(DB_FILE),
-            id,
+            &signer,
             StoreOptions {
                 durability: config.durability,
                 compact_after: config.compact_after,
@@ -165,7 +166,9 @@ impl Node {
         let (commits, _) = broadcast::channel(1024);
         tracing::info!(node = %id, incarnation = recovered.incarnation, dir = %dir.display(), "node open");
         let engine = Arc::new(Mutex::new(
-            Engine::new(id, recovered.clock).with_own_floor(recovered.own_damaged_max),
+            Engine::new(signer, recovered.clock)
+                .with_chain(recovered.chain)
+                .with_own_floor(recovered.own_damaged_max),
         ));
         let cache = Arc::new(Mutex::new(DocCache::new(config.cache_docs)));
         store.set_failure_hook(damage::rollback_hook(engine.clone(), cache.clone()));

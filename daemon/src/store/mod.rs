@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tandem_crdt::delta::check_change_bytes;
+use tandem_crdt::sign::{self, Auth, Signature, Signer};
 use tandem_crdt::{Delta, DeltaBody, DeltaId, DeltaStore, DocId, NodeId, VersionVector};
 use tokio::sync::oneshot;
 
@@ -108,6 +109,8 @@ pub struct Recovered {
     /// The highest of this node's own seqs found damaged (0 if none): never to be reused, even
     /// when the delta is gone from the clock.
     pub own_damaged_max: u64,
+    /// The chain hash of this node's latest stored delta (zeros if none): the next links to it.
+    pub chain: [u8; 32],
 }
 
 /// What runs right after a commit, on the writer thread, given the deltas it committed.
@@ -279,9 +282,10 @@ impl Store {
     /// the incarnation and starts the writer and compactor threads.
     pub fn open(
         path: &Path,
-        node: NodeId,
+        signer: &Signer,
         opts: StoreOptions,
     ) -> Result<(Store, Recovered), StoreError> {
+        let node = signer.id();
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -329,6 +333,7 @@ impl Store {
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('incarnation', ?1)",
             [incarnation as i64],
         )?;
+        let chain = sign_own_deltas(&tx, signer)?;
         tx.commit()?;
         let clock = load_clock(&conn)?;
         let damaged_ids = damaged(&conn)?;
@@ -389,6 +394,7 @@ impl Store {
                 incarnation,
                 clock,
                 own_damaged_max,
+                chain,
             },
         ))
     }
@@ -648,6 +654,22 @@ fn delta_from_row(r: &rusqlite::Row<'_>) -> Result<Delta, StoreError> {
     let doc: Vec<u8> = r.get(2)?;
     let kind: i64 = r.get(3)?;
     let change: Option<Vec<u8>> = r.get(4)?;
+    let prev: Option<Vec<u8>> = r.get(5)?;
+    let sig: Option<Vec<u8>> = r.get(6)?;
+    let auth = match (prev, sig) {
+        (Some(prev), Some(sig)) => Auth {
+            prev: prev.try_into().map_err(|_| StoreError::Corrupt {
+                table: "deltas",
+                why: "prev is not 32 bytes".into(),
+            })?,
+            sig: Signature(sig.try_into().map_err(|_| StoreError::Corrupt {
+                table: "deltas",
+                why: "sig is not 64 bytes".into(),
+            })?),
+        },
+        // Stored before deltas were signed.
+        _ => Auth::default(),
+    };
     let body = match (kind, change) {
         (0, Some(bytes)) => DeltaBody::Change(bytes),
         (1, _) => DeltaBody::Tombstone,
@@ -665,7 +687,78 @@ fn delta_from_row(r: &rusqlite::Row<'_>) -> Result<Delta, StoreError> {
         },
         doc: doc_id_from(&doc)?,
         body,
+        auth,
     })
+}
+
+/// Signs this node's own deltas stored before deltas were signed (once, after the upgrade to
+/// schema 5), and returns the chain hash of its latest delta.
+fn sign_own_deltas(
+    tx: &rusqlite::Transaction<'_>,
+    signer: &Signer,
+) -> Result<[u8; 32], StoreError> {
+    let me = signer.id();
+    let done: Option<i64> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'own_signed'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut chain = [0u8; 32];
+    if done.is_none() {
+        let deltas: Vec<Delta> = {
+            let mut stmt = tx.prepare(
+                "SELECT origin, seq, doc, kind, change, prev, sig FROM deltas
+                 WHERE origin = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([me.as_bytes().as_slice()])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(delta_from_row(row)?);
+            }
+            out
+        };
+        let mut update =
+            tx.prepare("UPDATE deltas SET prev = ?3, sig = ?4 WHERE origin = ?1 AND seq = ?2")?;
+        let mut signed = 0usize;
+        for mut d in deltas {
+            if d.auth.is_unsigned() {
+                chain = signer.sign(&mut d, chain);
+                update.execute(params![
+                    me.as_bytes().as_slice(),
+                    d.id.seq as i64,
+                    d.auth.prev.as_slice(),
+                    d.auth.sig.0.as_slice()
+                ])?;
+                signed += 1;
+            } else {
+                chain = sign::chain_hash(&d);
+            }
+        }
+        if signed > 0 {
+            tracing::info!(
+                deltas = signed,
+                "signed this node's deltas stored before signing"
+            );
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('own_signed', 1)",
+            [],
+        )?;
+        return Ok(chain);
+    }
+    let last = tx
+        .query_row(
+            "SELECT origin, seq, doc, kind, change, prev, sig FROM deltas
+             WHERE origin = ?1 ORDER BY seq DESC LIMIT 1",
+            [me.as_bytes().as_slice()],
+            |r| Ok(delta_from_row(r)),
+        )
+        .optional()?
+        .transpose()?;
+    if let Some(d) = last {
+        chain = sign::chain_hash(&d);
+    }
+    Ok(chain)
 }
 
 /// The SQLite store answers the engine's catch-up questions. Blocking: call it off the async
@@ -681,7 +774,7 @@ impl DeltaStore for Store {
     ) -> Result<Vec<Delta>, StoreError> {
         self.read_blocking(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT origin, seq, doc, kind, change FROM deltas
+                "SELECT origin, seq, doc, kind, change, prev, sig FROM deltas
                  WHERE origin = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq",
             )?;
             let lo = i64::try_from(*seqs.start()).unwrap_or(i64::MAX);
@@ -692,6 +785,11 @@ impl DeltaStore for Store {
             let mut damaged = Vec::new();
             while let Some(row) = rows.next()? {
                 let d = delta_from_row(row)?;
+                // Stored before deltas were signed, from another origin: kept and readable
+                // here, but not relayed (receivers refuse what is not signed).
+                if d.auth.is_unsigned() {
+                    continue;
+                }
                 // Never serve damage: a peer would refuse it, and the session would restart
                 // forever. The caller quarantines it and members send a good copy.
                 if let Some(Err(why)) = d.change_bytes().map(check_change_bytes) {

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -89,6 +89,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (origin, seq)
     ) WITHOUT ROWID;
     CREATE INDEX damaged_by_doc ON damaged (doc);
+    "#,
+    // 4 -> 5: deltas are signed by their origin. NULL for deltas stored before: this node's
+    // own are signed when the store opens; other origins' are kept, and not relayed.
+    r#"
+    ALTER TABLE deltas ADD COLUMN prev BLOB;   -- chain hash of the origin's previous delta
+    ALTER TABLE deltas ADD COLUMN sig  BLOB;   -- the origin's Ed25519 signature
     "#,
 ];
 

@@ -274,8 +274,9 @@ impl Writer {
             match write {
                 Write::Deltas { deltas, heads, .. } => {
                     let mut ins = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO deltas (origin, seq, doc, kind, change, received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT OR IGNORE INTO deltas
+                             (origin, seq, doc, kind, change, received_at, prev, sig)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )?;
                     for d in deltas.iter() {
                         let seq = i64::try_from(d.id.seq).map_err(|_| StoreError::Corrupt {
@@ -292,7 +293,9 @@ impl Writer {
                             d.doc.as_bytes().as_slice(),
                             kind,
                             change,
-                            now
+                            now,
+                            d.auth.prev.as_slice(),
+                            d.auth.sig.0.as_slice()
                         ])?;
                         if inserted == 1 {
                             if self.damaged.contains(&d.id) {
