@@ -633,10 +633,7 @@ async fn deltas_stored_before_signing_are_signed_or_kept_local() {
     let node = open(dir.path()).await;
     assert_eq!(node.get(doc, "/n").await.unwrap(), json!(3));
     assert_eq!(node.get(other.0, "/theirs").await.unwrap(), json!(1));
-    let served = node
-        .deltas_missing_from(&Default::default())
-        .await
-        .unwrap();
+    let served = node.deltas_missing_from(&Default::default()).await.unwrap();
     assert_eq!(served.len(), 4, "own deltas only");
     assert!(served.iter().all(|d| d.id.origin == me));
     assert!(
@@ -646,10 +643,7 @@ async fn deltas_stored_before_signing_are_signed_or_kept_local() {
     );
     // New writes continue the chain.
     node.put(doc, "/n", json!(4)).await.unwrap();
-    let all = node
-        .deltas_missing_from(&Default::default())
-        .await
-        .unwrap();
+    let all = node.deltas_missing_from(&Default::default()).await.unwrap();
     assert_eq!(all.len(), 5);
     assert_eq!(
         all[4].auth.prev,
