@@ -179,7 +179,8 @@ impl Engine {
     }
 
     /// Rolls the clock back to what storage holds, after writes queued on top of it failed.
-    /// The chain goes on from the last delta made, which links nothing that was not signed.
+    /// The chain head stays at the last delta made, so the next delta may not link to the one
+    /// stored before it: that only starts a new run (one more signature check for receivers).
     pub fn reset_clock(&mut self, committed: VersionVector) {
         self.clock = committed;
     }

@@ -471,12 +471,19 @@ async fn the_data_dir_and_its_files_are_private() {
         .await
         .unwrap();
     assert_eq!(mode(&dir), 0o700);
-    for f in ["tandem.db", "tandem.db-wal", "identity.key", "LOCK"] {
+    for f in [
+        "tandem.db",
+        "tandem.db-wal",
+        "identity.key",
+        "LOCK",
+        "reserve",
+    ] {
         let p = dir.join(f);
         if p.exists() {
             assert_eq!(mode(&p), 0o600, "{f}");
         }
     }
+    assert!(dir.join("reserve").exists(), "the disk reserve is kept");
     node.close().await.unwrap();
     drop(node);
     // A restore left the database readable by everyone: fixed on the next start.

@@ -533,4 +533,43 @@ fn fuzz_deep_json_is_refused_or_stored_whole() {
     }
     assert!(stored > 0 && refused > 0);
     eprintln!("deep JSON: {stored} stored whole, {refused} refused as too deep");
+
+    // Deep Automerge documents of random shapes, as a peer's could arrive: imported, then read
+    // as the document or refused as too deep; never a crash.
+    let (mut read, mut too_deep) = (0, 0);
+    for _ in 0..(iters() / 1000).max(20) {
+        let depth = 50 + rng.below(700);
+        let mut am = automerge::Automerge::new();
+        let mut tx = am.transaction();
+        let mut obj = automerge::ROOT;
+        let mut in_list = false;
+        for _ in 0..depth {
+            use automerge::transaction::Transactable;
+            let kind = if rng.below(3) == 0 {
+                automerge::ObjType::List
+            } else {
+                automerge::ObjType::Map
+            };
+            obj = if in_list {
+                tx.insert_object(&obj, 0, kind).unwrap()
+            } else {
+                tx.put_object(&obj, "a", kind).unwrap()
+            };
+            in_list = kind == automerge::ObjType::List;
+        }
+        tx.commit();
+        let doc = rt.block_on(node.import(&am.save())).unwrap();
+        match rt.block_on(node.get(doc, "")) {
+            Ok(_) => {
+                assert!(depth < MAX_DEPTH, "{depth} levels were served");
+                read += 1;
+            }
+            Err(tandem::Error::Doc(tandem::DocError::Path(tandem::crdt::PathError::TooDeep {
+                ..
+            }))) => too_deep += 1,
+            Err(e) => panic!("deep Automerge document: unexpected error {e}"),
+        }
+    }
+    assert!(too_deep > 0);
+    eprintln!("deep Automerge documents: {read} read, {too_deep} refused as too deep");
 }

@@ -83,7 +83,6 @@ pub(super) struct Writer {
     clock: VersionVector,
     compact: mpsc::Sender<DocId>,
     compact_after: i64,
-    failures: u64,
     hook: Arc<std::sync::Mutex<Option<FailureHook>>>,
     /// Deltas in the `damaged` table: a good copy stored replaces them.
     damaged: BTreeSet<DeltaId>,
@@ -118,7 +117,6 @@ impl Writer {
             clock,
             compact,
             compact_after: compact_after.max(1),
-            failures: 0,
             hook,
             damaged,
         }
@@ -183,7 +181,7 @@ impl Writer {
         drop(hook);
         tracing::debug!(
             refused,
-            failures = self.failures,
+            failures = self.stats.failures.load(Ordering::Relaxed),
             "writer rolled back after a failed commit"
         );
         shutdown
@@ -226,7 +224,6 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                self.failures += 1;
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .disk_full
