@@ -1,0 +1,275 @@
+//! What a user sees, with real `tandemd` processes (this build, release profile) on loopback,
+//! against the limit measured in the same run: bare `automerge` + `rusqlite` in one process
+//! (decode and check every change, apply each document's changes to a fresh Automerge
+//! document, insert the change bytes into SQLite in one transaction, fsynced).
+//!
+//! Workload (as automerge-repo's own benchmarks): `BENCH_DOCS` documents (default 1000), each
+//! with an `items` list made in 10 changes, imported into A as `.automerge` files over HTTP.
+//! Then a fresh B joins A; measured: time to equal clocks, B's CPU and peak RSS, reading every
+//! document on B over HTTP, and `GET /v1/status` on B.
+//!
+//! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjType, ROOT};
+use serde_json::Value;
+
+mod common;
+use common::env_usize;
+
+/// One document: an `items` list filled in 10 changes.
+fn make_doc(i: usize) -> Vec<u8> {
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    let items = tx.put_object(ROOT, "items", ObjType::List).unwrap();
+    tx.put(ROOT, "title", format!("doc {i}")).unwrap();
+    tx.commit();
+    for c in 0..9 {
+        let mut tx = doc.transaction();
+        tx.insert(&items, c, format!("item {c} of {i}")).unwrap();
+        tx.commit();
+    }
+    doc.save()
+}
+
+/// The limit: the same changes through bare automerge and SQLite in this process.
+fn limit(files: &[Vec<u8>], dir: &Path) -> Duration {
+    // The change bytes, as they would arrive.
+    let changes: Vec<Vec<Vec<u8>>> = files
+        .iter()
+        .map(|f| {
+            Automerge::load(f)
+                .unwrap()
+                .get_changes(&[])
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect()
+        })
+        .collect();
+    let mut db = rusqlite::Connection::open(dir.join("limit.db")).unwrap();
+    db.pragma_update(None, "journal_mode", "WAL").unwrap();
+    db.pragma_update(None, "synchronous", "FULL").unwrap();
+    db.execute_batch(
+        "CREATE TABLE c (doc INTEGER, seq INTEGER, change BLOB, PRIMARY KEY (doc, seq))",
+    )
+    .unwrap();
+    let start = Instant::now();
+    let tx = db.transaction().unwrap();
+    {
+        let mut ins = tx
+            .prepare("INSERT INTO c (doc, seq, change) VALUES (?1, ?2, ?3)")
+            .unwrap();
+        for (d, doc_changes) in changes.iter().enumerate() {
+            let mut am = Automerge::new();
+            let parsed: Vec<automerge::Change> = doc_changes
+                .iter()
+                .map(|b| {
+                    let c = automerge::Change::try_from(b.as_slice()).unwrap();
+                    assert_eq!(&b[4..8], &c.hash().0[..4], "checksum");
+                    c
+                })
+                .collect();
+            am.apply_changes(parsed).unwrap();
+            for (s, b) in doc_changes.iter().enumerate() {
+                ins.execute(rusqlite::params![d as i64, s as i64, b])
+                    .unwrap();
+            }
+        }
+    }
+    tx.commit().unwrap();
+    start.elapsed()
+}
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    base: String,
+    token: String,
+}
+
+impl Daemon {
+    fn start(dir: PathBuf) -> Daemon {
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tandemd"))
+            .args(["--data-dir", dir.to_str().unwrap()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--no-mdns",
+            ])
+            .env("XDG_CONFIG_HOME", dir.join("no-config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !dir.join("api.json").exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "tandemd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let api: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("api.json")).unwrap()).unwrap();
+        let token = std::fs::read_to_string(dir.join("api-token")).unwrap();
+        Daemon {
+            child,
+            base: format!("http://{}", api["addr"].as_str().unwrap()),
+            token: token.trim().to_string(),
+            dir,
+        }
+    }
+
+    fn req(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    fn json(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let r = self.req(method, path);
+        let resp = match body {
+            Some(b) => r.send_json(b),
+            None => r.call(),
+        }
+        .unwrap();
+        if resp.status() == 204 {
+            Value::Null
+        } else {
+            resp.into_json().unwrap()
+        }
+    }
+
+    fn digest(&self) -> String {
+        self.json("GET", "/v1/status", None)["clock"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// CPU seconds used so far, and peak RSS in MB.
+    fn usage(&self) -> (f64, f64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        (ticks / 100.0, hwm / 1024.0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let docs = env_usize("BENCH_DOCS", 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..docs).map(make_doc).collect();
+    let limit = limit(&files, tmp.path());
+
+    let a = Daemon::start(tmp.path().join("a"));
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(docs);
+    for f in &files {
+        let v: Value = a
+            .req("POST", "/v1/docs/import")
+            .send_bytes(f)
+            .unwrap()
+            .into_json()
+            .unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let import = start.elapsed();
+    let (_, a_rss) = a.usage();
+    let target = a.digest();
+
+    let b = Daemon::start(tmp.path().join("b"));
+    let token = a.json("POST", "/v1/invite", None)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start = Instant::now();
+    b.json(
+        "POST",
+        "/v1/join",
+        Some(serde_json::json!({ "token": token })),
+    );
+    while b.digest() != target {
+        assert!(
+            start.elapsed() < Duration::from_secs(1800),
+            "sync timed out"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sync = start.elapsed();
+    let (b_cpu, b_rss) = b.usage();
+
+    let start = Instant::now();
+    for id in &ids {
+        b.req("GET", &format!("/v1/docs/{id}")).call().unwrap();
+    }
+    let read = start.elapsed();
+    let (_, b_rss_read) = b.usage();
+
+    let mut status = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        b.json("GET", "/v1/status", None);
+        status.push(t.elapsed());
+    }
+    status.sort();
+
+    println!(
+        "tandem daemons benchmark: two real tandemd processes on loopback, {docs} docs x 10 changes"
+    );
+    println!(
+        "  limit (bare automerge + SQLite, one process): {:.3} s",
+        limit.as_secs_f64()
+    );
+    println!(
+        "  join to equal clocks: {:.3} s = {:.2}x the limit; B CPU {b_cpu:.2} s, B peak RSS {b_rss:.0} MB",
+        sync.as_secs_f64(),
+        sync.as_secs_f64() / limit.as_secs_f64()
+    );
+    println!(
+        "  import on A over HTTP: {:.0} docs/s; A peak RSS {a_rss:.0} MB",
+        docs as f64 / import.as_secs_f64()
+    );
+    println!(
+        "  read every doc on B over HTTP: {:.3} ms per doc; B peak RSS after {b_rss_read:.0} MB",
+        read.as_secs_f64() * 1e3 / docs as f64
+    );
+    println!(
+        "  GET /v1/status on B: median {:.3} ms",
+        status[status.len() / 2].as_secs_f64() * 1e3
+    );
+}
