@@ -200,8 +200,13 @@ impl Node {
                 Ok(e) => entries.push(Some((e, was_loaded))),
                 Err(e) => {
                     // The deltas are still committed (durability first); the document is
-                    // rebuilt from the store on its next load.
-                    tracing::warn!(%doc, error = %e, "cannot load a document to apply received changes");
+                    // rebuilt from the store on its next load. A damaged one is expected
+                    // here: these may be the good copies that heal it.
+                    if matches!(e, Error::Doc(DocError::Damaged { .. })) {
+                        tracing::debug!(%doc, "received changes for a damaged document; stored");
+                    } else {
+                        tracing::warn!(%doc, error = %e, "cannot load a document to apply received changes");
+                    }
                     entries.push(None);
                 }
             }
