@@ -8,7 +8,9 @@
 //! Then a fresh B joins A; measured: time to equal clocks, B's CPU and peak RSS, reading every
 //! document on B over HTTP, and `GET /v1/status` on B.
 //!
-//! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row)
+//! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row;
+//! `BENCH_PERF=FILE` runs B under `perf record --call-graph dwarf -o FILE`, for profiles; its
+//! CPU and RSS figures are then perf's)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -94,9 +96,27 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: PathBuf) -> Daemon {
+    fn start(dir: PathBuf, perf: Option<&str>) -> Daemon {
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tandemd"))
+        let mut cmd = match perf {
+            Some(out) => {
+                let mut c = Command::new("perf");
+                c.args([
+                    "record",
+                    "--call-graph",
+                    "dwarf",
+                    "-F",
+                    "499",
+                    "-o",
+                    out,
+                    "--",
+                ]);
+                c.arg(env!("CARGO_BIN_EXE_tandemd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tandemd")),
+        };
+        let child = cmd
             .args(["--data-dir", dir.to_str().unwrap()])
             .args([
                 "--listen",
@@ -196,7 +216,7 @@ fn main() {
     let files: Vec<Vec<u8>> = (0..docs).map(make_doc).collect();
     let limit = limit(&files, tmp.path());
 
-    let a = Daemon::start(tmp.path().join("a"));
+    let a = Daemon::start(tmp.path().join("a"), None);
     let start = Instant::now();
     let mut ids = Vec::with_capacity(docs);
     for f in &files {
@@ -212,7 +232,8 @@ fn main() {
     let (_, a_rss) = a.usage();
     let target = a.digest();
 
-    let b = Daemon::start(tmp.path().join("b"));
+    let perf = std::env::var("BENCH_PERF").ok();
+    let b = Daemon::start(tmp.path().join("b"), perf.as_deref());
     let token = a.json("POST", "/v1/invite", None)["token"]
         .as_str()
         .unwrap()

@@ -90,6 +90,7 @@ async fn a_damaged_change_is_reported_not_served_and_healed_from_a_member() {
     assert_eq!(ev.doc, doc);
     assert!(ev.damaged.is_some());
     assert!(!a.clock().contains(victim));
+    assert_eq!(a.stats().await.unwrap().0.deltas, a.clock().count());
     // The rest of the node serves as before.
     assert_eq!(a.get(other, "/fine").await.unwrap(), json!(true));
 
@@ -100,6 +101,7 @@ async fn a_damaged_change_is_reported_not_served_and_healed_from_a_member() {
     assert_eq!(a.get(doc, "").await.unwrap(), want);
     assert!(a.damaged().await.unwrap().is_empty());
     assert_eq!(a.clock(), b.clock());
+    assert_eq!(a.stats().await.unwrap().0.deltas, a.clock().count());
 
     // And it stays healed across a restart.
     a.close().await.unwrap();

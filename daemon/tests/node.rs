@@ -658,3 +658,65 @@ async fn deltas_stored_before_signing_are_signed_or_kept_local() {
         "linked"
     );
 }
+
+/// Status pages poll the row counts; they are kept as commits change them, not recounted,
+/// and must equal a recount after creates, deletes, tombstones from peers, compaction and
+/// damage.
+#[tokio::test]
+async fn kept_counts_equal_a_recount() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path());
+    cfg.compact_after = 4;
+    let node = Node::open(cfg.clone()).await.unwrap();
+    let recount = || {
+        let db = rusqlite::Connection::open(dir.path().join("tandem.db")).unwrap();
+        let q = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64;
+        (
+            q("SELECT count(*) FROM documents WHERE deleted = 0"),
+            q("SELECT count(*) FROM deltas"),
+            q("SELECT count(*) FROM snapshots"),
+        )
+    };
+    let kept = |node: &Node| {
+        let node = node.clone();
+        async move {
+            let s = node.stats().await.unwrap().0;
+            (s.documents, s.deltas, s.snapshots)
+        }
+    };
+    let mut docs = Vec::new();
+    for i in 0..6 {
+        let d = node.create(Some(json!({"i": i}))).await.unwrap();
+        for n in 0..6 {
+            node.put(d, "/n", json!(n)).await.unwrap();
+        }
+        docs.push(d);
+    }
+    node.delete(docs[0]).await.unwrap();
+    node.delete(docs[0]).await.ok();
+    // A peer's documents, one of them deleted there.
+    let other = tempfile::tempdir().unwrap();
+    let peer = open(other.path()).await;
+    let theirs = peer.create(Some(json!({"p": 1}))).await.unwrap();
+    peer.create(Some(json!({"p": 2}))).await.unwrap();
+    peer.delete(theirs).await.unwrap();
+    node.ingest(
+        peer.id(),
+        peer.deltas_missing_from(&node.clock()).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    // Let the compactor run.
+    for _ in 0..300 {
+        if kept(&node).await.2 >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(kept(&node).await.2 >= 5, "snapshots were made");
+    assert_eq!(kept(&node).await, recount());
+    node.close().await.unwrap();
+    drop(node);
+    let node = Node::open(cfg).await.unwrap();
+    assert_eq!(kept(&node).await, recount());
+}

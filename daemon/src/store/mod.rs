@@ -269,6 +269,7 @@ pub struct Store {
     stats: Arc<WriterStats>,
     committed: Arc<Mutex<VersionVector>>,
     hook: Arc<Mutex<Option<FailureHook>>>,
+    counts: Arc<Mutex<StoreStats>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -359,6 +360,8 @@ impl Store {
         let stats = Arc::new(WriterStats::default());
         let committed = Arc::new(Mutex::new(clock.clone()));
         let hook = Arc::new(Mutex::new(None));
+        // Counted once here; the writer keeps them up to date.
+        let counts = Arc::new(Mutex::new(self::stats(&conn)?));
         let (compact_tx, compact_rx) = mpsc::channel();
         let writer = writer::Writer::new(
             conn,
@@ -369,6 +372,7 @@ impl Store {
                 stats: stats.clone(),
                 committed: committed.clone(),
                 hook: hook.clone(),
+                counts: counts.clone(),
             },
             damaged_ids.iter().map(|d| d.id).collect(),
         );
@@ -389,6 +393,7 @@ impl Store {
                 stats,
                 committed,
                 hook,
+                counts,
             },
             Recovered {
                 incarnation,
@@ -406,6 +411,11 @@ impl Store {
         // A send error means the writer is gone; the dropped reply then reads as Closed.
         let _ = self.requests.send(Request::Write { write, reply });
         rx
+    }
+
+    /// Row counts as of the last commit: O(1), kept by the writer.
+    pub fn counts(&self) -> StoreStats {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets what runs after a failed commit (see [`FailureHook`]).
@@ -576,7 +586,7 @@ pub fn list_docs(conn: &Connection, include_deleted: bool) -> Result<Vec<DocInfo
     Ok(out)
 }
 
-/// Row counts.
+/// Row counts, counted (O(rows)): at open, and by tests that check the kept counts.
 pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
     let q = |sql: &str| {
         conn.query_row(sql, [], |r| r.get::<_, i64>(0))

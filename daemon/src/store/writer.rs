@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tandem_crdt::{DeltaBody, DeltaId, DocId, NodeId, VersionVector};
 use tokio::sync::oneshot;
 
-use super::{StoreError, Write, heads_to_bytes, now_ms};
+use super::{StoreError, StoreStats, Write, heads_to_bytes, now_ms};
 
 /// Called on the writer thread after a failed commit, with a function that refuses every write
 /// still queued and returns the committed clock. The node takes its engine lock (so no local
@@ -74,6 +74,25 @@ pub(super) struct Shared {
     /// The clock of what is committed, shared with readers.
     pub(super) committed: Arc<std::sync::Mutex<VersionVector>>,
     pub(super) hook: Arc<std::sync::Mutex<Option<FailureHook>>>,
+    /// Row counts, kept as commits change them (so status pages cost O(1), not a recount).
+    pub(super) counts: Arc<std::sync::Mutex<StoreStats>>,
+}
+
+/// How one commit changed the row counts.
+#[derive(Default)]
+struct CountDelta {
+    documents: i64,
+    deltas: i64,
+    snapshots: i64,
+}
+
+impl CountDelta {
+    fn apply_to(&self, s: &mut StoreStats) {
+        let add = |v: &mut u64, d: i64| *v = v.saturating_add_signed(d);
+        add(&mut s.documents, self.documents);
+        add(&mut s.deltas, self.deltas);
+        add(&mut s.snapshots, self.snapshots);
+    }
 }
 
 pub(super) struct Writer {
@@ -84,6 +103,7 @@ pub(super) struct Writer {
     compact: mpsc::Sender<DocId>,
     compact_after: i64,
     hook: Arc<std::sync::Mutex<Option<FailureHook>>>,
+    counts: Arc<std::sync::Mutex<StoreStats>>,
     /// Deltas in the `damaged` table: a good copy stored replaces them.
     damaged: BTreeSet<DeltaId>,
 }
@@ -109,6 +129,7 @@ impl Writer {
             stats,
             committed,
             hook,
+            counts,
         } = shared;
         Self {
             stats,
@@ -118,6 +139,7 @@ impl Writer {
             compact,
             compact_after: compact_after.max(1),
             hook,
+            counts,
             damaged,
         }
     }
@@ -198,8 +220,9 @@ impl Writer {
         self.stats
             .record_commit(n, started.elapsed().as_micros() as u64);
         match result {
-            Ok(to_compact) => {
+            Ok((to_compact, counted)) => {
                 tracing::trace!(requests = n, "group committed");
+                counted.apply_to(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()));
                 if self.stats.disk_full.swap(false, Ordering::Relaxed) {
                     tracing::info!("the disk has room again; writing resumed");
                 }
@@ -257,8 +280,9 @@ impl Writer {
         pending >= threshold && (pending - threshold) % compact_after < added
     }
 
-    /// Writes a group in one transaction; returns the documents now due for compaction.
-    fn apply(&mut self, writes: &[Write]) -> Result<Vec<DocId>, StoreError> {
+    /// Writes a group in one transaction; returns the documents now due for compaction and how
+    /// the row counts changed.
+    fn apply(&mut self, writes: &[Write]) -> Result<(Vec<DocId>, CountDelta), StoreError> {
         let now = now_ms();
         let compact_after = self.compact_after;
         let tx = self.conn.transaction()?;
@@ -267,6 +291,7 @@ impl Writer {
         let mut due = Vec::new();
         let mut healed = Vec::new();
         let mut quarantined = Vec::new();
+        let mut counted = CountDelta::default();
         for write in writes {
             match write {
                 Write::Deltas { deltas, heads, .. } => {
@@ -295,6 +320,7 @@ impl Writer {
                             d.auth.sig.0.as_slice()
                         ])?;
                         if inserted == 1 {
+                            counted.deltas += 1;
                             if self.damaged.contains(&d.id) {
                                 tx.prepare_cached(
                                     "DELETE FROM damaged WHERE origin = ?1 AND seq = ?2",
@@ -323,10 +349,15 @@ impl Writer {
                     snapshot,
                     heads,
                     upto,
-                } => write_snapshot(&tx, *doc, snapshot, heads, *upto)?,
+                } => {
+                    if write_snapshot(&tx, *doc, snapshot, heads, *upto)? {
+                        counted.snapshots += 1;
+                    }
+                }
                 Write::DropSnapshot { doc } => {
                     let key = doc.as_bytes().as_slice();
-                    tx.execute("DELETE FROM snapshots WHERE doc = ?1", [key])?;
+                    counted.snapshots -=
+                        tx.execute("DELETE FROM snapshots WHERE doc = ?1", [key])? as i64;
                     tx.execute(
                         "UPDATE documents SET snapshot_upto = 0, folded = 0,
                              pending = (SELECT count(*) FROM deltas WHERE doc = ?1),
@@ -345,10 +376,10 @@ impl Writer {
                              WHERE origin = ?1 AND seq = ?2",
                             params![origin, seq, now, why],
                         )?;
-                        tx.execute(
+                        counted.deltas -= tx.execute(
                             "DELETE FROM deltas WHERE origin = ?1 AND seq = ?2",
                             params![origin, seq],
-                        )?;
+                        )? as i64;
                         if moved == 1 {
                             self.clock.remove(*id);
                             origins.insert(id.origin);
@@ -366,8 +397,15 @@ impl Writer {
                      updated_at = ?4, deleted = max(deleted, ?5), heads = coalesce(?6, heads)
                  RETURNING pending, folded",
             )?;
+            let mut was = tx.prepare_cached("SELECT deleted FROM documents WHERE doc = ?1")?;
             for (doc, d) in &docs {
                 let key = doc.as_bytes().as_slice();
+                let before: Option<bool> = was.query_row([key], |r| r.get(0)).optional()?;
+                match before {
+                    None if !d.deleted => counted.documents += 1,
+                    Some(false) if d.deleted => counted.documents -= 1,
+                    _ => {}
+                }
                 let (pending, folded): (i64, i64) = upsert.query_row(
                     params![key, d.pending, d.size, now, d.deleted, d.heads],
                     |r| Ok((r.get(0)?, r.get(1)?)),
@@ -408,7 +446,7 @@ impl Writer {
             tracing::info!(origin = %id.origin.short(), seq = id.seq, "damaged delta replaced by a good copy");
         }
         self.damaged.extend(quarantined);
-        Ok(due)
+        Ok((due, counted))
     }
 }
 
@@ -418,7 +456,7 @@ fn write_snapshot(
     snapshot: &[u8],
     heads: &[automerge::ChangeHash],
     upto: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let heads = heads_to_bytes(heads);
     let key = doc.as_bytes().as_slice();
     // Only move forward: a slower compaction of an older state must not replace a newer one.
@@ -430,11 +468,16 @@ fn write_snapshot(
          WHERE doc = ?1 AND snapshot_upto < ?2",
         params![key, upto, snapshot.len() as i64],
     )?;
-    if moved == 1 {
-        tx.execute(
-            "INSERT OR REPLACE INTO snapshots (doc, snapshot, heads) VALUES (?1, ?2, ?3)",
-            params![key, snapshot, heads],
-        )?;
+    if moved == 0 {
+        return Ok(false);
     }
-    Ok(())
+    let existed = tx
+        .query_row("SELECT 1 FROM snapshots WHERE doc = ?1", [key], |_| Ok(()))
+        .optional()?
+        .is_some();
+    tx.execute(
+        "INSERT OR REPLACE INTO snapshots (doc, snapshot, heads) VALUES (?1, ?2, ?3)",
+        params![key, snapshot, heads],
+    )?;
+    Ok(!existed)
 }
