@@ -125,7 +125,13 @@ pub enum Action {
     /// Store these deltas (new to this node, already in the engine's clock) durably, in one
     /// transaction with the clock. A caller that cannot must stop using the engine: its clock
     /// is ahead of the store.
-    Persist { deltas: Vec<Delta>, source: Source },
+    Persist {
+        deltas: Vec<Delta>,
+        source: Source,
+        /// For received deltas, each one's change as validation parsed it (parallel to
+        /// `deltas`; `None` for a tombstone), so nothing parses it again. Empty for local ones.
+        changes: Vec<Option<automerge::Change>>,
+    },
     /// A peer sent a delta that failed validation; nothing of it was kept.
     Reject { from: NodeId, error: DeltaError },
 }
@@ -200,6 +206,7 @@ impl Engine {
             Input::LocalChange { doc, body } => vec![Action::Persist {
                 deltas: vec![self.local_delta(doc, body)],
                 source: Source::Local,
+                changes: Vec::new(),
             }],
             Input::RemoteDeltas { from, deltas } => self.remote_deltas(from, deltas),
         }
@@ -230,17 +237,18 @@ impl Engine {
             if self.clock.contains(d.id) {
                 continue;
             }
-            if let Err(error) = d.validate() {
-                actions.push(Action::Reject { from, error });
-                continue;
+            match d.validate() {
+                Ok(change) => candidates.push((d, change)),
+                Err(error) => actions.push(Action::Reject { from, error }),
             }
-            candidates.push(d);
         }
         // Only what its origin signed gets in: a forged delta that came first would make the
         // genuine one with its id look like a duplicate.
+        let (candidates, parsed): (Vec<Delta>, Vec<_>) = candidates.into_iter().unzip();
         let authentic = sign::verify_batch(&candidates);
         let mut fresh = Vec::with_capacity(candidates.len());
-        for (d, ok) in candidates.into_iter().zip(authentic) {
+        let mut changes = Vec::with_capacity(candidates.len());
+        for ((d, change), ok) in candidates.into_iter().zip(parsed).zip(authentic) {
             if !ok {
                 actions.push(Action::Reject {
                     from,
@@ -248,6 +256,7 @@ impl Engine {
                 });
             } else if self.clock.insert(d.id) {
                 fresh.push(d);
+                changes.push(change);
             }
         }
         if !fresh.is_empty() {
@@ -256,6 +265,7 @@ impl Engine {
                 Action::Persist {
                     deltas: fresh,
                     source: Source::Remote(from),
+                    changes,
                 },
             );
         }
@@ -359,7 +369,7 @@ pub(crate) mod tests {
                 doc: doc(),
                 body: DeltaBody::Change(change(1)),
             });
-            let [Action::Persist { deltas, source }] = &actions[..] else {
+            let [Action::Persist { deltas, source, .. }] = &actions[..] else {
                 panic!("{actions:?}")
             };
             assert_eq!(*source, Source::Local);

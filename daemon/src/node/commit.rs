@@ -156,17 +156,20 @@ impl Node {
     /// them in the engine's clock but not on disk.
     pub(crate) async fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
         let mut fresh = Vec::new();
+        let mut parsed = Vec::new();
         let mut rejected = None;
         for action in self.engine().handle(Input::RemoteDeltas { from, deltas }) {
             match action {
-                Action::Persist { deltas, .. } => fresh = deltas,
+                Action::Persist {
+                    deltas, changes, ..
+                } => (fresh, parsed) = (deltas, changes),
                 Action::Reject { error, .. } => {
                     rejected.get_or_insert(error);
                 }
             }
         }
         if !fresh.is_empty() {
-            self.commit_remote(from, fresh).await.wait().await?;
+            self.commit_remote(from, fresh, parsed).await.wait().await?;
         }
         match rejected {
             Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
@@ -174,22 +177,25 @@ impl Node {
         }
     }
 
-    /// Applies validated remote deltas to their documents and queues their commit.
-    async fn commit_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Pending {
+    /// Applies validated remote deltas (with their changes as validation parsed them) to their
+    /// documents and queues their commit.
+    async fn commit_remote(
+        &self,
+        from: NodeId,
+        deltas: Vec<Delta>,
+        parsed: Vec<Option<automerge::Change>>,
+    ) -> Pending {
         // Per document: its changes, whether it was deleted, and the origin of its last delta.
         let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
-        for d in &deltas {
+        for (d, change) in deltas.iter().zip(parsed) {
             let e = by_doc
                 .entry(d.doc)
                 .or_insert_with(|| (Vec::new(), false, from));
             e.2 = d.id.origin;
-            match &d.body {
-                DeltaBody::Change(bytes) => {
-                    if let Ok(c) = automerge::Change::try_from(bytes.as_slice()) {
-                        e.0.push(c);
-                    }
-                }
-                DeltaBody::Tombstone => e.1 = true,
+            match (&d.body, change) {
+                (DeltaBody::Change(_), Some(c)) => e.0.push(c),
+                (DeltaBody::Change(_), None) => {}
+                (DeltaBody::Tombstone, _) => e.1 = true,
             }
         }
         // Load (or start) every touched document first; lock them only once all are here.

@@ -484,14 +484,23 @@ impl Drop for Store {
 /// Reads a document: its snapshot and the changes after it, in one read transaction so the
 /// two agree. `None` if the store has never seen the document.
 pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, StoreError> {
+    // Most loads in a bulk sync are of documents new here: one cached lookup, no transaction.
+    let known = conn
+        .prepare_cached("SELECT 1 FROM documents WHERE doc = ?1")?
+        .query_row([doc.as_bytes().as_slice()], |_| Ok(()))
+        .optional()?;
+    if known.is_none() {
+        return Ok(None);
+    }
     let tx = conn.unchecked_transaction()?;
     let row: Option<(Option<Vec<u8>>, i64, bool)> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
              LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
-            [doc.as_bytes().as_slice()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        )?
+        .query_row([doc.as_bytes().as_slice()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((snapshot, upto, deleted)) = row else {
         return Ok(None);
