@@ -99,6 +99,8 @@ struct Daemon {
 impl Daemon {
     fn start(dir: PathBuf, perf: Option<&str>) -> Daemon {
         std::fs::create_dir_all(&dir).unwrap();
+        let bin = std::env::var("BENCH_TANDEMD")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandemd").to_string());
         let mut cmd = match perf {
             Some(out) => {
                 let mut c = Command::new("perf");
@@ -112,10 +114,10 @@ impl Daemon {
                     out,
                     "--",
                 ]);
-                c.arg(env!("CARGO_BIN_EXE_tandemd"));
+                c.arg(&bin);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_tandemd")),
+            None => Command::new(&bin),
         };
         let child = cmd
             .args(["--data-dir", dir.to_str().unwrap()])
@@ -257,7 +259,10 @@ fn main() {
 
     if perf.is_some() {
         // The profile is of the sync alone.
-        println!("  join to equal clocks: {:.3} s (under perf)", sync.as_secs_f64());
+        println!(
+            "  join to equal clocks: {:.3} s (under perf)",
+            sync.as_secs_f64()
+        );
         return;
     }
     let start = Instant::now();

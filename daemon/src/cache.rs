@@ -1,7 +1,9 @@
 //! The document cache: loaded Automerge documents, bounded by an LRU so a node with 100k
 //! documents holds only the recently used ones. An entry someone is still using (a write
 //! waiting for its commit, a reader) is never evicted, so a reload can never miss a change
-//! that is applied in memory but not yet committed.
+//! that is applied in memory but not yet committed. Received changes for a document nobody
+//! has loaded are stored without loading it; while they are on their way to disk the entry
+//! says so ([`DocEntry::try_land`]) and a load waits for them ([`DocEntry::before_load`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::Automerge;
 use tandem_crdt::DocId;
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 
 /// A loaded document.
 pub(crate) struct DocState {
@@ -24,13 +26,74 @@ pub(crate) struct DocEntry {
     /// Dropped from the cache because its in-memory state may differ from the store (a failed
     /// commit, damage found): a write still holding it must not commit what it built on it.
     stale: AtomicBool,
+    landing: Mutex<Landing>,
+    landed: Notify,
+}
+
+/// Received changes on their way to disk without the document being loaded, and whether a
+/// load has begun (after which changes must be applied in memory instead).
+#[derive(Default)]
+struct Landing {
+    pending: usize,
+    loading: bool,
+}
+
+/// Held while received changes for an unloaded document are on their way to disk; dropping
+/// it (after the commit, or when the commit failed) lets waiting loads go on.
+pub(crate) struct LandingGuard(Arc<DocEntry>);
+
+impl Drop for LandingGuard {
+    fn drop(&mut self) {
+        let mut l = self.0.landing.lock().unwrap_or_else(|p| p.into_inner());
+        l.pending -= 1;
+        if l.pending == 0 {
+            self.0.landed.notify_waiters();
+        }
+    }
 }
 
 impl DocEntry {
     pub fn loaded(state: DocState) -> Self {
-        Self {
+        let entry = Self {
             state: OnceCell::from(Mutex::new(state)),
-            stale: AtomicBool::new(false),
+            ..Self::default()
+        };
+        entry
+            .landing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .loading = true;
+        entry
+    }
+
+    /// Registers received changes on their way to disk, unless the document is loaded or
+    /// being loaded (then the caller must apply them in memory). While any guard lives, a load
+    /// of the document waits, so it cannot read the store without them and keep that.
+    pub fn try_land(self: &Arc<Self>) -> Option<LandingGuard> {
+        let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
+        if l.loading || self.state.initialized() {
+            return None;
+        }
+        l.pending += 1;
+        Some(LandingGuard(self.clone()))
+    }
+
+    /// Called by the loader before it reads the store: waits until no received change is on
+    /// its way to disk, and from then on changes are applied in memory (see `try_land`).
+    pub async fn before_load(&self) {
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            // Registered before the check: a guard dropped in between still wakes us.
+            landed.as_mut().enable();
+            {
+                let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
+                if l.pending == 0 {
+                    l.loading = true;
+                    return;
+                }
+            }
+            landed.await;
         }
     }
 
@@ -197,5 +260,30 @@ mod tests {
         c.insert_loaded(d(4), state());
         assert!(!c.map.contains_key(&d(1)));
         assert_eq!(c.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_load_waits_for_changes_landing_without_it() {
+        let e = Arc::new(DocEntry::default());
+        let first = e.try_land().expect("not loaded: may land");
+        let second = e.try_land().expect("two batches may land at once");
+        let loader = {
+            let e = e.clone();
+            tokio::spawn(async move { e.before_load().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert!(!loader.is_finished(), "the load waits while changes land");
+        drop(first);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert!(!loader.is_finished(), "until all of them landed");
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), loader)
+            .await
+            .expect("the load goes on once they landed")
+            .unwrap();
+        // From now on changes are applied in memory: none lands past the load.
+        assert!(e.try_land().is_none());
+        let loaded = Arc::new(DocEntry::loaded(state()));
+        assert!(loaded.try_land().is_none());
     }
 }

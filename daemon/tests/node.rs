@@ -720,3 +720,74 @@ async fn kept_counts_equal_a_recount() {
     let node = Node::open(cfg).await.unwrap();
     assert_eq!(kept(&node).await, recount());
 }
+
+/// A catch-up batch stores documents nobody has loaded without loading them: their listed
+/// heads must still be exactly the documents' heads (single-writer, merged multi-writer and
+/// out-of-order histories alike), and a reader racing the batch never keeps a copy that
+/// lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_batches_keep_exact_heads_without_loading() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let c = open(dirs[1].path()).await;
+    let b = open(dirs[2].path()).await;
+    let mut docs = Vec::new();
+    for i in 0..40 {
+        let d = a.create(Some(json!({"i": i, "n": 0}))).await.unwrap();
+        for n in 1..4 {
+            a.put(d, "/n", json!(n)).await.unwrap();
+        }
+        docs.push(d);
+    }
+    // Half the documents get concurrent edits from C, merged back into A, then edited again:
+    // histories with two origins whose later changes depend on the other's.
+    let to_c = a.deltas_missing_from(&c.clock()).await.unwrap();
+    c.ingest(a.id(), to_c).await.unwrap();
+    for d in docs.iter().step_by(2) {
+        a.put(*d, "/a", json!(true)).await.unwrap();
+        c.put(*d, "/c", json!(true)).await.unwrap();
+    }
+    let to_a = c.deltas_missing_from(&a.clock()).await.unwrap();
+    a.ingest(c.id(), to_a).await.unwrap();
+    for d in docs.iter().step_by(2) {
+        a.put(*d, "/after", json!(1)).await.unwrap();
+    }
+    // B gets everything A holds in batches of (origin, seq) order, as a catch-up sends them:
+    // A's later changes arrive before C's they depend on. Readers race the batches.
+    let all = a.deltas_missing_from(&b.clock()).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = docs
+        .iter()
+        .step_by(3)
+        .map(|d| {
+            let (b, d, stop) = (b.clone(), *d, stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = b.get(d, "").await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for chunk in all.chunks(50) {
+        b.ingest(a.id(), chunk.to_vec()).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert_eq!(b.clock(), a.clock());
+    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.heads))
+        .collect();
+    for d in &docs {
+        assert_eq!(b.get(*d, "").await.unwrap(), a.get(*d, "").await.unwrap());
+        let loaded = b.heads(*d).await.unwrap();
+        assert_eq!(loaded, a.heads(*d).await.unwrap(), "{d}");
+        assert_eq!(listed[d], loaded, "listed heads of {d}");
+    }
+}

@@ -4,7 +4,7 @@
 //! with the clock, then applied to loaded documents and announced. Every commit is fed to the
 //! sync sessions (push and relay) right after it is durable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use automerge::{Automerge, ChangeHash};
@@ -14,10 +14,10 @@ use tokio::sync::{broadcast, oneshot};
 use super::Node;
 use super::events::Event;
 use crate::Error;
-use crate::cache::{DocEntry, DocState};
+use crate::cache::{DocEntry, DocState, LandingGuard};
 use crate::error::DocError;
 use crate::net::Commit;
-use crate::store::{AfterCommit, StoreError, Write};
+use crate::store::{self, AfterCommit, StoreError, Write};
 
 /// Remote batches touching at most this many documents count as live pushes (see
 /// `apply_remote`).
@@ -33,6 +33,29 @@ fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &Arc<Vec<Delta>>, sourc
             source,
         });
     }
+}
+
+/// The heads after `changes` join a document whose heads were `old`, if that can be told
+/// without the document: when every dependency of a new change is an old head or another new
+/// change. (A dependency on an older change, or on one not received yet, needs the history.)
+fn derive_heads(old: &[ChangeHash], changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
+    let new: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+    let mut deps = BTreeSet::new();
+    for c in changes {
+        for d in c.deps() {
+            if !new.contains(d) && !old.contains(d) {
+                return None;
+            }
+            deps.insert(*d);
+        }
+    }
+    let heads: BTreeSet<ChangeHash> = old
+        .iter()
+        .chain(&new)
+        .filter(|h| !deps.contains(*h))
+        .copied()
+        .collect();
+    Some(heads.into_iter().collect())
 }
 
 /// What a committed local write still has to do.
@@ -198,7 +221,38 @@ impl Node {
                 (DeltaBody::Tombstone, _) => e.1 = true,
             }
         }
-        // Load (or start) every touched document first; lock them only once all are here.
+        let sender = self.event_sender();
+        // A live push touches a document or two; a catch-up batch touches many, mostly new
+        // here. Diffing a whole new document costs about as much as storing it (it doubled a
+        // bulk sync's time), so only small batches compute patches for documents that were
+        // not loaded before.
+        let live = by_doc.len() <= LIVE_DOCS;
+        let mut heads = Vec::new();
+        let mut events = Vec::new();
+        // A catch-up batch does not load what nobody has loaded: those documents' changes are
+        // stored, their heads derived from the stored heads and the changes, and they load
+        // when someone reads them (after these land: see `DocEntry::try_land`).
+        let mut landing = Vec::new();
+        if !live {
+            for (doc, guard, new_heads, deleted) in self.land_unloaded(&by_doc).await {
+                let Some((_, tombstone, origin)) = by_doc.remove(&doc) else {
+                    continue;
+                };
+                if sender.is_some() {
+                    events.push(Event {
+                        doc,
+                        source: Source::Remote(origin),
+                        patches: Vec::new(),
+                        heads: new_heads.clone(),
+                        deleted: deleted || tombstone,
+                        damaged: None,
+                    });
+                }
+                heads.push((doc, new_heads));
+                landing.push(guard);
+            }
+        }
+        // Load (or start) every other touched document; lock them only once all are here.
         let mut entries = Vec::with_capacity(by_doc.len());
         for doc in by_doc.keys() {
             let was_loaded = self.cache().is_loaded(*doc);
@@ -217,14 +271,6 @@ impl Node {
                 }
             }
         }
-        let sender = self.event_sender();
-        // A live push touches a document or two; a catch-up batch touches many, mostly new
-        // here. Diffing a whole new document costs about as much as storing it (it doubled a
-        // bulk sync's time), so only small batches compute patches for documents that were
-        // not loaded before.
-        let live = by_doc.len() <= LIVE_DOCS;
-        let mut heads = Vec::new();
-        let mut events = Vec::new();
         // In DocId order, as every batch does: two batches never wait on each other's locks.
         let mut guards = Vec::with_capacity(entries.len());
         for ((doc, (changes, tombstone, origin)), entry) in by_doc.into_iter().zip(&entries) {
@@ -280,6 +326,8 @@ impl Node {
             }
             // The entries stay cached until the commit: a reload cannot miss these changes.
             drop(keep);
+            // Loads of the documents stored without loading may go on now.
+            drop(landing);
         });
         let rx = self.inner.store.submit(Write::Deltas {
             deltas: Arc::new(deltas),
@@ -288,6 +336,48 @@ impl Node {
         });
         drop(guards);
         Pending { rx }
+    }
+
+    /// The documents of a catch-up batch that can be stored without loading them: not loaded
+    /// or loading here, and every dependency of their new changes a stored head or another
+    /// change of the batch (then the new heads are exactly the stored and new heads no new
+    /// change depends on). Returns each with its landing guard, new heads and stored deleted
+    /// flag; the others are applied in memory as usual.
+    async fn land_unloaded(
+        &self,
+        by_doc: &BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)>,
+    ) -> Vec<(DocId, LandingGuard, Vec<ChangeHash>, bool)> {
+        let candidates: Vec<(DocId, LandingGuard)> = by_doc
+            .keys()
+            .filter_map(|doc| Some((*doc, self.cache().get_or_insert(*doc).try_land()?)))
+            .collect();
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<DocId> = candidates.iter().map(|(d, _)| *d).collect();
+        let stored = match self
+            .inner
+            .store
+            .read(move |c| store::heads_of(c, &ids))
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read stored heads; applying in memory");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(candidates.len());
+        for ((doc, guard), stored) in candidates.into_iter().zip(stored) {
+            let (old, deleted) = stored.unwrap_or_default();
+            let Some((changes, _, _)) = by_doc.get(&doc) else {
+                continue;
+            };
+            if let Some(new_heads) = derive_heads(&old, changes) {
+                out.push((doc, guard, new_heads, deleted));
+            }
+        }
+        out
     }
 
     /// Deltas this node holds that a node with clock `clock` lacks, in `(origin, seq)` order:

@@ -55,9 +55,12 @@ impl Node {
 
     async fn load_entry(&self, doc: DocId, create: bool) -> Result<Arc<DocEntry>, Error> {
         let entry = self.cache().get_or_insert(doc);
+        let waiting = entry.clone();
         let loaded = entry
             .cell()
             .get_or_try_init(|| async move {
+                // Received changes on their way to disk without a load land first.
+                waiting.before_load().await;
                 match self.load_state(doc).await? {
                     Some(state) => Ok(Mutex::new(state)),
                     None if create => Ok(Mutex::new(DocState {
