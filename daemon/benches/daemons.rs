@@ -257,8 +257,8 @@ fn main() {
     let sync = start.elapsed();
     let (b_cpu, b_rss) = b.usage();
 
-    if perf.is_some() {
-        // The profile is of the sync alone.
+    if perf.is_some() && std::env::var("BENCH_PERF_READS").is_err() {
+        // The profile is of the sync alone (`BENCH_PERF_READS=1`: of the reads too).
         println!(
             "  join to equal clocks: {:.3} s (under perf)",
             sync.as_secs_f64()

@@ -243,8 +243,10 @@ impl ReadPool {
             None => open_reader(&self.path)?,
         };
         let out = f(&conn);
+        // A connection left inside a transaction (a failed rollback) is not reused.
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE_READERS
+            && conn.is_autocommit()
         {
             idle.push(conn);
         }
@@ -492,48 +494,67 @@ pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, Stor
     if known.is_none() {
         return Ok(None);
     }
-    let tx = conn.unchecked_transaction()?;
-    let row: Option<(Option<Vec<u8>>, i64, bool)> = tx
-        .prepare_cached(
-            "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
-             LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
-        )?
-        .query_row([doc.as_bytes().as_slice()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
-    let Some((snapshot, upto, deleted)) = row else {
-        return Ok(None);
-    };
-    let mut stmt = tx.prepare_cached(
-        "SELECT origin, seq, change FROM deltas
-         WHERE doc = ?1 AND rowid > ?2 AND kind = 0 ORDER BY rowid",
-    )?;
-    let rows = stmt.query_map(params![doc.as_bytes().as_slice(), upto], |r| {
-        Ok((
-            r.get::<_, Vec<u8>>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, Vec<u8>>(2)?,
-        ))
-    })?;
-    let mut changes = Vec::new();
-    for row in rows {
-        let (origin, seq, change) = row?;
-        let id = DeltaId {
-            origin: node_id_from(&origin, "deltas")?,
-            seq: seq.max(0) as u64,
+    // One WAL snapshot for the snapshot row and the changes after it (the compactor may move
+    // the watermark between two statements otherwise).
+    in_read_tx(conn, |conn| {
+        let row: Option<(Option<Vec<u8>>, i64, bool)> = conn
+            .prepare_cached(
+                "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
+                 LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
+            )?
+            .query_row([doc.as_bytes().as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let Some((snapshot, upto, deleted)) = row else {
+            return Ok(None);
         };
-        changes.push((id, change));
-    }
-    let damaged: i64 = tx
-        .prepare_cached("SELECT count(*) FROM damaged WHERE doc = ?1")?
-        .query_row([doc.as_bytes().as_slice()], |r| r.get(0))?;
-    Ok(Some(StoredDoc {
-        snapshot,
-        changes,
-        deleted,
-        damaged: damaged.max(0) as u64,
-    }))
+        let mut stmt = conn.prepare_cached(
+            "SELECT origin, seq, change FROM deltas
+             WHERE doc = ?1 AND rowid > ?2 AND kind = 0 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map(params![doc.as_bytes().as_slice(), upto], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (origin, seq, change) = row?;
+            let id = DeltaId {
+                origin: node_id_from(&origin, "deltas")?,
+                seq: seq.max(0) as u64,
+            };
+            changes.push((id, change));
+        }
+        let damaged: i64 = conn
+            .prepare_cached("SELECT count(*) FROM damaged WHERE doc = ?1")?
+            .query_row([doc.as_bytes().as_slice()], |r| r.get(0))?;
+        Ok(Some(StoredDoc {
+            snapshot,
+            changes,
+            deleted,
+            damaged: damaged.max(0) as u64,
+        }))
+    })
+}
+
+/// Runs `f` in one read transaction (one WAL snapshot) with cached `BEGIN` and `COMMIT`: a
+/// cold load is on the hot path of reads and should parse no SQL.
+fn in_read_tx<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let out = f(conn);
+    let end = conn
+        .prepare_cached(if out.is_ok() { "COMMIT" } else { "ROLLBACK" })?
+        .execute([]);
+    let out = out?;
+    end?;
+    Ok(out)
 }
 
 /// Every delta found damaged and not yet replaced, oldest first.
