@@ -260,7 +260,20 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    stable_plans(&conn)?;
     Ok(conn)
+}
+
+/// Keeps each cached statement's plan whatever values are bound to it. Without this the
+/// bundled SQLite re-prepared (re-parsed and re-planned) a statement each time a value
+/// compared to an indexed column changed: every cached query, on every use (measured: every
+/// document load parsed its queries again). tandem's queries have one good plan each.
+fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
 }
 
 /// The store: a handle to the writer thread plus the read pool.
@@ -291,6 +304,7 @@ impl Store {
         let node = signer.id();
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        stable_plans(&conn)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
             None,
@@ -868,5 +882,71 @@ impl DeltaStore for Store {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Cached statements keep their plan: running one with other values does not parse it
+    /// again (it did for every document load before `stable_plans`).
+    #[test]
+    fn cached_statements_are_not_prepared_again_for_new_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::from_seed([1; 32]);
+        let (store, _) =
+            Store::open(&dir.path().join("t.db"), &signer, StoreOptions::default()).unwrap();
+        let docs: Vec<DocId> = (0..5u8).map(|i| DocId::from_bytes([i; 16])).collect();
+        let mut prev = [0; 32];
+        let deltas: Vec<Delta> = docs
+            .iter()
+            .enumerate()
+            .map(|(i, doc)| {
+                let mut d = Delta {
+                    id: DeltaId {
+                        origin: signer.id(),
+                        seq: i as u64 + 1,
+                    },
+                    doc: *doc,
+                    body: DeltaBody::Tombstone,
+                    auth: Auth::default(),
+                };
+                prev = signer.sign(&mut d, prev);
+                d
+            })
+            .collect();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(store.write(Write::Deltas {
+                deltas: Arc::new(deltas),
+                heads: Vec::new(),
+                after_commit: None,
+            }))
+            .unwrap();
+        store
+            .read_blocking(|conn| {
+                for (i, doc) in docs.iter().enumerate() {
+                    load_doc(conn, *doc)?;
+                    // Queries of the shapes a load runs, with other values each time.
+                    let mut a = conn.prepare_cached(
+                        "SELECT s.snapshot, d.deleted FROM documents d
+                         LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
+                    )?;
+                    a.query_row([doc.as_bytes().as_slice()], |_| Ok(()))?;
+                    let mut b = conn.prepare_cached(
+                        "SELECT change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
+                    )?;
+                    b.query_map(params![doc.as_bytes().as_slice(), i as i64], |_| Ok(()))?
+                        .for_each(drop);
+                    for st in [&a, &b] {
+                        assert_eq!(st.get_status(rusqlite::StatementStatus::RePrepare), 0);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
     }
 }
