@@ -791,3 +791,43 @@ async fn bulk_batches_keep_exact_heads_without_loading() {
         assert_eq!(listed[d], loaded, "listed heads of {d}");
     }
 }
+
+/// Two catch-up batches for the same documents at once (two peers, two origins): each
+/// document's listed heads still equal its heads (one batch lands without loading, the other
+/// waits for it and applies in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bulk_batches_for_the_same_documents_keep_exact_heads() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let c = open(dirs[1].path()).await;
+    let b = open(dirs[2].path()).await;
+    let mut docs = Vec::new();
+    for i in 0..30 {
+        docs.push(a.create(Some(json!({"i": i}))).await.unwrap());
+    }
+    let base = a.deltas_missing_from(&c.clock()).await.unwrap();
+    c.ingest(a.id(), base.clone()).await.unwrap();
+    b.ingest(a.id(), base).await.unwrap();
+    // Concurrent edits on A and C to every document.
+    for d in &docs {
+        a.put(*d, "/a", json!(1)).await.unwrap();
+        c.put(*d, "/c", json!(1)).await.unwrap();
+    }
+    let from_a = a.deltas_missing_from(&b.clock()).await.unwrap();
+    let from_c = c.deltas_missing_from(&b.clock()).await.unwrap();
+    let (r1, r2) = tokio::join!(b.ingest(a.id(), from_a), b.ingest(c.id(), from_c));
+    r1.unwrap();
+    r2.unwrap();
+    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.heads))
+        .collect();
+    for d in &docs {
+        let loaded = b.heads(*d).await.unwrap();
+        assert_eq!(loaded.len(), 2, "both edits are heads");
+        assert_eq!(listed[d], loaded, "listed heads of {d}");
+    }
+}
