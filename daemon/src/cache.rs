@@ -227,8 +227,18 @@ impl DocCache {
             .is_some_and(|(e, _)| e.cell().get().is_some())
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// How many documents are loaded in memory (entries may also be empty slots: a load that
+    /// has not happened, changes landing without one).
+    pub fn loaded(&self) -> usize {
+        self.map
+            .values()
+            .filter(|(e, _)| e.cell().initialized())
+            .count()
     }
 }
 

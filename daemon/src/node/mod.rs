@@ -242,7 +242,7 @@ impl Node {
 
     /// Row counts from the store (kept as commits change them: O(1)), plus loaded documents.
     pub async fn stats(&self) -> Result<(StoreStats, usize), Error> {
-        Ok((self.inner.store.counts(), self.cache().len()))
+        Ok((self.inner.store.counts(), self.cache().loaded()))
     }
 
     /// The store's group-commit counters.
