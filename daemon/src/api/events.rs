@@ -27,7 +27,10 @@ pub const JOURNAL_EVENTS: usize = 10_000;
 const MAX_PATHS: usize = 64;
 
 enum Entry {
-    Change(Arc<Event>),
+    /// What the stream sends for an event, made once when it is journaled: the ring holds
+    /// paths and heads, not the event's patches (a bulk import's patch lists kept memory
+    /// growing with every document).
+    Change(Arc<Sent>),
     /// The journal itself fell behind the node and lost this many events.
     Gap(u64),
 }
@@ -71,7 +74,7 @@ impl Journal {
         tokio::spawn(async move {
             loop {
                 let entry = match sub.recv().await {
-                    Ok(e) => Entry::Change(e),
+                    Ok(e) => Entry::Change(Arc::new(Sent::of(&e))),
                     Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
                     Err(SubscriptionError::Closed) => break,
                 };
@@ -202,7 +205,7 @@ impl Journal {
             *next += 1;
             match entry {
                 Entry::Change(e) if doc.is_none_or(|d| d == e.doc) => {
-                    out.push(Item::Change(id, event_json(e)));
+                    out.push(Item::Change(id, e.clone()));
                 }
                 Entry::Change(_) => {}
                 Entry::Gap(n) => out.push(Item::Lagged {
@@ -221,14 +224,10 @@ impl Journal {
     /// The SSE form of an item; a `lagged` event's id makes a reconnect resume where it points.
     fn sse(&self, item: Item) -> SseEvent {
         match item {
-            Item::Change(id, data) => SseEvent::default()
-                .event(if data["damaged"].is_null() {
-                    "change"
-                } else {
-                    "damaged"
-                })
+            Item::Change(id, sent) => SseEvent::default()
+                .event(if sent.damaged { "damaged" } else { "change" })
                 .id(format!("{}-{id}", self.epoch))
-                .data(data.to_string()),
+                .data(sent.data.as_str()),
             Item::Lagged {
                 next,
                 missed,
@@ -242,11 +241,30 @@ impl Journal {
     }
 }
 
+/// One journaled event, as the stream sends it.
+#[derive(Debug, PartialEq)]
+struct Sent {
+    doc: DocId,
+    damaged: bool,
+    /// The event's JSON (see [`event_json`]).
+    data: String,
+}
+
+impl Sent {
+    fn of(e: &Event) -> Sent {
+        Sent {
+            doc: e.doc,
+            damaged: e.damaged.is_some(),
+            data: event_json(e).to_string(),
+        }
+    }
+}
+
 /// What a client is sent.
 #[derive(Debug, PartialEq)]
 enum Item {
     /// An event and its number.
-    Change(u64, Value),
+    Change(u64, Arc<Sent>),
     /// Events were lost to this client (`missed` of them, if known); it resumes at `next`.
     Lagged {
         next: u64,
@@ -349,7 +367,9 @@ mod tests {
         let ids: Vec<u64> = items[1..]
             .iter()
             .map(|i| match i {
-                Item::Change(id, v) => {
+                Item::Change(id, sent) => {
+                    assert_eq!(sent.doc, doc);
+                    let v: Value = serde_json::from_str(&sent.data).unwrap();
                     assert_eq!(v["doc"], json!(doc));
                     assert_eq!(v["source"], "local");
                     assert_eq!(v["paths"], json!(["/n"]));
