@@ -831,3 +831,43 @@ async fn concurrent_bulk_batches_for_the_same_documents_keep_exact_heads() {
         assert_eq!(listed[d], loaded, "listed heads of {d}");
     }
 }
+
+/// A batch whose changes wait for dependencies not received yet, then (the documents evicted
+/// meanwhile) the batch with those dependencies: listed heads must still be the documents'
+/// heads, though the stored heads did not cover the waiting changes.
+#[tokio::test]
+async fn out_of_order_batches_after_eviction_keep_exact_heads() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path()).await;
+    let c = open(dirs[1].path()).await;
+    let mut cfg = Config::new(dirs[2].path());
+    cfg.cache_docs = 1;
+    let b = Node::open(cfg).await.unwrap();
+    let mut docs = Vec::new();
+    for i in 0..10 {
+        docs.push(a.create(Some(json!({"i": i}))).await.unwrap());
+    }
+    c.ingest(a.id(), a.deltas_missing_from(&c.clock()).await.unwrap())
+        .await
+        .unwrap();
+    for d in &docs {
+        c.put(*d, "/c", json!(1)).await.unwrap();
+    }
+    // C's edits first: they wait for A's creations, which come in a later batch.
+    let all = c.deltas_missing_from(&b.clock()).await.unwrap();
+    let (from_c, from_a): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| d.id.origin == c.id());
+    b.ingest(c.id(), from_c).await.unwrap();
+    b.ingest(a.id(), from_a).await.unwrap();
+    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.heads))
+        .collect();
+    for d in &docs {
+        let loaded = b.heads(*d).await.unwrap();
+        assert_eq!(loaded, c.heads(*d).await.unwrap());
+        assert_eq!(listed[d], loaded, "listed heads of {d}");
+    }
+}

@@ -35,27 +35,21 @@ fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &Arc<Vec<Delta>>, sourc
     }
 }
 
-/// The heads after `changes` join a document whose heads were `old`, if that can be told
-/// without the document: when every dependency of a new change is an old head or another new
-/// change. (A dependency on an older change, or on one not received yet, needs the history.)
-fn derive_heads(old: &[ChangeHash], changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
-    let new: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+/// The heads of a document made of just `changes`, if they are complete: every dependency
+/// another of them. (Then the heads are the changes no other depends on, sorted as Automerge
+/// sorts them.)
+fn derive_heads(changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
+    let all: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
     let mut deps = BTreeSet::new();
     for c in changes {
         for d in c.deps() {
-            if !new.contains(d) && !old.contains(d) {
+            if !all.contains(d) {
                 return None;
             }
             deps.insert(*d);
         }
     }
-    let heads: BTreeSet<ChangeHash> = old
-        .iter()
-        .chain(&new)
-        .filter(|h| !deps.contains(*h))
-        .copied()
-        .collect();
-    Some(heads.into_iter().collect())
+    Some(all.difference(&deps).copied().collect())
 }
 
 /// What a committed local write still has to do.
@@ -234,7 +228,7 @@ impl Node {
         // when someone reads them (after these land: see `DocEntry::try_land`).
         let mut landing = Vec::new();
         if !live {
-            for (doc, guard, new_heads, deleted) in self.land_unloaded(&by_doc).await {
+            for (doc, guard, new_heads) in self.land_unloaded(&by_doc).await {
                 let Some((_, tombstone, origin)) = by_doc.remove(&doc) else {
                     continue;
                 };
@@ -244,7 +238,7 @@ impl Node {
                         source: Source::Remote(origin),
                         patches: Vec::new(),
                         heads: new_heads.clone(),
-                        deleted: deleted || tombstone,
+                        deleted: tombstone,
                         damaged: None,
                     });
                 }
@@ -338,15 +332,15 @@ impl Node {
         Pending { rx }
     }
 
-    /// The documents of a catch-up batch that can be stored without loading them: not loaded
-    /// or loading here, and every dependency of their new changes a stored head or another
-    /// change of the batch (then the new heads are exactly the stored and new heads no new
-    /// change depends on). Returns each with its landing guard, new heads and stored deleted
-    /// flag; the others are applied in memory as usual.
+    /// The documents of a catch-up batch that can be stored without loading them: new here
+    /// (nothing stored, nothing loading), with every dependency of their changes another
+    /// change of the batch (then the heads are exactly the changes no other depends on).
+    /// Returns each with its landing guard and heads; the others are applied in memory as
+    /// usual.
     async fn land_unloaded(
         &self,
         by_doc: &BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)>,
-    ) -> Vec<(DocId, LandingGuard, Vec<ChangeHash>, bool)> {
+    ) -> Vec<(DocId, LandingGuard, Vec<ChangeHash>)> {
         let candidates: Vec<(DocId, LandingGuard)> = by_doc
             .keys()
             .filter_map(|doc| Some((*doc, self.cache().get_or_insert(*doc).try_land()?)))
@@ -358,23 +352,28 @@ impl Node {
         let stored = match self
             .inner
             .store
-            .read(move |c| store::heads_of(c, &ids))
+            .read(move |c| store::stored_docs(c, &ids))
             .await
         {
             Ok(stored) => stored,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read stored heads; applying in memory");
+                tracing::debug!(error = %e, "cannot read which documents are stored; applying in memory");
                 return Vec::new();
             }
         };
         let mut out = Vec::with_capacity(candidates.len());
         for ((doc, guard), stored) in candidates.into_iter().zip(stored) {
-            let (old, deleted) = stored.unwrap_or_default();
+            // Only documents new here: a stored document's heads do not cover its changes that
+            // still wait for a dependency (Automerge holds them back), so heads derived from
+            // them could be wrong. Those load and apply in memory, as before.
+            if stored {
+                continue;
+            }
             let Some((changes, _, _)) = by_doc.get(&doc) else {
                 continue;
             };
-            if let Some(new_heads) = derive_heads(&old, changes) {
-                out.push((doc, guard, new_heads, deleted));
+            if let Some(heads) = derive_heads(changes) {
+                out.push((doc, guard, heads));
             }
         }
         out
