@@ -94,10 +94,14 @@ impl Node {
         let mut engine = self.engine();
         if keep.is_stale() {
             // A failed commit rolled memory back while this change was made: it may build on
-            // a change that never reached the disk.
-            return Pending::refused(StoreError::CommitFailed(
-                "an earlier write failed while this one was made; try again".into(),
-            ));
+            // a change that never reached the disk. Refused with the reason that one failed.
+            return Pending::refused(if self.disk_full() {
+                StoreError::DiskFull
+            } else {
+                StoreError::CommitFailed(
+                    "an earlier write failed while this one was made; try again".into(),
+                )
+            });
         }
         let mut deltas = Vec::with_capacity(bodies.len());
         for body in bodies {

@@ -114,16 +114,7 @@ pub(super) const RESERVE_BYTES: usize = 8 << 20;
 /// Whether the data dir's disk has some room (a quarter MiB can be written), checked before
 /// the database opens: a start needs a little space for the database and the files it writes.
 pub(super) fn has_room(dir: &Path) -> bool {
-    let path = dir.join(".room-probe");
-    let probe = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = fs::File::create(&path)?;
-        f.write_all(&[0u8; 256 << 10])?;
-        f.sync_all()
-    };
-    let ok = probe().is_ok();
-    let _ = fs::remove_file(&path);
-    ok
+    crate::store::has_room(dir, 256 << 10)
 }
 
 /// Makes the reserve if it is missing or short. Real blocks (zeros written, not a sparse

@@ -287,6 +287,22 @@ pub struct Store {
     counts: Arc<Mutex<StoreStats>>,
 }
 
+/// Whether `bytes` can be written in `dir` now (a probe file, written, synced and removed).
+/// SQLite reports a full disk as `SQLITE_FULL` on some paths and as an I/O error on others;
+/// this tells them apart.
+pub fn has_room(dir: &Path, bytes: usize) -> bool {
+    let path = dir.join(".room-probe");
+    let probe = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&vec![0u8; bytes])?;
+        f.sync_all()
+    };
+    let ok = probe().is_ok();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -381,6 +397,7 @@ impl Store {
         let (compact_tx, compact_rx) = mpsc::channel();
         let writer = writer::Writer::new(
             conn,
+            path.parent().map(Path::to_path_buf).unwrap_or_default(),
             clock.clone(),
             compact_tx,
             i64::from(opts.compact_after),

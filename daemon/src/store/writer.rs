@@ -23,6 +23,8 @@ use super::{StoreError, StoreStats, Write, heads_to_bytes, now_ms};
 /// in-memory documents, which may hold changes that were never stored.
 pub type FailureHook = Box<dyn FnMut(&mut dyn FnMut() -> VersionVector) + Send>;
 
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
 pub(super) enum Request {
     Write {
         write: Write,
@@ -99,6 +101,8 @@ pub(super) struct Writer {
     stats: Arc<WriterStats>,
     committed: Arc<std::sync::Mutex<VersionVector>>,
     conn: Connection,
+    /// The database's directory, probed for room when a commit fails.
+    dir: std::path::PathBuf,
     clock: VersionVector,
     compact: mpsc::Sender<DocId>,
     compact_after: i64,
@@ -119,6 +123,7 @@ struct DocDelta {
 impl Writer {
     pub(super) fn new(
         conn: Connection,
+        dir: std::path::PathBuf,
         clock: VersionVector,
         compact: mpsc::Sender<DocId>,
         compact_after: i64,
@@ -135,6 +140,7 @@ impl Writer {
             stats,
             committed,
             conn,
+            dir,
             clock,
             compact,
             compact_after: compact_after.max(1),
@@ -163,8 +169,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.commit_group(group) {
+            if let Err((e, replies)) = self.commit_group(group) {
+                // Rolled back before anyone hears of the failure: a caller that retries at
+                // once must find the node rolled back, not a document about to be dropped.
                 shutdown |= self.recover(&rx, &e);
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone_for_reply()));
+                }
             }
         }
         tracing::debug!("writer stopped");
@@ -209,10 +220,9 @@ impl Writer {
         shutdown
     }
 
-    fn commit_group(
-        &mut self,
-        group: Vec<(Write, oneshot::Sender<Result<(), StoreError>>)>,
-    ) -> Result<(), StoreError> {
+    /// Commits a group and answers it; on failure returns the error and the replies, which
+    /// the caller answers after rolling back.
+    fn commit_group(&mut self, group: Vec<(Write, Reply)>) -> Result<(), (StoreError, Vec<Reply>)> {
         let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         let started = Instant::now();
         let result = self.apply(&writes);
@@ -248,13 +258,16 @@ impl Writer {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                // SQLite says SQLITE_FULL on some paths and an I/O error on others: under
+                // 1 MiB free is a full disk either way.
+                let e = match e {
+                    StoreError::DiskFull => StoreError::DiskFull,
+                    _ if !super::has_room(&self.dir, 1 << 20) => StoreError::DiskFull,
+                    other => StoreError::CommitFailed(other.to_string()),
+                };
                 self.stats
                     .disk_full
                     .store(matches!(e, StoreError::DiskFull), Ordering::Relaxed);
-                let e = match e {
-                    StoreError::DiskFull => StoreError::DiskFull,
-                    other => StoreError::CommitFailed(other.to_string()),
-                };
                 if matches!(e, StoreError::DiskFull) {
                     tracing::error!(
                         "the disk is full: {n} writes refused; writing resumes when space is freed"
@@ -262,10 +275,7 @@ impl Writer {
                 } else {
                     tracing::error!(error = %e, "commit failed: {n} writes refused");
                 }
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone_for_reply()));
-                }
-                Err(e)
+                Err((e, replies))
             }
         }
     }
