@@ -4,9 +4,10 @@
 use std::fs;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
-use ring::signature::{Ed25519KeyPair, KeyPair};
-use tandem_crdt::NodeId;
+use ring::signature::Ed25519KeyPair;
+use tandem_crdt::{NodeId, Signer};
 
 use crate::Error;
 use crate::error::DataDirError;
@@ -14,33 +15,30 @@ use crate::error::DataDirError;
 /// The file name inside the data dir.
 pub const KEY_FILE: &str = "identity.key";
 
-/// A loaded identity.
+/// A loaded identity: the key's PKCS#8 form (for TLS) and the [`Signer`] it makes (which
+/// knows the NodeId).
 pub struct Identity {
     pkcs8: Vec<u8>,
-    id: NodeId,
+    signer: Arc<Signer>,
 }
 
+/// Names the node only: the key never reaches a log.
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
-            .field("id", &self.id)
+            .field("id", &self.id())
             .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     pub fn id(&self) -> NodeId {
-        self.id
+        self.signer.id()
     }
 
     /// The key that signs this node's deltas.
-    pub fn signer(&self) -> Result<tandem_crdt::Signer, Error> {
-        tandem_crdt::Signer::from_pkcs8(&self.pkcs8).map_err(|e| {
-            Error::DataDir(DataDirError::Identity {
-                path: KEY_FILE.into(),
-                why: e.to_string(),
-            })
-        })
+    pub fn signer(&self) -> Arc<Signer> {
+        self.signer.clone()
     }
 
     /// The private key as PKCS#8 DER (for TLS certificates).
@@ -49,17 +47,15 @@ impl Identity {
     }
 
     fn from_pkcs8(pkcs8: Vec<u8>, path: &Path) -> Result<Self, Error> {
-        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| {
+        let signer = Signer::from_pkcs8(&pkcs8).map_err(|e| {
             Error::DataDir(DataDirError::Identity {
                 path: path.to_path_buf(),
-                why: format!("not an Ed25519 PKCS#8 key: {e}"),
+                why: format!("{e} (PKCS#8)"),
             })
         })?;
-        let mut pk = [0u8; 32];
-        pk.copy_from_slice(pair.public_key().as_ref());
         Ok(Self {
             pkcs8,
-            id: NodeId::from_bytes(pk),
+            signer: Arc::new(signer),
         })
     }
 
@@ -91,7 +87,7 @@ impl Identity {
     pub fn read_id(dir: &Path) -> Result<NodeId, Error> {
         let path = dir.join(KEY_FILE);
         let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self::from_pkcs8(bytes, &path)?.id)
+        Ok(Self::from_pkcs8(bytes, &path)?.id())
     }
 }
 

@@ -376,12 +376,9 @@ async fn sqlite_store_answers_catch_up_in_order() {
     let me = node.id();
     node.close().await.unwrap();
     drop(node);
-    let signer = std::sync::Arc::new(
-        tandem::Identity::load_or_create(dir.path())
-            .unwrap()
-            .signer()
-            .unwrap(),
-    );
+    let signer = tandem::Identity::load_or_create(dir.path())
+        .unwrap()
+        .signer();
     let (store, rec) =
         tandem::store::Store::open(&dir.path().join("tandem.db"), &signer, Default::default())
             .unwrap();

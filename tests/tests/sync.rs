@@ -435,8 +435,7 @@ async fn a_forged_delta_through_a_member_is_refused_naming_it() {
     let (h_id, endpoint, cfg) = raw_member(&a, dirs[2].path()).await;
     let h_key = tandem::Identity::load_or_create(dirs[2].path())
         .unwrap()
-        .signer()
-        .unwrap();
+        .signer();
     let change = {
         let mut doc = automerge::Automerge::new();
         let mut tx = doc.transaction();

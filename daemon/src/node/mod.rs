@@ -152,7 +152,7 @@ impl Node {
         } else {
             datadir::release_reserve(&dir);
         }
-        let signer = Arc::new(identity.signer()?);
+        let signer = identity.signer();
         let (store, recovered) = Store::open(
             &dir.join(DB_FILE),
             &signer,
