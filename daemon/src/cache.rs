@@ -30,11 +30,11 @@ pub(crate) struct DocEntry {
     landed: Notify,
 }
 
-/// Received changes on their way to disk without the document being loaded, and whether a
-/// load has begun (after which changes must be applied in memory instead).
+/// Whether received changes are on their way to disk without the document being loaded (one
+/// batch at a time), and whether a load has begun (after which changes are applied in memory).
 #[derive(Default)]
 struct Landing {
-    pending: usize,
+    landing: bool,
     loading: bool,
 }
 
@@ -44,39 +44,34 @@ pub(crate) struct LandingGuard(Arc<DocEntry>);
 
 impl Drop for LandingGuard {
     fn drop(&mut self) {
-        let mut l = self.0.landing.lock().unwrap_or_else(|p| p.into_inner());
-        l.pending -= 1;
-        if l.pending == 0 {
-            self.0.landed.notify_waiters();
-        }
+        self.0
+            .landing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .landing = false;
+        self.0.landed.notify_waiters();
     }
 }
 
 impl DocEntry {
     pub fn loaded(state: DocState) -> Self {
-        let entry = Self {
+        Self {
             state: OnceCell::from(Mutex::new(state)),
             ..Self::default()
-        };
-        entry
-            .landing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .loading = true;
-        entry
+        }
     }
 
     /// Registers received changes on their way to disk, unless the document is loaded or
-    /// being loaded, or other changes are landing (their heads, derived from the same stored
-    /// heads, would overwrite each other): then the caller must apply them in memory, which
-    /// loads the document after those landed. While the guard lives, a load of the document
-    /// waits, so it cannot read the store without them and keep that.
+    /// being loaded, or another batch is landing (a second batch must see the first's
+    /// changes): then the caller applies them in memory, which loads the document after those
+    /// landed. While the guard lives, a load of the document waits, so it cannot read the
+    /// store without them and keep that.
     pub fn try_land(self: &Arc<Self>) -> Option<LandingGuard> {
         let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
-        if l.loading || l.pending > 0 || self.state.initialized() {
+        if l.loading || l.landing || self.state.initialized() {
             return None;
         }
-        l.pending += 1;
+        l.landing = true;
         Some(LandingGuard(self.clone()))
     }
 
@@ -90,7 +85,7 @@ impl DocEntry {
             landed.as_mut().enable();
             {
                 let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
-                if l.pending == 0 {
+                if !l.landing {
                     l.loading = true;
                     return;
                 }
