@@ -13,9 +13,8 @@ use serde_json::json;
 use tandem::crdt::DeltaId;
 use tandem::{Config, DocError, DocId, Error, Node};
 
-async fn open(dir: &Path) -> Node {
-    Node::open(Config::new(dir)).await.unwrap()
-}
+mod common;
+use common::{open, snapshots_reach};
 
 /// Flips three bytes in the middle of the stored change `(origin, seq)`, as a bad disk might.
 /// SQLite's own checks still pass: the damage is inside a value.
@@ -174,13 +173,7 @@ async fn a_damaged_snapshot_is_dropped_and_the_document_rebuilt_from_its_deltas(
     for i in 1..=12 {
         a.put(doc, "/n", json!(i)).await.unwrap();
     }
-    for _ in 0..300 {
-        if a.stats().await.unwrap().0.snapshots == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(a.stats().await.unwrap().0.snapshots, 1);
+    assert_eq!(snapshots_reach(&a, 1).await, 1);
     a.close().await.unwrap();
     drop(a);
     {

@@ -9,9 +9,8 @@ use serde_json::json;
 use tandem::crdt::{DeltaStore, PathError};
 use tandem::{Config, DataDirError, DocError, DocId, Error, Node, Source, SubscriptionError};
 
-async fn open(dir: &std::path::Path) -> Node {
-    Node::open(Config::new(dir)).await.unwrap()
-}
+mod common;
+use common::{open, snapshots_reach};
 
 #[tokio::test]
 async fn an_empty_object_is_a_document() {
@@ -292,15 +291,11 @@ async fn compaction_folds_deltas_into_a_snapshot() {
     for i in 0..35 {
         node.splice_text(doc, "/text", i, 0, "x").await.unwrap();
     }
-    let mut snapshots = 0;
-    for _ in 0..200 {
-        snapshots = node.stats().await.unwrap().0.snapshots;
-        if snapshots == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(snapshots, 1, "compactor made a snapshot");
+    assert_eq!(
+        snapshots_reach(&node, 1).await,
+        1,
+        "compactor made a snapshot"
+    );
     let (stats, _) = node.stats().await.unwrap();
     assert_eq!(stats.deltas, 36, "delta rows stay for peers");
     let want = node.get(doc, "").await.unwrap();
@@ -703,14 +698,7 @@ async fn kept_counts_equal_a_recount() {
     )
     .await
     .unwrap();
-    // Let the compactor run.
-    for _ in 0..300 {
-        if kept(&node).await.2 >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(kept(&node).await.2 >= 5, "snapshots were made");
+    assert!(snapshots_reach(&node, 5).await >= 5, "snapshots were made");
     assert_eq!(kept(&node).await, recount());
     node.close().await.unwrap();
     drop(node);

@@ -45,6 +45,14 @@ fn iters() -> usize {
         .unwrap_or(20_000)
 }
 
+/// A runtime for the targets that drive a real `Node`.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn seed() -> u64 {
     std::env::var("FUZZ_SEED")
         .ok()
@@ -302,11 +310,7 @@ fn fuzz_invite_tokens() {
 
 #[test]
 fn fuzz_automerge_imports() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = (runtime(), tempfile::tempdir().unwrap());
     let node = rt
         .block_on(tandem::Node::open(tandem::Config::new(dir.path())))
         .unwrap();
@@ -413,11 +417,7 @@ fn fuzz_forged_deltas_are_never_accepted() {
 /// an error, never a wrong document; then a member's good copy heals it.
 #[test]
 fn fuzz_corrupt_stored_changes_are_never_served() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = (runtime(), tempfile::tempdir().unwrap());
     let db_path = dir.path().join("tandem.db");
     let mut cfg = tandem::Config::new(dir.path());
     cfg.compact_after = 1_000; // keep the changes as changes
@@ -491,11 +491,7 @@ fn fuzz_corrupt_stored_changes_are_never_served() {
 #[test]
 fn fuzz_deep_json_is_refused_or_stored_whole() {
     use tandem::crdt::json::MAX_DEPTH;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = (runtime(), tempfile::tempdir().unwrap());
     let node = rt
         .block_on(tandem::Node::open(tandem::Config::new(dir.path())))
         .unwrap();
