@@ -111,12 +111,6 @@ pub(super) fn private_db_files(dir: &Path) -> Result<(), Error> {
 pub(super) const RESERVE_FILE: &str = "reserve";
 pub(super) const RESERVE_BYTES: usize = 8 << 20;
 
-/// Whether the data dir's disk has some room (a quarter MiB can be written), checked before
-/// the database opens: a start needs a little space for the database and the files it writes.
-pub(super) fn has_room(dir: &Path) -> bool {
-    crate::store::has_room(dir, 256 << 10)
-}
-
 /// Makes the reserve if it is missing or short. Real blocks (zeros written, not a sparse
 /// file), else it would reserve nothing. Best effort: on a disk without room it warns.
 pub(super) fn keep_reserve(dir: &Path) {

@@ -30,7 +30,7 @@ use crate::cache::DocCache;
 use crate::clock::Clock;
 use crate::members::Membership;
 use crate::net::{self, Commit, Net, NetConfig};
-use crate::store::{Durability, Store, StoreOptions, StoreStats};
+use crate::store::{self, Durability, Store, StoreOptions, StoreStats};
 use crate::{Error, Identity};
 use datadir::{DB_FILE, create_private_dir, host_name, lock_data_dir};
 
@@ -147,7 +147,8 @@ impl Node {
         let id = identity.id();
         datadir::private_db_files(&dir)?;
         // A node stopped on a full disk starts on the space kept in reserve.
-        if datadir::has_room(&dir) {
+        // A start needs a little room for the database and the files it writes.
+        if store::has_room(&dir, 256 << 10) {
             datadir::keep_reserve(&dir);
         } else {
             datadir::release_reserve(&dir);
