@@ -1,6 +1,7 @@
-//! Damage and a full disk with real daemons: a node whose stored change was flipped on disk
-//! reports it and heals from its member over QUIC without a restart; a full disk is its own
-//! error (507, a CLI message that says what to do), and writing resumes when space returns.
+//! Hardening with real daemons: a node whose stored change was flipped on disk reports it and
+//! heals from its member over QUIC without a restart; a full disk is its own error (507, a CLI
+//! message that says what to do), and writing resumes when space returns; a delta forged by a
+//! member in another's name is refused, naming the sender.
 
 #![allow(clippy::unwrap_used)]
 
@@ -182,4 +183,120 @@ fn a_full_disk_is_its_own_error_and_writing_resumes_when_space_returns() {
     a.stop();
     a.restart();
     assert_eq!(a.ok(&["doc", "get", &doc, "/n"]), "2");
+}
+
+/// A member (H, a raw QUIC client with a member's key) sends a real tandemd A a delta in B's
+/// name before B ever wrote: A refuses it and names H in `tandem peers`; B's genuine first
+/// delta then reaches A.
+#[test]
+fn a_forged_delta_is_refused_by_a_real_daemon_naming_the_sender() {
+    use tandem::net::{tls, wire};
+    let a = Daemon::start();
+    let b = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let h_dir = tempfile::tempdir().unwrap();
+    let token = a.ok(&["invite"]);
+    let h_id = rt.block_on(async {
+        let mut cfg = tandem::Config::new(h_dir.path());
+        cfg.net = Some(tandem::NetConfig::loopback());
+        let h = tandem::Node::open(cfg).await.unwrap();
+        h.join(&token).await.unwrap();
+        let id = h.id();
+        h.close().await.unwrap();
+        id
+    });
+    let identity = tandem::Identity::load_or_create(h_dir.path()).unwrap();
+    let b_id: tandem::NodeId = b.ok(&["id"]).parse().unwrap();
+    let a_status = json(&a.ok(&["status", "--json"]));
+    let a_id: tandem::NodeId = a_status["id"].as_str().unwrap().parse().unwrap();
+    let a_addr: std::net::SocketAddr = a_status["listen"].as_str().unwrap().parse().unwrap();
+    let change = {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        automerge::transaction::Transactable::put(&mut tx, automerge::ROOT, "owned", true).unwrap();
+        tx.commit();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    let b_first = tandem::crdt::DeltaId {
+        origin: b_id,
+        seq: 1,
+    };
+    let mut forged = tandem::crdt::Delta {
+        id: b_first,
+        doc: tandem::DocId::from_bytes([9; 16]),
+        body: tandem::crdt::DeltaBody::Change(change),
+        auth: Default::default(),
+    };
+    identity.signer().sign(&mut forged, [0; 32]);
+    let reason = rt.block_on(async {
+        let endpoint =
+            quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let cfg = tls::client_config(&identity, tls::ALPN_SYNC).unwrap();
+        let conn = endpoint
+            .connect_with(cfg, a_addr, &tls::server_name(&a_id))
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[wire::StreamKind::Sync.byte()])
+            .await
+            .unwrap();
+        let mut bytes = wire::encode(&wire::SyncMsg::Hello {
+            version: wire::PROTOCOL_VERSION,
+            node: h_id,
+            name: "h".into(),
+            clock: tandem::crdt::VersionVector::new(),
+        })
+        .unwrap();
+        bytes.extend(
+            wire::encode(&wire::SyncMsg::Batch {
+                seq: 1,
+                deltas: vec![forged],
+            })
+            .unwrap(),
+        );
+        send.write_all(&bytes).await.unwrap();
+        let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
+        tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .unwrap()
+    });
+    assert!(
+        reason.to_string().contains("not signed by its origin"),
+        "{reason}"
+    );
+    // A names H, and stored nothing of it.
+    let started = Instant::now();
+    loop {
+        let peers = json(&a.ok(&["peers", "--json"]));
+        let named = peers.as_array().unwrap().iter().any(|p| {
+            p["id"].as_str() == Some(h_id.to_string().as_str())
+                && p["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not signed by its origin"))
+        });
+        if named {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{peers}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !a.tandem(&[
+            "doc",
+            "get",
+            &tandem::DocId::from_bytes([9; 16]).to_string()
+        ])
+        .status
+        .success()
+    );
+    // B's genuine first delta is not taken for a duplicate of the forged one.
+    let doc = b.ok(&["doc", "new", r#"{"genuine":true}"#]);
+    b.ok(&["sync", "wait", "--timeout", "20s"]);
+    assert_eq!(a.ok(&["doc", "get", &doc, "/genuine"]), "true");
 }
