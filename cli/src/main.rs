@@ -110,10 +110,18 @@ enum SyncAction {
 
 #[derive(Subcommand, Debug)]
 enum MembersAction {
-    /// Remove a member: it is cut off at once.
+    /// Remove a member: a change to the replicated member list (needs a majority of the
+    /// voters); once committed every member cuts it off.
     Rm {
         /// Its NodeId, or any unique prefix of it (the short id `members` shows).
         id: String,
+    },
+    /// When voters are lost for good: start a new membership epoch with this node as its only
+    /// voter. Run it on one survivor only.
+    Recover {
+        /// Confirm: this overrides the lost voters' say over the member list.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -372,6 +380,28 @@ fn run(cli: &Cli) -> Res<()> {
                     "members     {} ({} connected)",
                     v["members"], v["connected"]
                 );
+                let ms = &v["membership"];
+                if let Some(r) = ms["removed"].as_object() {
+                    println!(
+                        "membership  REMOVED by {} (unix ms {}): this node syncs with no one until invited again",
+                        short(r.get("by").and_then(|b| b.as_str()).unwrap_or("")),
+                        r.get("at").and_then(|a| a.as_i64()).unwrap_or(0)
+                    );
+                } else {
+                    println!(
+                        "membership  {}, epoch {}, term {}, leader {}, {} of {} voters reachable",
+                        ms["role"].as_str().unwrap_or("-"),
+                        ms["epoch"],
+                        ms["term"],
+                        ms["leader"].as_str().map_or("none", short),
+                        ms["reachable_voters"],
+                        ms["voters"].as_array().map_or(0, |v| v.len())
+                    );
+                    match ms["why_not"].as_str() {
+                        Some(why) => println!("changes     not possible now: {why}"),
+                        None => println!("changes     possible (invite, join, members rm)"),
+                    }
+                }
                 println!(
                     "clock       {} origins, digest {}",
                     v["clock"]["origins"],
@@ -438,23 +468,43 @@ fn run(cli: &Cli) -> Res<()> {
             let id = doc::resolve_id::<tandem::NodeId>(&c, id, "/v1/members", "member")?;
             c.json("DELETE", &format!("/v1/members/{}", enc(&id)), None)?;
         }
+        Command::Members {
+            action: Some(MembersAction::Recover { yes }),
+        } => {
+            if !yes {
+                return Err(Failure::error(
+                    "recovery starts a new membership epoch with this node as its only voter, \
+                     overriding the voters that are lost; run it on one survivor only, with --yes",
+                ));
+            }
+            let v = c.json(
+                "POST",
+                "/v1/members/recover",
+                Some(Body::Json(json!({"confirm": true}))),
+            )?;
+            println!(
+                "membership recovered: epoch {}; this node is the voter, members rejoin as they connect",
+                v["epoch"]
+            );
+        }
         Command::Members { action: None } => {
             let v = c.json("GET", "/v1/members", None)?;
             if j {
                 print(&v, true);
             } else {
                 println!(
-                    "{:<10} {:<16} {:<10} {:<14} {:<8} ADDRESSES",
-                    "ID", "NAME", "STATE", "LAST SEEN", "IN SYNC"
+                    "{:<10} {:<16} {:<8} {:<10} {:<14} {:<8} ADDRESSES",
+                    "ID", "NAME", "ROLE", "STATE", "LAST SEEN", "IN SYNC"
                 );
                 for m in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<16} {:<10} {:<14} {:<8} {}",
+                        "{:<10} {:<16} {:<8} {:<10} {:<14} {:<8} {}",
                         short(m["id"].as_str().unwrap_or("")),
                         m["name"]
                             .as_str()
                             .filter(|n| !n.is_empty())
                             .map_or("-".to_string(), |n| n.chars().take(16).collect()),
+                        m["role"].as_str().unwrap_or("-"),
                         state(m),
                         ago(m["last_seen"].as_i64()),
                         yes_no(flag(m, "in_sync")),

@@ -29,7 +29,7 @@ pub use delta::{Delta, DeltaBody, DeltaError};
 pub use dialer::{Admit, ConnId, Dial, DialState, Dialer, DialerConfig};
 pub use engine::{Action, CatchUp, DeltaStore, Engine, Input, MemStore, Source};
 pub use id::{DeltaId, DocId, IdError, NodeId};
-pub use members::{Invite, InviteError, Member, Roster};
+pub use members::{Command as MemberCommand, Invite, InviteError, Member, MemberList};
 pub use peer::PeerSync;
 pub use pointer::{PathError, Pointer};
 pub use session::{Session, SessionConfig};

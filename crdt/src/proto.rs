@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::clock::VersionVector;
 use crate::delta::{Delta, MAX_CHANGE_BYTES};
 use crate::id::NodeId;
+use crate::members::MemberList;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted: one maximal change plus room for its envelope.
 pub const MAX_FRAME: usize = MAX_CHANGE_BYTES + 64 * 1024;
@@ -33,7 +34,7 @@ pub enum StreamKind {
     Push = 2,
     /// The join handshake (bi, on a join connection): [`JoinMsg`].
     Join = 3,
-    /// Reserved: Raft RPCs (bi).
+    /// One Raft RPC (bi, one request and one reply per stream): [`RaftMsg`].
     Raft = 4,
 }
 
@@ -94,15 +95,54 @@ pub enum PushMsg {
 /// A message on the join stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum JoinMsg {
-    /// The invite secret, and where the joiner can be reached.
+    /// The invite secret, where the joiner can be reached, what it calls itself, and whether
+    /// it asks to be a voter whenever possible.
     Request {
         secret: [u8; 32],
         addrs: Vec<String>,
+        name: String,
+        prefer_voter: bool,
     },
-    /// Accepted: the inviter's member list (id, addresses).
-    Accepted { members: Vec<(NodeId, Vec<String>)> },
+    /// Accepted: the admission committed. The joiner's Raft id, and the replicated member list
+    /// as of the admission (the joiner trusts it until its own Raft log catches up).
+    Accepted { raft_id: u64, list: MemberList },
     /// Refused, with the reason.
     Refused { reason: String },
+}
+
+/// A message on a Raft stream. The RPC itself is opaque here (the daemon's Raft library
+/// encodes it); the envelope says which cluster and epoch it belongs to, so traffic from
+/// another cluster or an older epoch is told apart before anything else is decoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RaftMsg {
+    Request {
+        cluster: [u8; 16],
+        epoch: u64,
+        rpc: Vec<u8>,
+    },
+    Reply {
+        rpc: Vec<u8>,
+    },
+    /// The receiver is in a later epoch (after a recovery): the sender adopts it.
+    StaleEpoch {
+        epoch: u64,
+    },
+    /// Refused: another cluster, or the receiver's Raft is not running; why.
+    Refused {
+        reason: String,
+    },
+}
+
+impl Message for RaftMsg {
+    const KIND: StreamKind = StreamKind::Raft;
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Request { .. } => "RaftRequest",
+            Self::Reply { .. } => "RaftReply",
+            Self::StaleEpoch { .. } => "RaftStaleEpoch",
+            Self::Refused { .. } => "RaftRefused",
+        }
+    }
 }
 
 /// A versioned frame of one stream's messages.

@@ -14,6 +14,7 @@
 //! log_format = "human"              # or "json"
 //! log = "info"                      # a tracing filter; RUST_LOG wins over it
 //! name = "work laptop"              # shown to peers; default: the host name
+//! voter = "prefer"                  # or "auto": prefer this node as a member-list voter
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -37,6 +38,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub log: Option<String>,
     pub name: Option<String>,
+    /// `"prefer"`: ask to be a voter of the member list whenever possible (a home server).
+    pub prefer_voter: Option<bool>,
 }
 
 /// A config file that cannot be used.
@@ -64,8 +67,9 @@ pub enum ConfigError {
     },
 }
 
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 12] = [
     "name",
+    "voter",
     "version",
     "data_dir",
     "listen",
@@ -243,6 +247,18 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                 cfg.log = Some(f);
             }
             "name" => cfg.name = Some(string()?),
+            "voter" => {
+                cfg.prefer_voter = Some(match string()?.as_str() {
+                    "prefer" => true,
+                    "auto" => false,
+                    other => {
+                        return Err(bad(
+                            key,
+                            format!("expected \"prefer\" or \"auto\", got {other:?}"),
+                        ));
+                    }
+                })
+            }
             _ => {
                 return Err(ConfigError::UnknownKey {
                     path: path.to_path_buf(),

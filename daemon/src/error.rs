@@ -75,6 +75,38 @@ pub enum MembershipError {
     Invite(#[from] InviteError),
     #[error("this invite was made by this node; run `tandem join` with it on the other device")]
     OwnInvite,
+    /// A change to the member list needs a majority of the voters, and they are not reachable.
+    #[error("membership changes are not possible now: {0}")]
+    NoQuorum(String),
+    #[error(
+        "this node was removed from its cluster{0}; it keeps its data but syncs with no one until it is invited again"
+    )]
+    Removed(String),
+    #[error(
+        "this node already belongs to a cluster of {0} members; a node joins another cluster only while it is alone"
+    )]
+    AlreadyInCluster(usize),
+    #[error("a node cannot remove itself; remove it from another member")]
+    RemoveSelf,
+    #[error("membership: {0}")]
+    Consensus(String),
+}
+
+impl From<crate::raft::ConsensusError> for MembershipError {
+    fn from(e: crate::raft::ConsensusError) -> Self {
+        use crate::raft::ConsensusError as C;
+        match e {
+            C::NoQuorum(why) => Self::NoQuorum(why),
+            C::Removed => Self::Removed(String::new()),
+            C::Failed(why) => Self::Consensus(why),
+        }
+    }
+}
+
+impl From<crate::raft::ConsensusError> for Error {
+    fn from(e: crate::raft::ConsensusError) -> Self {
+        Self::Membership(e.into())
+    }
 }
 
 /// What went wrong with the data dir.

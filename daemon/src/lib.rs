@@ -43,20 +43,22 @@ mod identity;
 pub mod members;
 pub mod net;
 mod node;
+mod raft;
 pub mod store;
 
 pub use automerge;
 pub use error::{DataDirError, DocError, Error, MembershipError};
 pub use identity::Identity;
-pub use members::Member;
+pub use members::{Member, Removal};
 pub use net::{NetConfig, PeerStatus};
 pub use node::{Config, Event, HistoryEntry, Node, Subscription, SubscriptionError};
+pub use raft::ConsensusStatus;
 pub use store::{DocInfo, Durability, StoreStats};
 pub use tandem_crdt as crdt;
 
 /// What `--version` prints for tandemd and the CLI alike: the release, the wire protocol and
 /// the local API version.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (wire protocol 3, API v1)");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (wire protocol 4, API v1)");
 
 pub use tandem_crdt::{DocId, NodeId, Source};
 

@@ -194,9 +194,23 @@ fn frame_corpus() -> Vec<Vec<u8>> {
         JoinMsg::Request {
             secret: [9; 32],
             addrs: vec!["127.0.0.1:7373".into()],
+            name: "laptop".into(),
+            prefer_voter: false,
         },
         JoinMsg::Accepted {
-            members: vec![(node, vec!["10.0.0.1:1".into()])],
+            raft_id: 2,
+            list: {
+                let mut l = tandem::crdt::MemberList::default();
+                l.apply(tandem::crdt::MemberCommand::Found {
+                    cluster: [1; 16],
+                    founder: node,
+                    name: "a".into(),
+                    addrs: vec!["10.0.0.1:1".into()],
+                    prefer_voter: false,
+                    at: 1,
+                });
+                l
+            },
         },
         JoinMsg::Refused {
             reason: "no".into(),

@@ -33,6 +33,47 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         "Members of the group other than this node.",
         node.members().len() as u64,
     );
+    let raft = node.membership_status().await?;
+    gauge(
+        "tandem_raft_term",
+        "Raft term of the member list's consensus.",
+        raft.term,
+    );
+    gauge(
+        "tandem_raft_is_leader",
+        "1 if this node leads the member list's consensus.",
+        u64::from(raft.role == "leader"),
+    );
+    gauge(
+        "tandem_raft_leader_known",
+        "1 if a leader of the member list is known here.",
+        u64::from(raft.leader.is_some()),
+    );
+    gauge(
+        "tandem_raft_commit_index",
+        "Last member-list log index applied here.",
+        raft.commit_index.unwrap_or(0),
+    );
+    gauge(
+        "tandem_membership_epoch",
+        "Epoch of the member list (bumped by a recovery).",
+        raft.epoch,
+    );
+    gauge(
+        "tandem_raft_voters",
+        "Voters of the member list.",
+        raft.voters.len() as u64,
+    );
+    gauge(
+        "tandem_raft_voters_reachable",
+        "Voters reachable from here (this node counts if it is one).",
+        raft.reachable_voters as u64,
+    );
+    gauge(
+        "tandem_membership_changes_possible",
+        "1 if an admission or removal could commit now (a majority of voters reachable).",
+        u64::from(raft.changes_possible),
+    );
     gauge(
         "tandem_damaged_deltas",
         "Deltas found damaged on disk and not yet replaced by a good copy from a member.",

@@ -94,6 +94,17 @@ impl From<Error> for ApiError {
                 DocError::Automerge(_) => (S::INTERNAL_SERVER_ERROR, "automerge"),
             },
             Error::Membership(MembershipError::OwnInvite) => (S::BAD_REQUEST, "own_invite"),
+            Error::Membership(MembershipError::NoQuorum(_)) => {
+                (S::SERVICE_UNAVAILABLE, "no_quorum")
+            }
+            Error::Membership(MembershipError::Removed(_)) => (S::FORBIDDEN, "removed"),
+            Error::Membership(MembershipError::AlreadyInCluster(_)) => {
+                (S::CONFLICT, "already_in_cluster")
+            }
+            Error::Membership(MembershipError::RemoveSelf) => (S::BAD_REQUEST, "remove_self"),
+            Error::Membership(MembershipError::Consensus(_)) => {
+                (S::INTERNAL_SERVER_ERROR, "membership")
+            }
             Error::Membership(MembershipError::Invite(i)) => match i {
                 InviteError::Malformed(_) => (S::BAD_REQUEST, "bad_invite"),
                 InviteError::Unknown | InviteError::Expired | InviteError::Used => {
@@ -216,6 +227,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Json<Value>> {
         "loaded": loaded,
         "clock": {"origins": clock.iter().count(), "deltas": clock.count(), "digest": hex(&clock.digest())},
         "members": n.members().len(),
+        "membership": n.membership_status().await?,
         "connected": n.peers().iter().filter(|p| p.connected).count(),
         "disk_full": n.disk_full(),
         "damaged_count": damaged.len(),
@@ -428,9 +440,21 @@ async fn peers(State(api): State<Api>) -> Json<Value> {
     Json(json!(api.node.peers()))
 }
 
-async fn members(State(api): State<Api>) -> Json<Value> {
+async fn members(State(api): State<Api>) -> ApiResult<Json<Value>> {
     let peers = api.node.peers();
-    Json(json!(
+    let raft = api.node.membership_status().await?;
+    let role = |id: &crate::NodeId| {
+        if raft.leader == Some(*id) {
+            "leader"
+        } else if raft.voters.contains(id) {
+            "voter"
+        } else if raft.learners.contains(id) {
+            "learner"
+        } else {
+            "joining"
+        }
+    };
+    Ok(Json(json!(
         api.node
             .members()
             .iter()
@@ -441,6 +465,10 @@ async fn members(State(api): State<Api>) -> Json<Value> {
                     "name": m.name,
                     "addrs": m.addrs,
                     "added_at": m.added_at,
+                    "admitted_by": m.admitted_by,
+                    "raft_id": m.raft_id,
+                    "role": role(&m.id),
+                    "prefer_voter": m.prefer_voter,
                     "connected": p.is_some_and(|p| p.connected),
                     "connecting": p.is_some_and(|p| p.connecting),
                     "last_seen": p.and_then(|p| p.last_seen),
@@ -448,7 +476,25 @@ async fn members(State(api): State<Api>) -> Json<Value> {
                 })
             })
             .collect::<Vec<_>>()
-    ))
+    )))
+}
+
+/// `POST /v1/members/recover` with `{"confirm": true}`: a new membership epoch with this node
+/// as its only voter (when voters are lost for good).
+async fn recover_members(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let v = json_body(body)?;
+    if v["confirm"] != json!(true) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "confirm",
+            "recovery starts a new membership epoch with this node as its only voter; send {\"confirm\": true}",
+        ));
+    }
+    let epoch = api.node.recover_membership().await?;
+    Ok(Json(json!({"epoch": epoch})))
 }
 
 #[derive(Deserialize)]
@@ -620,6 +666,7 @@ pub fn router(
         .route("/v1/peers", get(peers))
         .route("/v1/members", get(members))
         .route("/v1/members/{id}", delete(remove_member))
+        .route("/v1/members/recover", post(recover_members))
         .route("/v1/invite", post(invite))
         .route("/v1/join", post(join))
         .route("/v1/ui/code", post(ui_code))

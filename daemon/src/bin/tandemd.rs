@@ -127,6 +127,7 @@ async fn run() -> anyhow::Result<()> {
     if let Some(name) = &file.name {
         config.name = name.clone();
     }
+    config.prefer_voter = file.prefer_voter.unwrap_or(false);
     if !(args.offline || file.offline == Some(true)) {
         let mut net = NetConfig::default();
         if let Some(listen) = args.listen.or(file.listen) {

@@ -98,6 +98,7 @@ pub(crate) async fn run(
                 {
                     conn.close(close::REMOVED.into(), b"removed from the cluster");
                 }
+                links(&shared).remove(&id);
                 shared
                     .statuses
                     .lock()
@@ -140,12 +141,21 @@ pub(crate) async fn run(
                         s.addr = Some(conn.remote_address());
                         s.last_seen = Some(shared.clock.wall_ms());
                         drop(map);
+                        links(&shared).insert(peer, conn.clone());
                         conns.insert(id, (peer, conn));
                         let _ = reply.send(true);
                     }
                 }
             }
             Cmd::Ended { peer, conn, failed } => {
+                {
+                    let mut l = links(&shared);
+                    if l.get(&peer)
+                        .is_some_and(|c| c.stable_id() as ConnId == conn)
+                    {
+                        l.remove(&peer);
+                    }
+                }
                 if conns.remove(&conn).is_some() {
                     // (In-sync is derived from this and what the peer confirmed.)
                     with_status(&shared.statuses, &peer, |s| s.connected = false);
@@ -179,6 +189,10 @@ pub(crate) async fn run(
         c.close(close::SHUTDOWN.into(), b"shutting down");
     }
     tracing::debug!("network driver stopped");
+}
+
+fn links(shared: &Shared) -> std::sync::MutexGuard<'_, HashMap<NodeId, quinn::Connection>> {
+    shared.links.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Publishes the dialer's view (connecting or not) into the statuses.
@@ -250,8 +264,11 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
         return;
     }
     tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
-    let routes = router::spawn(conn.clone(), peer);
+    let routes = router::spawn(conn.clone(), peer, shared.host.clone());
     let result = session::run(&shared, &conn, peer, dialed, routes).await;
+    if told_removed(&conn) {
+        shared.host.told_removed(peer).await;
+    }
     let failed = match (&result, how_closed(&conn)) {
         (_, Closed::Refused(why)) => {
             tracing::info!(peer = %peer.short(), reason = %why, "the peer refused us; backing off");
@@ -286,6 +303,14 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
         failed,
     });
     tracing::debug!(peer = %peer.short(), "peer disconnected");
+}
+
+/// Whether the peer closed the connection saying this node was removed from the cluster.
+fn told_removed(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::REMOVED.into()
+    )
 }
 
 /// How a connection was closed, as its close frame (or our own close) tells.

@@ -1,13 +1,15 @@
 //! How `net` sees the node: [`NetHost`], a narrow door. A replica offers a session its
 //! committed clock, a feed of commits, loads from the store and the receive path; membership
-//! is a read-only view plus the two writes the protocol makes (redeeming an invite, recording
-//! the name a peer gave). The node implements it; `net` never imports the node.
+//! is a read-only view plus what the protocol brings in (an invite to redeem, a Raft RPC, a
+//! member saying this node was removed). The node implements it; `net` never imports the node.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tandem_crdt::engine::Source;
+use tandem_crdt::members::MemberList;
+use tandem_crdt::proto::RaftMsg;
 use tandem_crdt::session::{LoadRequest, StoreFailure};
 use tandem_crdt::{CatchUp, Delta, Member, NodeId, VersionVector};
 use tokio::sync::broadcast;
@@ -15,8 +17,15 @@ use tokio::sync::broadcast;
 /// A boxed future, for the host's async methods (the trait is used as `dyn`).
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// A member list as the join handshake carries it: NodeId and addresses.
-pub(crate) type MemberAddrs = Vec<(NodeId, Vec<String>)>;
+/// An invite presented by a joiner, for the inviter's node to redeem.
+#[derive(Debug, Clone)]
+pub(crate) struct Redeem {
+    pub(crate) secret: [u8; 32],
+    pub(crate) by: NodeId,
+    pub(crate) addrs: Vec<String>,
+    pub(crate) name: String,
+    pub(crate) prefer_voter: bool,
+}
 
 /// Deltas the node committed, in commit order: made here (`Local`) or received (`Remote`).
 #[derive(Debug, Clone)]
@@ -47,15 +56,23 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     // Membership.
     fn is_member(&self, id: &NodeId) -> bool;
     fn members(&self) -> Vec<Member>;
+    /// Whether this node asks to be a voter whenever possible (said when joining).
+    fn prefer_voter(&self) -> bool;
     /// A member was just reached at `addr`: remember it first among its addresses.
     fn peer_seen_at(&self, id: NodeId, addr: std::net::SocketAddr) -> BoxFuture<()>;
-    /// A peer said its name in Hello (untrusted; for people).
-    fn peer_named(&self, id: NodeId, name: String) -> BoxFuture<()>;
-    /// Inviter side of a join: checks the secret, admits `by`; returns our member list.
-    fn redeem_invite(
-        &self,
-        secret: [u8; 32],
-        by: NodeId,
-        addrs: Vec<String>,
-    ) -> BoxFuture<Result<MemberAddrs, String>>;
+    /// Inviter side of a join: checks the secret and commits the admission; returns the
+    /// joiner's Raft id and the member list.
+    fn redeem_invite(&self, req: Redeem) -> BoxFuture<Result<(u64, MemberList), String>>;
+    /// Serves one Raft RPC from member `from`.
+    fn raft(&self, from: NodeId, msg: RaftMsg) -> BoxFuture<RaftMsg>;
+    /// Member `by` closed our connection saying this node was removed.
+    fn told_removed(&self, by: NodeId) -> BoxFuture<()>;
+}
+
+/// How Raft reaches a member: one request, one reply, on the live connection to it.
+pub(crate) trait RaftLink: Send + Sync + 'static {
+    /// Sends `msg` to `to`; the reply, or why there is none.
+    fn call(&self, to: NodeId, msg: RaftMsg) -> BoxFuture<Result<RaftMsg, String>>;
+    /// Whether a connection to `to` is up now.
+    fn connected(&self, to: &NodeId) -> bool;
 }

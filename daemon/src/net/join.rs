@@ -1,17 +1,18 @@
 //! The invite handshake. The joiner dials the inviter (pinned to the NodeId in the invite)
-//! with ALPN `tandem-join/2`, opens a stream of kind `Join`, and proves the invite's secret;
-//! the inviter checks it (known, unused, unexpired), admits the joiner and answers with its
-//! member list. The connection carries nothing else.
+//! with ALPN `tandem-join/4`, opens a stream of kind `Join`, and proves the invite's secret;
+//! the inviter checks it (known, unused, unexpired), commits the admission through Raft, and
+//! answers with the joiner's Raft id and the member list. The connection carries nothing else.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tandem_crdt::NodeId;
+use tandem_crdt::members::MemberList;
 use tandem_crdt::proto::{JoinMsg, StreamKind};
 
 use super::driver::connect;
 use super::wire::{self, WireError};
-use super::{Invite, InviteError, JoinError, Net, NetError, Shared, close};
+use super::{Invite, InviteError, JoinError, Net, NetError, Redeem, Shared, close};
 
 fn protocol(e: impl std::fmt::Display) -> NetError {
     NetError::Protocol(e.to_string())
@@ -38,7 +39,16 @@ pub(crate) async fn serve(
     let msg = tokio::time::timeout(Duration::from_secs(10), request)
         .await
         .map_err(|_| protocol("join timed out"))?;
-    let Ok(Some((JoinMsg::Request { secret, mut addrs }, _))) = msg else {
+    let Ok(Some((
+        JoinMsg::Request {
+            secret,
+            mut addrs,
+            name,
+            prefer_voter,
+        },
+        _,
+    ))) = msg
+    else {
         conn.close(close::PROTOCOL.into(), b"expected a join request");
         return Err(protocol("expected a join request"));
     };
@@ -46,8 +56,15 @@ pub(crate) async fn serve(
     if !addrs.contains(&observed) {
         addrs.push(observed);
     }
-    let reply = match shared.host.redeem_invite(secret, peer, addrs).await {
-        Ok(members) => JoinMsg::Accepted { members },
+    let req = Redeem {
+        secret,
+        by: peer,
+        addrs,
+        name,
+        prefer_voter,
+    };
+    let reply = match shared.host.redeem_invite(req).await {
+        Ok((raft_id, list)) => JoinMsg::Accepted { raft_id, list },
         Err(reason) => JoinMsg::Refused { reason },
     };
     let refused = matches!(reply, JoinMsg::Refused { .. });
@@ -62,13 +79,13 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Joiner side: returns the inviter's member list. Tries the invite's addresses, then, if
+/// Joiner side: returns its Raft id and the member list. Tries the invite's addresses, then, if
 /// those are stale and mDNS is on, wherever mDNS sees the inviter within 3 s.
 pub(crate) async fn join(
     shared: &Shared,
     invite: &Invite,
     mdns: Option<&Net>,
-) -> Result<Vec<(NodeId, Vec<String>)>, JoinError> {
+) -> Result<(u64, MemberList), JoinError> {
     if invite.expired(shared.clock.wall_ms()) {
         return Err(InviteError::Expired.into());
     }
@@ -110,7 +127,7 @@ async fn join_at(
     shared: &Shared,
     invite: &Invite,
     addr: SocketAddr,
-) -> Result<Vec<(NodeId, Vec<String>)>, NetError> {
+) -> Result<(u64, MemberList), NetError> {
     let conn = connect(shared, &shared.join_client, invite.inviter, addr).await?;
     let result = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(protocol)?;
@@ -120,11 +137,13 @@ async fn join_at(
         let req = JoinMsg::Request {
             secret: invite.secret,
             addrs: shared.advertised_addrs(),
+            name: shared.host.name(),
+            prefer_voter: shared.host.prefer_voter(),
         };
         wire::write(&mut send, &req).await.map_err(protocol)?;
         let _ = send.finish();
         match wire::read::<JoinMsg>(&mut recv).await.map_err(protocol)? {
-            Some((JoinMsg::Accepted { members }, _)) => Ok(members),
+            Some((JoinMsg::Accepted { raft_id, list }, _)) => Ok((raft_id, list)),
             Some((JoinMsg::Refused { reason }, _)) => Err(NetError::Refused(reason)),
             _ => Err(protocol("unexpected reply to join")),
         }

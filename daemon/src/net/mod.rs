@@ -21,19 +21,21 @@ mod session;
 pub mod tls;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use tandem_crdt::members::MemberList;
+use tandem_crdt::proto::RaftMsg;
 use tandem_crdt::{NodeId, VersionVector};
 use tokio::sync::{mpsc, watch};
 
 use crate::Identity;
 use crate::clock::Clock;
 pub use crate::members::{Invite, InviteError};
-pub(crate) use host::{BoxFuture, Commit, MemberAddrs, NetHost};
+pub(crate) use host::{BoxFuture, Commit, NetHost, RaftLink, Redeem};
 
 /// Networking options for [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -172,6 +174,8 @@ pub(crate) struct Shared {
     pub(crate) sync_client: quinn::ClientConfig,
     pub(crate) join_client: quinn::ClientConfig,
     pub(crate) statuses: Statuses,
+    /// The live connection to each member (kept by the driver), for Raft RPCs.
+    pub(crate) links: Mutex<HashMap<NodeId, quinn::Connection>>,
     pub(crate) cmds: mpsc::UnboundedSender<driver::Cmd>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -261,6 +265,7 @@ pub(crate) fn start(
         sync_client,
         join_client,
         statuses: Arc::new(Mutex::new(BTreeMap::new())),
+        links: Mutex::new(HashMap::new()),
         cmds,
         shutdown,
     });
@@ -371,9 +376,61 @@ impl Net {
             .is_some()
     }
 
-    /// Joiner side of an invite: proves the secret to the inviter; returns its member list.
-    pub(crate) async fn join(&self, invite: &Invite) -> Result<MemberAddrs, JoinError> {
+    /// Joiner side of an invite: proves the secret to the inviter; returns this node's Raft
+    /// id and the member list.
+    pub(crate) async fn join(&self, invite: &Invite) -> Result<(u64, MemberList), JoinError> {
         join::join(&self.shared, invite, self.mdns_on().then_some(self)).await
+    }
+
+    /// Raft's way to members: RPCs on the live connections.
+    pub(crate) fn raft_link(&self) -> Arc<dyn RaftLink> {
+        Arc::new(RaftStreams {
+            shared: Arc::downgrade(&self.shared),
+        })
+    }
+}
+
+/// Raft RPCs as bi streams of kind `Raft` on member connections.
+struct RaftStreams {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl RaftStreams {
+    fn link(&self, to: &NodeId) -> Option<quinn::Connection> {
+        let shared = self.shared.upgrade()?;
+        let links = shared.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.get(to).cloned()
+    }
+}
+
+impl RaftLink for RaftStreams {
+    fn call(&self, to: NodeId, msg: RaftMsg) -> BoxFuture<Result<RaftMsg, String>> {
+        let conn = self.link(&to);
+        Box::pin(async move {
+            let conn = conn.ok_or_else(|| format!("not connected to {}", to.short()))?;
+            let rpc = async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                wire::announce(&mut send, wire::StreamKind::Raft)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                wire::write(&mut send, &msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                match wire::read::<RaftMsg>(&mut recv).await {
+                    Ok(Some((reply, _))) => Ok(reply),
+                    Ok(None) => Err("no reply".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), rpc)
+                .await
+                .map_err(|_| "raft RPC timed out".to_string())?
+        })
+    }
+
+    fn connected(&self, to: &NodeId) -> bool {
+        self.link(to).is_some()
     }
 }
 

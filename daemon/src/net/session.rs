@@ -161,7 +161,6 @@ pub(crate) async fn run(
                 }
                 Output::Hello { name } => {
                     tracing::debug!(peer = %peer.short(), %name, lacks = session.known().map_or(0, |k| k.missing_count(session.ours())), "hello exchanged");
-                    tokio::spawn(host.peer_named(peer, name));
                 }
                 Output::InSync(now) => {
                     tracing::debug!(peer = %peer.short(), in_sync = now, "sync state");

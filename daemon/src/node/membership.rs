@@ -6,8 +6,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
+use tandem_crdt::members::{Applied, MemberList};
+use tandem_crdt::proto::RaftMsg;
 use tandem_crdt::session::{LoadRequest, StoreFailure};
-use tandem_crdt::{CatchUp, Delta, Invite, Member, NodeId, VersionVector};
+use tandem_crdt::{CatchUp, Delta, Invite, Member, MemberCommand, NodeId, VersionVector};
 use tokio::sync::broadcast;
 
 use super::{Inner, Node};
@@ -15,7 +19,8 @@ use crate::Error;
 use crate::error::{DocError, MembershipError};
 use crate::members::Membership;
 use crate::net::BoxFuture;
-use crate::net::{Commit, MemberAddrs, Net, NetError, NetHost, PeerStatus};
+use crate::net::{Commit, Net, NetError, NetHost, PeerStatus, Redeem};
+use crate::raft::{Consensus, ConsensusStatus};
 
 impl Node {
     pub(crate) fn net(&self) -> Option<&Net> {
@@ -36,9 +41,42 @@ impl Node {
         self.net().and_then(Net::local_addr)
     }
 
-    /// Makes a one-time invite token valid for `ttl`.
+    fn consensus(&self) -> Result<&Consensus, Error> {
+        self.members_ref()
+            .consensus()
+            .ok_or_else(|| MembershipError::Consensus("not started".into()).into())
+    }
+
+    /// Fails if this node was removed (saying by whom and when).
+    fn check_not_removed(&self) -> Result<(), Error> {
+        match self.consensus()?.removed() {
+            Some(r) => {
+                Err(
+                    MembershipError::Removed(format!(" by {} at unix ms {}", r.by.short(), r.at))
+                        .into(),
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Makes a one-time invite token valid for `ttl`. Admitting needs a majority of the
+    /// voters: if they are not reachable (within 3 s) this fails, naming the voters needed.
     pub async fn invite(&self, ttl: Duration) -> Result<String, Error> {
         let net = self.net().ok_or(NetError::Disabled)?;
+        self.check_not_removed()?;
+        let consensus = self.consensus()?;
+        let deadline = self.inner.clock.now() + Duration::from_secs(3);
+        loop {
+            let status = consensus.status().await;
+            if status.changes_possible {
+                break;
+            }
+            if self.inner.clock.now() > deadline {
+                return Err(MembershipError::NoQuorum(status.why_not.unwrap_or_default()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as i64;
         let expires_at = self.inner.clock.wall_ms().saturating_add(ttl_ms);
         let secret: [u8; 32] = rand::random();
@@ -49,61 +87,128 @@ impl Node {
         Ok(invite.to_token())
     }
 
-    /// Joins the cluster of whoever made `token`: proves the secret to the inviter, and records
-    /// the inviter and its members as members here.
+    /// Joins the cluster of whoever made `token`: proves the secret to the inviter, which
+    /// commits the admission; this node then leaves its own one-member cluster and follows
+    /// the new one's log. A node that already has other members cannot join another cluster.
     pub async fn join(&self, token: &str) -> Result<(), Error> {
         let invite = Invite::parse(token)?;
         if invite.inviter == self.id() {
             return Err(MembershipError::OwnInvite.into());
         }
         let net = self.net().ok_or(NetError::Disabled)?;
-        let members = net.join(&invite).await?;
-        let all = std::iter::once((invite.inviter, invite.addrs.clone())).chain(members);
-        for (id, addrs) in all {
-            if id == self.id() {
-                continue;
-            }
-            self.add_member(id, addrs).await?;
+        let consensus = self.consensus()?;
+        let others = self.members().len();
+        if others > 0 && consensus.removed().is_none() {
+            return Err(MembershipError::AlreadyInCluster(others + 1).into());
         }
+        let (raft_id, list) = net.join(&invite).await?;
+        consensus.restart_as(raft_id, list).await?;
+        self.learn_members();
+        tracing::info!(raft_id, "joined the cluster");
         Ok(())
     }
 
-    async fn add_member(&self, id: NodeId, addrs: Vec<String>) -> Result<(), Error> {
-        let parsed: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        if let Some(w) = self
-            .members_ref()
-            .add(id, addrs, self.inner.clock.wall_ms())
-        {
-            self.inner.store.write(w).await?;
-        }
+    /// Tells the network where every member is (after a join, or when the list changes).
+    fn learn_members(&self) {
         if let Some(net) = self.net() {
-            net.learn(id, &parsed);
+            for m in self.members() {
+                let parsed: Vec<SocketAddr> =
+                    m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                net.learn(m.id, &parsed);
+            }
         }
-        Ok(())
     }
 
-    /// Inviter side of a join: checks the secret and records the new member. Returns our
-    /// member list for the joiner.
-    async fn redeem_invite(
-        &self,
-        secret: &[u8; 32],
-        by: NodeId,
-        addrs: Vec<String>,
-    ) -> Result<MemberAddrs, Error> {
+    /// Follows the applied member list: new members are dialed at once, removed ones cut off
+    /// everywhere, and if this node was removed it stops syncing with everyone.
+    pub(super) fn follow_member_list(&self) {
+        let Some(consensus) = self.members_ref().consensus() else {
+            return;
+        };
+        let mut rx = consensus.subscribe();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut known: BTreeSet<NodeId> = BTreeSet::new();
+            let mut was_removed = false;
+            loop {
+                let Some(node) = weak.upgrade().map(|inner| Node { inner }) else {
+                    break;
+                };
+                let removed = node
+                    .members_ref()
+                    .consensus()
+                    .is_some_and(|c| c.removed().is_some());
+                let now: BTreeSet<NodeId> = node.members().iter().map(|m| m.id).collect();
+                if let Some(net) = node.net() {
+                    if removed && !was_removed {
+                        for id in &known {
+                            net.remove(*id);
+                        }
+                    }
+                    for id in known.difference(&now) {
+                        net.remove(*id);
+                        tracing::info!(peer = %id.short(), "member removed; cut off");
+                    }
+                    if now.difference(&known).next().is_some() {
+                        node.learn_members();
+                    }
+                }
+                was_removed = removed;
+                known = now;
+                drop(node);
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Inviter side of a join: takes the invite, commits the admission (through the leader),
+    /// and returns the joiner's Raft id and the member list. A failed admission gives the
+    /// invite back.
+    async fn redeem_invite(&self, req: Redeem) -> Result<(u64, MemberList), Error> {
+        let by = req.by;
         if by == self.id() {
             return Err(MembershipError::OwnInvite.into());
         }
-        let write = self
+        self.check_not_removed()?;
+        let hash = self
             .members_ref()
-            .redeem(secret, by, self.inner.clock.wall_ms())?;
-        self.inner.store.write(write).await?;
-        self.add_member(by, addrs).await?;
-        Ok(self
-            .members()
-            .into_iter()
-            .filter(|m| m.id != by)
-            .map(|m| (m.id, m.addrs))
-            .collect())
+            .reserve(&req.secret, self.inner.clock.wall_ms())?;
+        let cmd = MemberCommand::Admit {
+            id: by,
+            name: req.name,
+            addrs: req.addrs,
+            prefer_voter: req.prefer_voter,
+            by: self.id(),
+            at: self.inner.clock.wall_ms(),
+        };
+        let consensus = self.consensus()?;
+        let raft_id = match consensus.propose(cmd).await {
+            Ok(Applied::Admitted { raft_id }) => raft_id,
+            Ok(other) => {
+                self.members_ref().release(&hash);
+                return Err(MembershipError::Consensus(format!("admission: {other:?}")).into());
+            }
+            Err(e) => {
+                self.members_ref().release(&hash);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.inner.store.write(Membership::used(hash, by)).await {
+            tracing::warn!(error = %e, "could not record the invite as used");
+        }
+        // The leader applied it; this node (if not the leader) applies it a moment later.
+        let deadline = self.inner.clock.now() + Duration::from_secs(2);
+        while !consensus.list().is_member(&by) && self.inner.clock.now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut list = (*consensus.list()).clone();
+        if !list.is_member(&by) {
+            tracing::debug!("admission not applied here yet; the joiner learns it from the log");
+        }
+        list.removed.clear();
+        Ok((raft_id, list))
     }
 
     /// Nodes seen on the LAN (members or not): id, addresses, when (unix ms).
@@ -111,54 +216,61 @@ impl Node {
         self.net().map(Net::nearby).unwrap_or_default()
     }
 
-    /// The nodes this node syncs with.
+    /// The nodes this node syncs with: the replicated member list (without this node).
     pub fn members(&self) -> Vec<Member> {
+        if self
+            .members_ref()
+            .consensus()
+            .is_some_and(|c| c.removed().is_some())
+        {
+            return Vec::new();
+        }
         self.members_ref().members()
     }
 
-    /// Records where a member was just reached, first among its addresses (at most 4 kept),
-    /// so the next dial finds it even after both restarted on new ports. A failed write only
-    /// loses the address.
+    /// Records where a member was just reached (a failed write only loses the hint).
     async fn note_member_addr(&self, id: NodeId, addr: SocketAddr) {
-        let Some(m) = self.members().into_iter().find(|m| m.id == id) else {
-            return;
-        };
-        let addr = addr.to_string();
-        if m.addrs.first() == Some(&addr) {
-            return;
-        }
-        let rest = m.addrs.into_iter().filter(|a| *a != addr).take(3);
-        let addrs: Vec<String> = std::iter::once(addr.clone()).chain(rest).collect();
-        if let Some(w) = self
-            .members_ref()
-            .add(id, addrs, self.inner.clock.wall_ms())
+        if let Some(w) = self.members_ref().reached_at(id, addr.to_string())
             && let Err(e) = self.inner.store.write(w).await
         {
             tracing::warn!(peer = %id.short(), error = %e, "could not record a member's address");
         }
     }
 
-    /// Records the name a member gave in its Hello (a failed write only loses the name).
-    async fn note_member_name(&self, id: NodeId, name: &str) {
-        if let Some(write) = self.members_ref().set_name(&id, name)
-            && let Err(e) = self.inner.store.write(write).await
-        {
-            tracing::warn!(peer = %id.short(), error = %e, "could not record a member's name");
+    /// Removes a member: a Raft commit (needs a majority of the voters). Once applied, every
+    /// member closes its connection and refuses it. Returns whether it was a member.
+    pub async fn remove_member(&self, id: NodeId) -> Result<bool, Error> {
+        if id == self.id() {
+            return Err(MembershipError::RemoveSelf.into());
         }
+        self.check_not_removed()?;
+        let cmd = MemberCommand::Remove {
+            id,
+            by: self.id(),
+            at: self.inner.clock.wall_ms(),
+        };
+        let removed = matches!(
+            self.consensus()?.propose(cmd).await?,
+            Applied::Removed(true)
+        );
+        if removed {
+            tracing::info!(peer = %id.short(), "member removed");
+        }
+        Ok(removed)
     }
 
-    /// Removes a member: it is disconnected at once and refused from then on. Returns whether
-    /// it was a member.
-    pub async fn remove_member(&self, id: NodeId) -> Result<bool, Error> {
-        let Some(write) = self.members_ref().remove(&id) else {
-            return Ok(false);
-        };
-        self.inner.store.write(write).await?;
-        if let Some(net) = self.net() {
-            net.remove(id);
-        }
-        tracing::info!(peer = %id.short(), "member removed");
-        Ok(true)
+    /// Membership as Raft sees it here: role, leader, voters, whether changes are possible.
+    pub async fn membership_status(&self) -> Result<ConsensusStatus, Error> {
+        Ok(self.consensus()?.status().await)
+    }
+
+    /// Recovery after voters were lost for good: starts a new epoch of the member list in
+    /// which this node is the only voter (others rejoin it as they reconnect). Returns the new
+    /// epoch. Run it on one survivor only: two recoveries make two rival epochs.
+    pub async fn recover_membership(&self) -> Result<u64, Error> {
+        let epoch = self.consensus()?.recover().await?;
+        self.learn_members();
+        Ok(epoch)
     }
 
     /// Every member, connected or not, with its traffic, what it lacks of ours (as it
@@ -197,14 +309,16 @@ pub(crate) struct NodeLink {
     inner: Weak<Inner>,
     id: NodeId,
     name: String,
+    prefer_voter: bool,
 }
 
 impl NodeLink {
-    pub(crate) fn new(node: &Node) -> Self {
+    pub(crate) fn new(node: &Node, prefer_voter: bool) -> Self {
         Self {
             inner: Arc::downgrade(&node.inner),
             id: node.id(),
             name: node.name().to_string(),
+            prefer_voter,
         }
     }
 
@@ -268,6 +382,10 @@ impl NetHost for NodeLink {
         self.node().map(|n| n.members()).unwrap_or_default()
     }
 
+    fn prefer_voter(&self) -> bool {
+        self.prefer_voter
+    }
+
     fn peer_seen_at(&self, id: NodeId, addr: SocketAddr) -> BoxFuture<()> {
         let node = self.node();
         Box::pin(async move {
@@ -277,27 +395,32 @@ impl NetHost for NodeLink {
         })
     }
 
-    fn peer_named(&self, id: NodeId, name: String) -> BoxFuture<()> {
+    fn redeem_invite(&self, req: Redeem) -> BoxFuture<Result<(u64, MemberList), String>> {
         let node = self.node();
         Box::pin(async move {
-            if let Some(n) = node {
-                n.note_member_name(id, &name).await;
+            let node = node.ok_or("the node is closed")?;
+            node.redeem_invite(req).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn raft(&self, from: NodeId, msg: RaftMsg) -> BoxFuture<RaftMsg> {
+        let node = self.node();
+        Box::pin(async move {
+            match node.as_ref().and_then(|n| n.members_ref().consensus()) {
+                Some(c) => c.serve(from, msg).await,
+                None => RaftMsg::Refused {
+                    reason: "the node is closed".into(),
+                },
             }
         })
     }
 
-    fn redeem_invite(
-        &self,
-        secret: [u8; 32],
-        by: NodeId,
-        addrs: Vec<String>,
-    ) -> BoxFuture<Result<MemberAddrs, String>> {
+    fn told_removed(&self, by: NodeId) -> BoxFuture<()> {
         let node = self.node();
         Box::pin(async move {
-            let node = node.ok_or("the node is closed")?;
-            node.redeem_invite(&secret, by, addrs)
-                .await
-                .map_err(|e| e.to_string())
+            if let Some(c) = node.as_ref().and_then(|n| n.members_ref().consensus()) {
+                c.told_removed(by).await;
+            }
         })
     }
 }

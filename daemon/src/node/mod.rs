@@ -30,6 +30,7 @@ use crate::cache::DocCache;
 use crate::clock::Clock;
 use crate::members::Membership;
 use crate::net::{self, Commit, Net, NetConfig};
+use crate::raft::Consensus;
 use crate::store::{self, Durability, Store, StoreOptions, StoreStats};
 use crate::{Error, Identity};
 use datadir::{DB_FILE, create_private_dir, host_name, lock_data_dir};
@@ -52,6 +53,9 @@ pub struct Config {
     /// What this node calls itself to its peers (shown in their member lists). Default: the
     /// host name.
     pub name: String,
+    /// Ask to be a voter of the member list whenever possible (`voter = "prefer"`: a home
+    /// server that is always on). Said when joining; the founder says it when founding.
+    pub prefer_voter: bool,
     /// Where time comes from (tests may control it).
     pub clock: Arc<dyn Clock>,
 }
@@ -67,6 +71,7 @@ impl Config {
             event_buffer: 4096,
             net: None,
             name: host_name(),
+            prefer_voter: false,
             clock: crate::clock::system(),
         }
     }
@@ -126,15 +131,35 @@ impl Node {
     /// a data dir another process holds, and recovers everything committed before.
     pub async fn open(config: Config) -> Result<Node, Error> {
         let net_cfg = config.net.clone();
-        let node = tokio::task::spawn_blocking(move || Self::open_blocking(config))
-            .await
-            .map_err(|_| Error::Closed)??;
+        let prefer_voter = config.prefer_voter;
+        let (node, raft_state) = tokio::task::spawn_blocking(move || {
+            let node = Self::open_blocking(config)?;
+            let state = node.inner.store.read_blocking(Consensus::load)?;
+            Ok::<_, Error>((node, state))
+        })
+        .await
+        .map_err(|_| Error::Closed)??;
+        let consensus = Consensus::start(
+            raft_state,
+            node.id(),
+            node.name().to_string(),
+            prefer_voter,
+            node.inner.clock.clone(),
+            node.inner.store.writer(),
+        )
+        .await?;
+        node.inner.members.attach(consensus);
         if let Some(cfg) = net_cfg {
-            let host = Arc::new(membership::NodeLink::new(&node));
+            let host = Arc::new(membership::NodeLink::new(&node, prefer_voter));
             let clock = node.inner.clock.clone();
             let net = net::start(host, clock, &node.inner.identity, &cfg)?;
+            if let Some(c) = node.inner.members.consensus() {
+                c.set_link(net.raft_link());
+                c.set_addrs(net.advertised_addrs());
+            }
             let _ = node.inner.net.set(net);
         }
+        node.follow_member_list();
         Ok(node)
     }
 
@@ -198,6 +223,9 @@ impl Node {
     /// Finishes in-flight commits and stops the store's threads. Further calls fail with
     /// [`Error::Closed`] or a store error; subscriptions end.
     pub async fn close(&self) -> Result<(), Error> {
+        if let Some(c) = self.inner.members.consensus() {
+            c.shutdown().await;
+        }
         if let Some(net) = self.net() {
             net.stop();
             // Let the close frames reach the peers, so they drop their side now instead of

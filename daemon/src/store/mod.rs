@@ -133,6 +133,8 @@ pub enum Write {
         sql: &'static str,
         params: Vec<rusqlite::types::Value>,
     },
+    /// Run several statements in one transaction (the Raft log and state machine).
+    Batch(Vec<(&'static str, Vec<rusqlite::types::Value>)>),
     /// Move deltas found damaged out of `deltas` and the clock into `damaged`, with why; a good
     /// copy stored later replaces them (healing the document).
     Quarantine { deltas: Vec<Damage> },
@@ -160,6 +162,7 @@ impl std::fmt::Debug for Write {
                 .debug_struct("Exec")
                 .field("sql", sql)
                 .finish_non_exhaustive(),
+            Write::Batch(stmts) => f.debug_tuple("Batch").field(&stmts.len()).finish(),
             Write::Quarantine { deltas } => f
                 .debug_struct("Quarantine")
                 .field("deltas", &deltas.len())
@@ -277,6 +280,21 @@ fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// The store: a handle to the writer thread plus the read pool.
+/// Submits writes to a store's writer thread: see [`Store::writer`].
+#[derive(Clone)]
+pub struct Writer {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Writer {
+    /// Submits and waits for the commit (fsynced with `Durability::Full`).
+    pub async fn write(&self, write: Write) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.requests.send(Request::Write { write, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
 pub struct Store {
     requests: mpsc::Sender<Request>,
     readers: Arc<ReadPool>,
@@ -444,6 +462,14 @@ impl Store {
         // A send error means the writer is gone; the dropped reply then reads as Closed.
         let _ = self.requests.send(Request::Write { write, reply });
         rx
+    }
+
+    /// A handle that submits writes without borrowing the store (for tasks that outlive a
+    /// borrow, like the Raft core's storage).
+    pub fn writer(&self) -> Writer {
+        Writer {
+            requests: self.requests.clone(),
+        }
     }
 
     /// Row counts as of the last commit: O(1), kept by the writer.

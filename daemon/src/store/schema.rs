@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Migrations in order: index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -96,6 +96,27 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE deltas ADD COLUMN prev BLOB;   -- chain hash of the origin's previous delta
     ALTER TABLE deltas ADD COLUMN sig  BLOB;   -- the origin's Ed25519 signature
     "#,
+    // 5 -> 6: membership is replicated with Raft. The log and Raft's state (vote, state
+    // machine: the member list, snapshot) get tables of their own. The old, local member list
+    // is kept as `legacy_members` for reference only: it no longer admits anyone (the node
+    // founds a one-member cluster; old members are invited again). Where members were last
+    // reached stays local, in `peer_addrs` (a hint for dialing, not trust).
+    r#"
+    CREATE TABLE raft_log (
+        idx   INTEGER PRIMARY KEY,
+        entry BLOB    NOT NULL          -- postcard of the openraft entry
+    );
+    CREATE TABLE raft_state (
+        key   TEXT PRIMARY KEY,         -- vote, committed, purged, sm, snapshot, raft_id, trusted
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    ALTER TABLE members RENAME TO legacy_members;
+    CREATE TABLE peer_addrs (
+        node  BLOB PRIMARY KEY,
+        addrs TEXT NOT NULL             -- space-separated, where it was last reached first
+    ) WITHOUT ROWID;
+    INSERT INTO peer_addrs (node, addrs) SELECT node, addrs FROM legacy_members WHERE removed = 0;
+    "#,
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`].
@@ -142,11 +163,18 @@ mod tests {
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         let (addrs, name): (String, String) = conn
-            .query_row("SELECT addrs, name FROM members", [], |r| {
+            .query_row("SELECT addrs, name FROM legacy_members", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap();
         assert_eq!((addrs.as_str(), name.as_str()), ("127.0.0.1:1", ""));
+        let hint: String = conn
+            .query_row("SELECT addrs FROM peer_addrs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            hint, "127.0.0.1:1",
+            "where it was reached stays a dialing hint"
+        );
         migrate(&mut conn).unwrap(); // idempotent
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();

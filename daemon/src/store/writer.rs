@@ -354,6 +354,12 @@ impl Writer {
                     tx.prepare_cached(sql)?
                         .execute(rusqlite::params_from_iter(params.iter()))?;
                 }
+                Write::Batch(stmts) => {
+                    for (sql, params) in stmts {
+                        tx.prepare_cached(sql)?
+                            .execute(rusqlite::params_from_iter(params.iter()))?;
+                    }
+                }
                 Write::Snapshot {
                     doc,
                     snapshot,

@@ -1,0 +1,749 @@
+//! Agreed membership: openraft replicates the member list, and only it. Data never waits for
+//! a quorum; authorisation reads the list this node applied (a learner cut off keeps syncing
+//! with the members it knows).
+//!
+//! - `storage`: the log, vote and state machine in SQLite, through the writer thread.
+//! - `network`: Raft RPCs as [`RaftMsg`] envelopes (cluster, epoch) over member connections.
+//! - here: the running consensus ([`Consensus`]): founding a one-member cluster on first
+//!   start, proposals (forwarded to the leader), starting over as a joiner or in a new epoch,
+//!   the leader's reconciliation of Raft's configuration with the list (new members become
+//!   learners, removed ones leave, voters follow [`choose_voters`]), and the status.
+
+mod network;
+mod storage;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, Raft, ServerState};
+use serde::Serialize;
+use tandem_crdt::NodeId;
+use tandem_crdt::members::{Applied, Candidate, Command, MemberList, Removal, choose_voters};
+use tandem_crdt::proto::RaftMsg;
+use tokio::sync::watch;
+
+use network::{CallError, Network, Rpc, RpcReply};
+
+use crate::clock::Clock;
+use crate::net::RaftLink;
+use crate::store::{StoreError, Writer};
+
+openraft::declare_raft_types!(
+    /// Raft over the member list: entries are member-list [`Command`]s.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+);
+
+/// How long a proposal waits for a commit before it is reported as impossible now.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(6);
+/// A member disconnected for less than this still counts as online for the voter policy
+/// (a laptop's short network blip does not move the voters).
+const ONLINE_GRACE: Duration = Duration::from_secs(30);
+
+/// Why a membership change cannot be made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("membership changes are not possible now: {0}")]
+    NoQuorum(String),
+    #[error("this node was removed from the cluster")]
+    Removed,
+    #[error("membership: {0}")]
+    Failed(String),
+}
+
+/// What `tandem status` shows about membership.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsensusStatus {
+    pub raft_id: u64,
+    /// `leader`, `voter`, `learner`, `candidate`, `removed`, or `starting`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub epoch: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub reachable_voters: usize,
+    /// Whether a membership change could commit now, and if not, why.
+    pub changes_possible: bool,
+    pub why_not: Option<String>,
+    pub removed: Option<Removal>,
+}
+
+/// What is shared by the consensus handle, its network and its tasks.
+pub(crate) struct Shared {
+    me: NodeId,
+    name: String,
+    addrs: Mutex<Vec<String>>,
+    prefer_voter: bool,
+    clock: Arc<dyn Clock>,
+    writer: Writer,
+    raft: Mutex<Option<Raft<TypeConfig>>>,
+    raft_id: AtomicU64,
+    /// The list authorisation reads: the applied one once founded, or the one trusted at a
+    /// join or an epoch change until the new log catches up.
+    list: watch::Sender<Arc<MemberList>>,
+    link: OnceLock<Arc<dyn RaftLink>>,
+    /// This node was removed (from the applied list, or as a member told it on closing).
+    removed: Mutex<Option<Removal>>,
+    /// One start-over at a time.
+    resetting: tokio::sync::Mutex<()>,
+}
+
+/// The running consensus of one node.
+pub(crate) struct Consensus {
+    shared: Arc<Shared>,
+}
+
+fn raft_config() -> Result<Arc<Config>, ConsensusError> {
+    let cfg = Config {
+        cluster_name: "tandem".into(),
+        heartbeat_interval: 200,
+        election_timeout_min: 800,
+        election_timeout_max: 1600,
+        install_snapshot_timeout: 3000,
+        max_in_snapshot_log_to_keep: 100,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+        ..Default::default()
+    };
+    cfg.validate()
+        .map(Arc::new)
+        .map_err(|e| ConsensusError::Failed(e.to_string()))
+}
+
+impl Consensus {
+    /// Loads Raft's state (blocking: reads SQLite).
+    pub(crate) fn load(conn: &rusqlite::Connection) -> Result<LoadedState, StoreError> {
+        storage::load(conn).map(LoadedState)
+    }
+
+    /// Starts the consensus from what was loaded. A node with no Raft state founds a cluster
+    /// of its own (Raft id 1, the only voter); it leaves it when it joins another.
+    pub(crate) async fn start(
+        loaded: LoadedState,
+        me: NodeId,
+        name: String,
+        prefer_voter: bool,
+        clock: Arc<dyn Clock>,
+        writer: Writer,
+    ) -> Result<Consensus, ConsensusError> {
+        let loaded = loaded.0;
+        let trusted = if loaded.list().founded() {
+            loaded.list().clone()
+        } else {
+            loaded.trusted.clone().unwrap_or_default()
+        };
+        let removed = trusted.removal(&me).cloned();
+        let (list, _) = watch::channel(Arc::new(trusted));
+        let pristine = loaded.raft_id.is_none() && loaded.pristine();
+        let raft_id = loaded.raft_id.unwrap_or(1);
+        let shared = Arc::new(Shared {
+            me,
+            name,
+            addrs: Mutex::new(Vec::new()),
+            prefer_voter,
+            clock,
+            writer: writer.clone(),
+            raft: Mutex::new(None),
+            raft_id: AtomicU64::new(raft_id),
+            list,
+            link: OnceLock::new(),
+            removed: Mutex::new(removed),
+            resetting: tokio::sync::Mutex::new(()),
+        });
+        if pristine {
+            writer
+                .write(storage::wipe(1, &MemberList::default()))
+                .await
+                .map_err(|e| ConsensusError::Failed(e.to_string()))?;
+        }
+        let raft = shared.new_raft(raft_id, loaded).await?;
+        if pristine {
+            let mut nodes = BTreeMap::new();
+            nodes.insert(1u64, BasicNode::new(me));
+            raft.initialize(nodes)
+                .await
+                .map_err(|e| ConsensusError::Failed(e.to_string()))?;
+            tracing::info!("founded a new cluster (this node alone)");
+        }
+        if shared.removed().is_some() {
+            let _ = raft.shutdown().await;
+        } else {
+            *shared.raft.lock().unwrap_or_else(|p| p.into_inner()) = Some(raft);
+        }
+        tokio::spawn(maintain(Arc::downgrade(&shared)));
+        Ok(Consensus { shared })
+    }
+
+    /// Connects the consensus to the network.
+    pub(crate) fn set_link(&self, link: Arc<dyn RaftLink>) {
+        let _ = self.shared.link.set(link);
+    }
+
+    /// Where this node can be reached (what the `Found` entry and the voter admission carry).
+    pub(crate) fn set_addrs(&self, addrs: Vec<String>) {
+        *self.shared.addrs.lock().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    /// The member list authorisation reads, and its changes.
+    pub(crate) fn list(&self) -> Arc<MemberList> {
+        self.shared.trusted_list()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<MemberList>> {
+        self.shared.list.subscribe()
+    }
+
+    pub(crate) fn removed(&self) -> Option<Removal> {
+        self.shared.removed()
+    }
+
+    /// A member closed our connection saying we were removed: believe it (it is a member,
+    /// authenticated), stop taking part, and say so in the status.
+    pub(crate) async fn told_removed(&self, by: NodeId) {
+        let removal = Removal {
+            id: self.shared.me,
+            raft_id: self.shared.raft_id.load(Ordering::SeqCst),
+            by,
+            at: self.shared.clock.wall_ms(),
+        };
+        self.shared.mark_removed(removal).await;
+    }
+
+    /// Commits `cmd` (forwarded to the leader if this node is not it).
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Applied, ConsensusError> {
+        self.shared.propose(cmd).await
+    }
+
+    /// Starts over as `raft_id` in another cluster (a join), trusting `list` until the
+    /// leader's log reaches this node.
+    pub(crate) async fn restart_as(
+        &self,
+        raft_id: u64,
+        list: MemberList,
+    ) -> Result<(), ConsensusError> {
+        self.shared.start_over(raft_id, list, false).await
+    }
+
+    /// Recovery: a new epoch of the same cluster in which this node is the only voter, with
+    /// the list as it is here; the leader then admits the other members back as they come
+    /// (as learners, then voters by the policy). Members adopt the higher epoch when they
+    /// next talk to a member that has it.
+    pub(crate) async fn recover(&self) -> Result<u64, ConsensusError> {
+        let s = &self.shared;
+        if s.removed().is_some() {
+            return Err(ConsensusError::Removed);
+        }
+        let next = s.trusted_list().recovered();
+        let epoch = next.epoch;
+        let raft_id = s.raft_id.load(Ordering::SeqCst);
+        s.start_over(raft_id, next.clone(), true).await?;
+        s.propose(Command::Restore { list: next }).await?;
+        tracing::warn!(
+            epoch,
+            "membership recovered: a new epoch with this node as its voter"
+        );
+        Ok(epoch)
+    }
+
+    /// Serves one Raft RPC from member `from`.
+    pub(crate) async fn serve(&self, from: NodeId, msg: RaftMsg) -> RaftMsg {
+        self.shared.serve(from, msg).await
+    }
+
+    pub(crate) async fn status(&self) -> ConsensusStatus {
+        self.shared.status()
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let raft = self
+            .shared
+            .raft
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = raft {
+            let _ = r.shutdown().await;
+        }
+    }
+}
+
+/// Raft's state as loaded from the store (opaque outside this module).
+pub(crate) struct LoadedState(storage::Loaded);
+
+impl Shared {
+    fn removed(&self) -> Option<Removal> {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn raft(&self) -> Option<Raft<TypeConfig>> {
+        self.raft.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn trusted_list(&self) -> Arc<MemberList> {
+        self.list.borrow().clone()
+    }
+
+    async fn new_raft(
+        self: &Arc<Self>,
+        raft_id: u64,
+        loaded: storage::Loaded,
+    ) -> Result<Raft<TypeConfig>, ConsensusError> {
+        let (applied, mut rx) = watch::channel(Arc::new(loaded.list().clone()));
+        let (log, sm) = storage::open(loaded, self.writer.clone(), applied);
+        // Applied lists become the trusted list once founded (a joiner's log starts empty).
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let list = rx.borrow_and_update().clone();
+                let Some(s) = weak.upgrade() else { break };
+                if list.founded() {
+                    s.adopt_applied(list).await;
+                }
+            }
+        });
+        let network = Network {
+            shared: self.clone(),
+        };
+        Raft::new(raft_id, raft_config()?, network, log, sm)
+            .await
+            .map_err(|e| ConsensusError::Failed(e.to_string()))
+    }
+
+    async fn adopt_applied(&self, list: Arc<MemberList>) {
+        if let Some(r) = list.removal(&self.me).cloned() {
+            self.list.send_replace(list);
+            self.mark_removed(r).await;
+            return;
+        }
+        self.list.send_replace(list);
+    }
+
+    async fn mark_removed(&self, removal: Removal) {
+        {
+            let mut r = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_some() {
+                return;
+            }
+            tracing::warn!(by = %removal.by.short(), "this node was removed from the cluster");
+            *r = Some(removal.clone());
+        }
+        // Keep what the list says (its removal included), so a restart still knows.
+        let mut list = (*self.trusted_list()).clone();
+        if let Some(m) = list.members.remove(&self.me) {
+            list.removed.insert(
+                self.me,
+                Removal {
+                    raft_id: m.raft_id,
+                    ..removal
+                },
+            );
+        }
+        self.list.send_replace(Arc::new(list));
+        // A removed node stops campaigning (openraft would keep calling elections).
+        let raft = self.raft.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(r) = raft {
+            let _ = r.shutdown().await;
+        }
+    }
+
+    /// Forgets Raft's state and starts again as `raft_id`, trusting `list`. With `found`, the
+    /// new log is initialised with this node as its only voter (recovery).
+    async fn start_over(
+        self: &Arc<Self>,
+        raft_id: u64,
+        list: MemberList,
+        found: bool,
+    ) -> Result<(), ConsensusError> {
+        let _guard = self.resetting.lock().await;
+        let old = self.raft.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(r) = old {
+            let _ = r.shutdown().await;
+        }
+        self.writer
+            .write(storage::wipe(raft_id, &list))
+            .await
+            .map_err(|e| ConsensusError::Failed(e.to_string()))?;
+        self.raft_id.store(raft_id, Ordering::SeqCst);
+        *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.list.send_replace(Arc::new(list));
+        let raft = self.new_raft(raft_id, storage::Loaded::default()).await?;
+        if found {
+            let mut nodes = BTreeMap::new();
+            nodes.insert(raft_id, BasicNode::new(self.me));
+            raft.initialize(nodes)
+                .await
+                .map_err(|e| ConsensusError::Failed(e.to_string()))?;
+        }
+        *self.raft.lock().unwrap_or_else(|p| p.into_inner()) = Some(raft);
+        tracing::info!(raft_id, found, "raft started over");
+        Ok(())
+    }
+
+    /// A member is in a later epoch: adopt it (start over, same Raft id, same list until the
+    /// new leader's log arrives).
+    fn stale_epoch(self: &Arc<Self>, from: NodeId, epoch: u64) {
+        self.clone().adopt_epoch(from, epoch);
+    }
+
+    fn adopt_epoch(self: Arc<Self>, from: NodeId, epoch: u64) {
+        if epoch <= self.trusted_list().epoch {
+            return;
+        }
+        tracing::info!(from = %from.short(), epoch, "adopting a later membership epoch");
+        let s = self;
+        tokio::spawn(async move {
+            let mut list = (*s.trusted_list()).clone();
+            if list.epoch >= epoch {
+                return;
+            }
+            list.epoch = epoch;
+            let id = s.raft_id.load(Ordering::SeqCst);
+            if let Err(e) = s.start_over(id, list, false).await {
+                tracing::warn!(error = %e, "could not adopt the later epoch");
+            }
+        });
+    }
+
+    async fn propose(self: &Arc<Self>, cmd: Command) -> Result<Applied, ConsensusError> {
+        if self.removed().is_some() {
+            return Err(ConsensusError::Removed);
+        }
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ConsensusError::NoQuorum(self.why_not()));
+            }
+            let Some(raft) = self.raft() else {
+                return Err(ConsensusError::Removed);
+            };
+            let leader = match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
+                Err(_) => return Err(ConsensusError::NoQuorum(self.why_not())),
+                Ok(Ok(resp)) => return Ok(resp.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    f.leader_node.and_then(|n| n.addr.parse::<NodeId>().ok())
+                }
+                Ok(Err(e)) => return Err(ConsensusError::Failed(e.to_string())),
+            };
+            if let Some(leader) = leader.filter(|l| *l != self.me) {
+                let rpc = Rpc::Propose(cmd.clone());
+                match tokio::time::timeout(left, self.call(leader, &rpc)).await {
+                    Err(_) => return Err(ConsensusError::NoQuorum(self.why_not())),
+                    Ok(Ok(RpcReply::Proposed(Ok(applied)))) => return Ok(applied),
+                    Ok(Ok(RpcReply::Proposed(Err(e)))) if e.contains("not possible now") => {
+                        return Err(ConsensusError::NoQuorum(self.why_not()));
+                    }
+                    Ok(Ok(RpcReply::Proposed(Err(e)))) => {
+                        tracing::debug!(error = %e, "forwarded proposal failed; retrying")
+                    }
+                    Ok(Ok(_)) => return Err(ConsensusError::Failed("wrong reply".into())),
+                    Ok(Err(CallError::Unreachable(e) | CallError::Failed(e))) => {
+                        tracing::debug!(error = %e, "leader unreachable; retrying")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn serve(self: &Arc<Self>, from: NodeId, msg: RaftMsg) -> RaftMsg {
+        let RaftMsg::Request {
+            cluster,
+            epoch,
+            rpc,
+        } = msg
+        else {
+            return RaftMsg::Refused {
+                reason: "expected a request".into(),
+            };
+        };
+        let list = self.trusted_list();
+        if list.founded() && cluster != list.cluster {
+            return RaftMsg::Refused {
+                reason: "another cluster".into(),
+            };
+        }
+        if epoch < list.epoch {
+            return RaftMsg::StaleEpoch { epoch: list.epoch };
+        }
+        if epoch > list.epoch {
+            self.stale_epoch(from, epoch);
+            return RaftMsg::Refused {
+                reason: "adopting the later epoch; retry".into(),
+            };
+        }
+        let rpc: Rpc = match postcard::from_bytes(&rpc) {
+            Ok(r) => r,
+            Err(e) => {
+                return RaftMsg::Refused {
+                    reason: format!("undecodable RPC: {e}"),
+                };
+            }
+        };
+        let Some(raft) = self.raft() else {
+            return RaftMsg::Refused {
+                reason: "raft is not running here".into(),
+            };
+        };
+        let reply = match rpc {
+            Rpc::Append(r) => RpcReply::Append(raft.append_entries(r).await.map_err(text)),
+            Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await.map_err(text)),
+            Rpc::Snapshot(r) => RpcReply::Snapshot(raft.install_snapshot(r).await.map_err(text)),
+            Rpc::Propose(cmd) => {
+                let r = match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd)).await {
+                    Ok(Ok(resp)) => Ok(resp.data),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(ConsensusError::NoQuorum(self.why_not()).to_string()),
+                };
+                RpcReply::Proposed(r)
+            }
+        };
+        match postcard::to_allocvec(&reply) {
+            Ok(rpc) => RaftMsg::Reply { rpc },
+            Err(e) => RaftMsg::Refused {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn connected(&self, id: &NodeId) -> bool {
+        *id == self.me || self.link.get().is_some_and(|l| l.connected(id))
+    }
+
+    /// Voters of the current Raft configuration, as NodeIds.
+    fn voters(&self, raft: &Raft<TypeConfig>) -> Vec<NodeId> {
+        let m = raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id))
+            .filter_map(|n| n.addr.parse().ok())
+            .collect()
+    }
+
+    /// Why a change could not commit now ("1 of 3 voters reachable; need 2: offline: ...").
+    fn why_not(&self) -> String {
+        let Some(raft) = self.raft() else {
+            return "this node was removed from the cluster".into();
+        };
+        let voters = self.voters(&raft);
+        let reachable: Vec<&NodeId> = voters.iter().filter(|v| self.connected(v)).collect();
+        let need = voters.len() / 2 + 1;
+        let list = self.trusted_list();
+        let offline: Vec<String> = voters
+            .iter()
+            .filter(|v| !self.connected(v))
+            .map(|v| match list.get(v) {
+                Some(m) if !m.name.is_empty() => format!("{} ({})", m.name, v.short()),
+                _ => v.short(),
+            })
+            .collect();
+        if reachable.len() >= need {
+            format!(
+                "{} of {} voters reachable, but no leader answered in time",
+                reachable.len(),
+                voters.len()
+            )
+        } else {
+            format!(
+                "{} of {} voters reachable; need {need}. Bring these voters online: {}",
+                reachable.len(),
+                voters.len(),
+                offline.join(", ")
+            )
+        }
+    }
+
+    fn status(&self) -> ConsensusStatus {
+        let list = self.trusted_list();
+        let raft_id = self.raft_id.load(Ordering::SeqCst);
+        let removed = self.removed();
+        let Some(raft) = self.raft() else {
+            return ConsensusStatus {
+                raft_id,
+                role: if removed.is_some() {
+                    "removed"
+                } else {
+                    "starting"
+                }
+                .into(),
+                term: 0,
+                leader: None,
+                commit_index: None,
+                applied_index: None,
+                epoch: list.epoch,
+                voters: vec![],
+                learners: vec![],
+                reachable_voters: 0,
+                changes_possible: false,
+                why_not: Some(if removed.is_some() {
+                    "this node was removed from the cluster".into()
+                } else {
+                    "raft is starting".into()
+                }),
+                removed,
+            };
+        };
+        let m = raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let to_node = |id: u64| {
+            membership
+                .get_node(&id)
+                .and_then(|n| n.addr.parse::<NodeId>().ok())
+        };
+        let voters: Vec<NodeId> = membership.voter_ids().filter_map(to_node).collect();
+        let learners: Vec<NodeId> = membership.learner_ids().filter_map(to_node).collect();
+        let leader = m.current_leader.and_then(to_node);
+        let reachable = voters.iter().filter(|v| self.connected(v)).count();
+        let quorum = !voters.is_empty() && reachable > voters.len() / 2;
+        let leader_reachable = leader.is_some_and(|l| self.connected(&l));
+        let changes_possible = quorum && leader_reachable && list.founded();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Follower => "voter",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "stopped",
+        };
+        ConsensusStatus {
+            raft_id,
+            role: role.into(),
+            term: m.current_term,
+            leader,
+            commit_index: m.last_applied.map(|l| l.index),
+            applied_index: m.last_applied.map(|l| l.index),
+            epoch: list.epoch,
+            voters,
+            learners,
+            reachable_voters: reachable,
+            changes_possible,
+            why_not: (!changes_possible).then(|| {
+                if quorum && !list.founded() {
+                    "the member list is being founded".into()
+                } else if quorum && !leader_reachable {
+                    "no leader elected yet".into()
+                } else {
+                    self.why_not()
+                }
+            }),
+            removed,
+        }
+    }
+
+    /// One step of the leader's upkeep: at most one configuration change.
+    async fn reconcile(&self, seen: &mut HashMap<NodeId, Instant>) {
+        let Some(raft) = self.raft() else { return };
+        let now = Instant::now();
+        let list = self.trusted_list();
+        for m in list.members.keys() {
+            if self.connected(m) {
+                seen.insert(*m, now);
+            }
+        }
+        if raft.metrics().borrow().state != ServerState::Leader || !list.founded() {
+            return;
+        }
+        let m = raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let nodes: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members: BTreeMap<u64, NodeId> =
+            list.members.values().map(|m| (m.raft_id, m.id)).collect();
+        let step =
+            if let Some((&raft_id, &node)) = members.iter().find(|(id, _)| !nodes.contains(id)) {
+                // A new member: a learner first (non-blocking: it may be offline).
+                tracing::debug!(raft_id, node = %node.short(), "raft: adding a learner");
+                raft.add_learner(raft_id, BasicNode::new(node), false)
+                    .await
+                    .map(|_| ())
+            } else if let Some(gone) = nodes.iter().find(|id| !members.contains_key(id)) {
+                tracing::debug!(raft_id = gone, "raft: removing a removed member");
+                let change = if voters.contains(gone) {
+                    ChangeMembers::RemoveVoters([*gone].into())
+                } else {
+                    ChangeMembers::RemoveNodes([*gone].into())
+                };
+                raft.change_membership(change, false).await.map(|_| ())
+            } else {
+                let me = self.raft_id.load(Ordering::SeqCst);
+                let cands: Vec<Candidate> = list
+                    .members
+                    .values()
+                    .filter(|m| nodes.contains(&m.raft_id))
+                    .map(|m| Candidate {
+                        raft_id: m.raft_id,
+                        prefer: m.prefer_voter,
+                        online: m.id == self.me
+                            || seen
+                                .get(&m.id)
+                                .is_some_and(|t| now.duration_since(*t) < ONLINE_GRACE),
+                        voter: voters.contains(&m.raft_id),
+                    })
+                    .collect();
+                let want = choose_voters(&cands, me);
+                if want == voters || want.is_empty() {
+                    return;
+                }
+                tracing::info!(?want, was = ?voters, "raft: changing voters");
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(want), true)
+                    .await
+                    .map(|_| ())
+            };
+        if let Err(e) = step {
+            tracing::debug!(error = %e, "raft: configuration change not made; retrying");
+        }
+    }
+
+    /// Founds the list of a cluster this node initialised alone, once it leads it.
+    async fn found_if_needed(self: &Arc<Self>) {
+        if self.trusted_list().founded() || self.removed().is_some() {
+            return;
+        }
+        let Some(raft) = self.raft() else { return };
+        if raft.metrics().borrow().state != ServerState::Leader {
+            return;
+        }
+        let addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cmd = Command::Found {
+            cluster: rand::random(),
+            founder: self.me,
+            name: self.name.clone(),
+            addrs,
+            prefer_voter: self.prefer_voter,
+            at: self.clock.wall_ms(),
+        };
+        if let Err(e) = self.propose(cmd).await {
+            tracing::debug!(error = %e, "could not found the member list yet");
+        }
+    }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The upkeep task: founding, then the leader's reconciliation, twice a second.
+async fn maintain(shared: std::sync::Weak<Shared>) {
+    let mut seen = HashMap::new();
+    loop {
+        let founding = shared
+            .upgrade()
+            .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
+        // Quickly while founding (an invite waits for it), then at an easy pace.
+        let pause = if founding { 30 } else { 300 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let Some(s) = shared.upgrade() else { break };
+        s.found_if_needed().await;
+        s.reconcile(&mut seen).await;
+    }
+}
