@@ -297,6 +297,14 @@ fn a_forged_delta_is_refused_by_a_real_daemon_naming_the_sender() {
     );
     // B's genuine first delta is not taken for a duplicate of the forged one.
     let doc = b.ok(&["doc", "new", r#"{"genuine":true}"#]);
-    b.ok(&["sync", "wait", "--timeout", "20s"]);
+    let started = Instant::now();
+    while !a.tandem(&["doc", "get", &doc, "/genuine"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "B's genuine write never reached A: {}",
+            b.ok(&["peers", "--json"])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(a.ok(&["doc", "get", &doc, "/genuine"]), "true");
 }

@@ -41,6 +41,8 @@ pub(crate) enum Cmd {
     DialFailed { peer: NodeId, error: String },
     /// Close every connection politely; they are redialed at once (see `Net::resync`).
     Resync,
+    /// This node was removed from the cluster: close every connection and dial no one.
+    Leave,
 }
 
 /// Runs the driver until shutdown.
@@ -167,6 +169,24 @@ pub(crate) async fn run(
                 if let Some(why) = failed {
                     with_status(&shared.statuses, &peer, |s| s.error = Some(why));
                 }
+            }
+            Cmd::Leave => {
+                for id in dialer.peers().collect::<Vec<_>>() {
+                    dialer.remove(&id);
+                }
+                for (_, (_, conn)) in conns.drain() {
+                    // Not REMOVED: that code tells the peer *it* was removed.
+                    conn.close(
+                        close::NOT_MEMBER.into(),
+                        b"this node was removed from the cluster",
+                    );
+                }
+                links(&shared).clear();
+                shared
+                    .statuses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
             }
             Cmd::Resync => {
                 for (peer, conn) in conns.values() {

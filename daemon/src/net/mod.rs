@@ -348,13 +348,18 @@ impl Net {
         });
     }
 
-    /// A member was removed: close its connection and stop dialing it.
     /// Restarts every session, so each begins again from the clocks both sides hold now (this
     /// node dropped damaged deltas; its peers believe it holds them).
     pub(crate) fn resync(&self) {
         let _ = self.shared.cmds.send(driver::Cmd::Resync);
     }
 
+    /// This node was removed from the cluster: close every connection, dial no one.
+    pub(crate) fn leave(&self) {
+        let _ = self.shared.cmds.send(driver::Cmd::Leave);
+    }
+
+    /// A member was removed: close its connection and stop dialing it.
     pub(crate) fn remove(&self, id: NodeId) {
         let _ = self.shared.cmds.send(driver::Cmd::Remove { id });
     }

@@ -141,11 +141,9 @@ impl Node {
                 let now: BTreeSet<NodeId> = node.members().iter().map(|m| m.id).collect();
                 if let Some(net) = node.net() {
                     if removed && !was_removed {
-                        for id in &known {
-                            net.remove(*id);
-                        }
+                        net.leave();
                     }
-                    for id in known.difference(&now) {
+                    for id in known.difference(&now).filter(|_| !removed) {
                         net.remove(*id);
                         tracing::info!(peer = %id.short(), "member removed; cut off");
                     }

@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     removed: Mutex<Option<Removal>>,
     /// One start-over at a time.
     resetting: tokio::sync::Mutex<()>,
+    /// Bumped by every start-over: what a Raft instance left behind applies no more.
+    generation: AtomicU64,
 }
 
 /// The running consensus of one node.
@@ -156,6 +158,7 @@ impl Consensus {
             link: OnceLock::new(),
             removed: Mutex::new(removed),
             resetting: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
         });
         if pristine {
             writer
@@ -302,10 +305,14 @@ impl Shared {
         let (log, sm) = storage::open(loaded, self.writer.clone(), applied);
         // Applied lists become the trusted list once founded (a joiner's log starts empty).
         let weak = Arc::downgrade(self);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let list = rx.borrow_and_update().clone();
                 let Some(s) = weak.upgrade() else { break };
+                if s.generation.load(Ordering::SeqCst) != generation {
+                    break;
+                }
                 if list.founded() {
                     s.adopt_applied(list).await;
                 }
@@ -365,6 +372,8 @@ impl Shared {
         found: bool,
     ) -> Result<(), ConsensusError> {
         let _guard = self.resetting.lock().await;
+        // The old instance's late applies are ignored from here on.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let old = self.raft.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(r) = old {
             let _ = r.shutdown().await;
@@ -537,6 +546,19 @@ impl Shared {
             return "this node was removed from the cluster".into();
         };
         let voters = self.voters(&raft);
+        if voters.is_empty() {
+            let list = self.trusted_list();
+            let others: Vec<String> = list
+                .members
+                .values()
+                .filter(|m| m.id != self.me)
+                .map(|m| format!("{} ({})", m.name, m.id.short()))
+                .collect();
+            return format!(
+                "the member list's log has not reached this node yet; bring a member online: {}",
+                others.join(", ")
+            );
+        }
         let reachable: Vec<&NodeId> = voters.iter().filter(|v| self.connected(v)).collect();
         let need = voters.len() / 2 + 1;
         let list = self.trusted_list();

@@ -1,0 +1,228 @@
+//! Agreed membership with real `tandemd` processes driven by the CLI: everyone knows everyone,
+//! a removal is enforced by every member, changes need a majority of the voters (and say which
+//! are missing), and recovery after voters are lost for good.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::Daemon;
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap()
+}
+
+/// Waits until `f` holds (30 s at most: debug builds on a loaded 2-core machine).
+fn until(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+fn id(d: &Daemon) -> String {
+    d.ok(&["id"])
+}
+
+fn members(d: &Daemon) -> Vec<String> {
+    json(&d.ok(&["members", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn status(d: &Daemon) -> Value {
+    json(&d.ok(&["status", "--json"]))
+}
+
+fn has_doc(d: &Daemon, doc: &str) -> bool {
+    d.tandem(&["doc", "get", doc]).status.success()
+}
+
+fn connected_to(d: &Daemon, other: &str) -> bool {
+    json(&d.ok(&["peers", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"].as_str() == Some(other) && p["connected"] == Value::Bool(true))
+}
+
+/// A invites B, A invites C: every member lists all three; with A stopped, B and C sync a new
+/// write directly.
+#[test]
+fn every_member_knows_every_member_and_syncs_without_the_inviter() {
+    let mut a = Daemon::start();
+    let b = Daemon::start();
+    let c = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    c.ok(&["join", &a.ok(&["invite"])]);
+    let ids = [id(&a), id(&b), id(&c)];
+    for (d, me) in [(&a, &ids[0]), (&b, &ids[1]), (&c, &ids[2])] {
+        until("every member to list the other two", || {
+            let m = members(d);
+            m.len() == 2 && ids.iter().filter(|i| *i != me).all(|i| m.contains(i))
+        });
+    }
+    // Three members: three voters, so losing A still leaves a majority.
+    until("three voters", || {
+        status(&b)["membership"]["voters"].as_array().unwrap().len() == 3
+    });
+    until("B and C connected directly", || connected_to(&b, &ids[2]));
+    a.stop();
+    let doc = b.ok(&["doc", "new", r#"{"from":"b"}"#]);
+    until("C to get B's write with A stopped", || has_doc(&c, &doc));
+    // Membership changes still possible: 2 of 3 voters reachable.
+    until("a leader among B and C", || {
+        status(&c)["membership"]["changes_possible"] == Value::Bool(true)
+    });
+}
+
+/// Four members; C is removed on B while connected to A and D: every member refuses it within
+/// 2 s, nothing written after reaches it (not even relayed), its writes reach nobody, its
+/// status says removed, and the others keep syncing.
+#[test]
+fn a_removal_is_enforced_by_every_member() {
+    let a = Daemon::start();
+    let b = Daemon::start();
+    let c = Daemon::start();
+    let d = Daemon::start();
+    for n in [&b, &c, &d] {
+        n.ok(&["join", &a.ok(&["invite"])]);
+    }
+    let c_id = id(&c);
+    for n in [&a, &b, &c, &d] {
+        until("every member to list all four", || members(n).len() == 3);
+    }
+    until("C connected to A and D", || {
+        connected_to(&a, &c_id) && connected_to(&d, &c_id)
+    });
+    let start = Instant::now();
+    b.ok(&["members", "rm", &c_id]);
+    for n in [&a, &b, &d] {
+        until("every member to drop C", || {
+            !members(n).contains(&c_id) && !connected_to(n, &c_id)
+        });
+    }
+    let refused_after = start.elapsed();
+    eprintln!("removal: every member refuses C {refused_after:?} after `members rm`");
+    assert!(
+        refused_after < Duration::from_secs(2) + Duration::from_millis(500),
+        "{refused_after:?}"
+    );
+    until("C to know it was removed", || {
+        status(&c)["membership"]["removed"].is_object()
+    });
+    assert!(c.ok(&["status"]).contains("REMOVED"));
+    let after = a.ok(&["doc", "new", r#"{"after":"removal"}"#]);
+    let from_c = c.ok(&["doc", "new", r#"{"from":"c"}"#]);
+    until("D to get A's write", || has_doc(&d, &after));
+    until("B to get A's write", || has_doc(&b, &after));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!has_doc(&c, &after), "C got a write made after its removal");
+    for n in [&a, &b, &d] {
+        assert!(!has_doc(n, &from_c), "C's write reached a member");
+    }
+    // C keeps its data; asking it to invite says why not.
+    assert!(has_doc(&c, &from_c));
+    let out = c.tandem(&["invite"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed"));
+}
+
+/// Two members, the voter offline: invite fails naming the voter to bring back; the learner
+/// keeps reading and writing.
+#[test]
+fn changes_need_a_majority_of_voters_and_say_which_are_missing() {
+    let mut a = Daemon::start();
+    let b = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    let a_short = a.ok(&["id", "--short"]);
+    until("B to list A and hold the log", || {
+        members(&b).len() == 1 && status(&b)["membership"]["voters"].as_array().unwrap().len() == 1
+    });
+    a.stop();
+    let out = b.tandem(&["invite"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("0 of 1 voters reachable; need 1") && err.contains(&a_short),
+        "{err}"
+    );
+    let s = b.ok(&["status"]);
+    assert!(s.contains("not possible now"), "{s}");
+    // Data never waits for a quorum.
+    let doc = b.ok(&["doc", "new", r#"{"still":"writing"}"#]);
+    assert!(b.ok(&["doc", "get", &doc, "/still"]).contains("writing"));
+}
+
+/// Three voters, two lost for good: `members recover` on the survivor starts a new epoch that
+/// can admit again, and an old voter that comes back adopts it.
+#[test]
+fn recovery_starts_a_new_epoch_that_old_voters_adopt() {
+    let mut a = Daemon::start();
+    let mut b = Daemon::start();
+    let c = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    c.ok(&["join", &a.ok(&["invite"])]);
+    until("three voters", || {
+        status(&c)["membership"]["voters"].as_array().unwrap().len() == 3
+    });
+    a.stop();
+    b.stop();
+    let out = c.tandem(&["invite"]);
+    assert!(!out.status.success(), "no majority: no invite");
+    let out = c.tandem(&["members", "recover"]);
+    assert!(!out.status.success(), "recovery needs --yes");
+    assert!(c.ok(&["members", "recover", "--yes"]).contains("epoch 2"));
+    let d = Daemon::start();
+    d.ok(&["join", &c.ok(&["invite"])]);
+    until("C and D to list each other", || {
+        members(&d).contains(&id(&c))
+    });
+    b.restart();
+    until("B to adopt epoch 2", || {
+        status(&b)["membership"]["epoch"] == 2
+    });
+    until("B to learn D from the new epoch's log", || {
+        members(&b).contains(&id(&d))
+    });
+    let doc = d.ok(&["doc", "new", r#"{"new":"epoch"}"#]);
+    until("B to get D's write", || has_doc(&b, &doc));
+}
+
+/// Not a test of speed (figures are printed, never asserted): join to every member listing
+/// the newcomer, over several joins. `MEMBERSHIP_JOINS=20` for the closing note's figures.
+#[test]
+fn join_to_listed_everywhere_timings() {
+    let joins: usize = std::env::var("MEMBERSHIP_JOINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut daemons = vec![Daemon::start()];
+    let mut times = Vec::new();
+    for _ in 0..joins.min(6) {
+        let n = Daemon::start();
+        let token = daemons[0].ok(&["invite"]);
+        let start = Instant::now();
+        n.ok(&["join", &token]);
+        let nid = id(&n);
+        daemons.push(n);
+        for d in &daemons[..daemons.len() - 1] {
+            until("every member to list the newcomer", || {
+                members(d).contains(&nid)
+            });
+        }
+        times.push(start.elapsed());
+    }
+    eprintln!("join to listed everywhere, by cluster size after the join: {times:?}");
+}
