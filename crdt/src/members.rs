@@ -217,6 +217,16 @@ impl MemberList {
                 );
                 Applied::Admitted { raft_id }
             }
+            // The same removal again (a proposal retried after its first try committed)
+            // answers as the first did.
+            Command::Remove { id, by, at }
+                if self
+                    .removed
+                    .get(&id)
+                    .is_some_and(|r| r.by == by && r.at == at) =>
+            {
+                Applied::Removed(true)
+            }
             Command::Remove { id, by, at } => match self.members.remove(&id) {
                 Some(m) => {
                     self.removed.insert(
@@ -507,6 +517,15 @@ mod tests {
                 id: n(2),
                 by: n(1),
                 at: 9
+            }),
+            Applied::Removed(true),
+            "a retried removal answers as the first did"
+        );
+        assert_eq!(
+            l.apply(Command::Remove {
+                id: n(2),
+                by: n(3),
+                at: 10
             }),
             Applied::Removed(false)
         );

@@ -70,6 +70,11 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         raft.reachable_voters as u64,
     );
     gauge(
+        "tandem_raft_out_of_order_applies_total",
+        "Member-list log entries refused because they arrived out of log order (always 0).",
+        raft.out_of_order_applies,
+    );
+    gauge(
         "tandem_membership_changes_possible",
         "1 if an admission or removal could commit now (a majority of voters reachable).",
         u64::from(raft.changes_possible),

@@ -85,8 +85,10 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 /// The default log filter. Automerge reports every refused input as an ERROR with a debug
 /// dump of its options (a bad import is the user's mistake, answered with a 400, not the
-/// daemon's error); tandem reports those failures itself.
-const DEFAULT_LOG: &str = "info,automerge=off";
+/// daemon's error); openraft logs every vote at INFO and an offline member as an ERROR twice a
+/// second. tandem reports what matters of both itself (refused inputs; leader and role
+/// changes, storage failures).
+const DEFAULT_LOG: &str = "info,automerge=off,openraft=off";
 
 #[tokio::main]
 async fn main() {

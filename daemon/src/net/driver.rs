@@ -43,6 +43,11 @@ pub(crate) enum Cmd {
     Resync,
     /// This node was removed from the cluster: close every connection and dial no one.
     Leave,
+    /// Fault injection for tests: links to these peers are cut (no connection either way)
+    /// until the next `Cut`; an empty set heals every link.
+    Cut {
+        peers: std::collections::HashSet<NodeId>,
+    },
 }
 
 /// Runs the driver until shutdown.
@@ -55,6 +60,7 @@ pub(crate) async fn run(
     let mut dialer = Dialer::new(me, DialerConfig::default());
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     let mut conns: HashMap<ConnId, (NodeId, quinn::Connection)> = HashMap::new();
+    let mut cut: std::collections::HashSet<NodeId> = Default::default();
     let mut shutdown = shared.shutdown.clone();
     let now = shared.clock.now();
     for m in shared.host.members() {
@@ -66,6 +72,13 @@ pub(crate) async fn run(
     loop {
         let now = shared.clock.now();
         while let Some(dial) = dialer.poll_dial(now) {
+            if cut.contains(&dial.peer) {
+                let _ = shared.cmds.send(Cmd::DialFailed {
+                    peer: dial.peer,
+                    error: "link cut (test)".into(),
+                });
+                continue;
+            }
             tokio::spawn(dial_member(shared.clone(), dial.peer, dial.addrs));
         }
         publish(&shared, &dialer);
@@ -115,6 +128,11 @@ pub(crate) async fn run(
             } => {
                 if !shared.host.is_member(&peer) {
                     conn.close(close::NOT_MEMBER.into(), b"not a member");
+                    let _ = reply.send(false);
+                    continue;
+                }
+                if cut.contains(&peer) {
+                    conn.close(close::LOCAL.into(), b"link cut (test)");
                     let _ = reply.send(false);
                     continue;
                 }
@@ -168,6 +186,27 @@ pub(crate) async fn run(
                 dialer.disconnected(&peer, conn, failed.is_none(), now, &mut rng);
                 if let Some(why) = failed {
                     with_status(&shared.statuses, &peer, |s| s.error = Some(why));
+                }
+            }
+            Cmd::Cut { peers } => {
+                let healed: Vec<NodeId> = cut.difference(&peers).copied().collect();
+                conns.retain(|_, (peer, conn)| {
+                    let keep = !peers.contains(peer);
+                    if !keep {
+                        conn.close(close::LOCAL.into(), b"link cut (test)");
+                    }
+                    keep
+                });
+                cut = peers;
+                for id in healed {
+                    let addrs = shared
+                        .host
+                        .members()
+                        .into_iter()
+                        .find(|m| m.id == id)
+                        .map(|m| parse(&m.addrs))
+                        .unwrap_or_default();
+                    dialer.learn(id, &addrs, now);
                 }
             }
             Cmd::Leave => {

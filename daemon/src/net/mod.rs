@@ -354,6 +354,11 @@ impl Net {
         let _ = self.shared.cmds.send(driver::Cmd::Resync);
     }
 
+    /// Fault injection for tests: cuts the links to `peers` (replacing any earlier cut).
+    pub(crate) fn cut(&self, peers: std::collections::HashSet<NodeId>) {
+        let _ = self.shared.cmds.send(driver::Cmd::Cut { peers });
+    }
+
     /// This node was removed from the cluster: close every connection, dial no one.
     pub(crate) fn leave(&self) {
         let _ = self.shared.cmds.send(driver::Cmd::Leave);

@@ -257,6 +257,15 @@ impl Node {
         Ok(removed)
     }
 
+    /// Fault injection for tests (like raft-rs's `Network::cut`): no connection to or from
+    /// `peers` until the next call; an empty list heals every link. Both ends should cut.
+    #[doc(hidden)]
+    pub fn cut_links_for_tests(&self, peers: &[NodeId]) {
+        if let Some(net) = self.net() {
+            net.cut(peers.iter().copied().collect());
+        }
+    }
+
     /// Membership as Raft sees it here: role, leader, voters, whether changes are possible.
     pub async fn membership_status(&self) -> Result<ConsensusStatus, Error> {
         Ok(self.consensus()?.status().await)

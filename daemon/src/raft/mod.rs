@@ -41,6 +41,8 @@ openraft::declare_raft_types!(
 
 /// How long a proposal waits for a commit before it is reported as impossible now.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long one forwarded proposal waits for the leader before asking again.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A member disconnected for less than this still counts as online for the voter policy
 /// (a laptop's short network blip does not move the voters).
 const ONLINE_GRACE: Duration = Duration::from_secs(30);
@@ -74,6 +76,8 @@ pub struct ConsensusStatus {
     pub changes_possible: bool,
     pub why_not: Option<String>,
     pub removed: Option<Removal>,
+    /// Log entries refused because they arrived out of log order (must stay 0).
+    pub out_of_order_applies: u64,
 }
 
 /// What is shared by the consensus handle, its network and its tasks.
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     resetting: tokio::sync::Mutex<()>,
     /// Bumped by every start-over: what a Raft instance left behind applies no more.
     generation: AtomicU64,
+    /// Entries refused because they came out of log order (must stay 0).
+    out_of_order: Arc<AtomicU64>,
 }
 
 /// The running consensus of one node.
@@ -159,6 +165,7 @@ impl Consensus {
             removed: Mutex::new(removed),
             resetting: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            out_of_order: Arc::default(),
         });
         if pristine {
             writer
@@ -302,7 +309,12 @@ impl Shared {
         loaded: storage::Loaded,
     ) -> Result<Raft<TypeConfig>, ConsensusError> {
         let (applied, mut rx) = watch::channel(Arc::new(loaded.list().clone()));
-        let (log, sm) = storage::open(loaded, self.writer.clone(), applied);
+        let (log, sm) = storage::open(
+            loaded,
+            self.writer.clone(),
+            applied,
+            self.out_of_order.clone(),
+        );
         // Applied lists become the trusted list once founded (a joiner's log starts empty).
         let weak = Arc::downgrade(self);
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -446,7 +458,15 @@ impl Shared {
             };
             if let Some(leader) = leader.filter(|l| *l != self.me) {
                 let rpc = Rpc::Propose(cmd.clone());
-                match tokio::time::timeout(left, self.call(leader, &rpc)).await {
+                // A leader that died without a word (kill -9, a closed lid) keeps its
+                // connection open until the idle timeout: ask again soon, by then perhaps of a
+                // new leader. Commands are idempotent, so asking twice is safe.
+                let attempt = left.min(FORWARD_TIMEOUT);
+                match tokio::time::timeout(attempt, self.call(leader, &rpc)).await {
+                    Err(_) if attempt < left => {
+                        tracing::debug!(leader = %leader.short(), "leader silent; retrying");
+                        continue;
+                    }
                     Err(_) => return Err(ConsensusError::NoQuorum(self.why_not())),
                     Ok(Ok(RpcReply::Proposed(Ok(applied)))) => return Ok(applied),
                     Ok(Ok(RpcReply::Proposed(Err(e)))) if e.contains("not possible now") => {
@@ -614,6 +634,7 @@ impl Shared {
                     "raft is starting".into()
                 }),
                 removed,
+                out_of_order_applies: self.out_of_order.load(Ordering::Relaxed),
             };
         };
         let m = raft.metrics().borrow().clone();
@@ -659,6 +680,7 @@ impl Shared {
                 }
             }),
             removed,
+            out_of_order_applies: self.out_of_order.load(Ordering::Relaxed),
         }
     }
 
@@ -757,7 +779,22 @@ fn text(e: impl std::fmt::Display) -> String {
 /// The upkeep task: founding, then the leader's reconciliation, twice a second.
 async fn maintain(shared: std::sync::Weak<Shared>) {
     let mut seen = HashMap::new();
+    let mut view: Option<(String, Option<NodeId>, u64)> = None;
     loop {
+        if let Some(s) = shared.upgrade() {
+            let st = s.status();
+            let now = (st.role.clone(), st.leader, st.term);
+            if view.as_ref() != Some(&now) {
+                tracing::info!(
+                    role = %st.role,
+                    leader = ?st.leader.map(|l| l.short()),
+                    term = st.term,
+                    voters = st.voters.len(),
+                    "membership consensus"
+                );
+                view = Some(now);
+            }
+        }
         let founding = shared
             .upgrade()
             .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());

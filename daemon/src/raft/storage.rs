@@ -158,6 +158,8 @@ pub(crate) struct LogStore {
 /// The state machine and its snapshot.
 pub(crate) struct StateMachine {
     sm: SmState,
+    /// Entries that arrived out of log order (refused); shared with the status.
+    out_of_order: Arc<std::sync::atomic::AtomicU64>,
     snapshot: Option<(SnapshotMeta<Id, Node>, Vec<u8>)>,
     writer: Writer,
     applied: watch::Sender<Arc<MemberList>>,
@@ -169,6 +171,7 @@ pub(crate) fn open(
     loaded: Loaded,
     writer: Writer,
     applied: watch::Sender<Arc<MemberList>>,
+    out_of_order: Arc<std::sync::atomic::AtomicU64>,
 ) -> (LogStore, StateMachine) {
     let log = LogStore {
         data: Arc::new(Mutex::new(LogData {
@@ -181,6 +184,7 @@ pub(crate) fn open(
     };
     let sm = StateMachine {
         sm: loaded.sm,
+        out_of_order,
         snapshot: loaded.snapshot,
         writer,
         applied,
@@ -414,6 +418,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut out = Vec::new();
         for e in entries {
+            // Entries apply in log order, each exactly once: anything else is a bug in the
+            // consensus or in this storage, and must stop it rather than diverge.
+            let expected = self.sm.applied.map_or(0, |l| l.index + 1);
+            if e.log_id.index != expected {
+                self.out_of_order
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    index = e.log_id.index,
+                    expected,
+                    "raft: entry applied out of log order"
+                );
+                return Err(fail(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    format!(
+                        "entry {} applied out of order (expected {expected})",
+                        e.log_id.index
+                    ),
+                ));
+            }
             self.sm.applied = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => out.push(Applied::Done),
@@ -486,5 +510,60 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             snapshot: Box::new(Cursor::new(data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    use tandem_crdt::members::Command;
+    use tandem_crdt::sign::Signer;
+
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    fn entry(index: u64, cmd: Option<Command>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: cmd.map_or(EntryPayload::Blank, EntryPayload::Normal),
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_apply_in_log_order_only_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::from_seed([1; 32]);
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path, &signer, StoreOptions::default()).unwrap();
+        let (tx, rx) = watch::channel(Arc::new(MemberList::default()));
+        let bad = Arc::new(AtomicU64::new(0));
+        let (_, mut sm) = open(Loaded::default(), store.writer(), tx, bad.clone());
+        let found = Command::Found {
+            cluster: [3; 16],
+            founder: signer.id(),
+            name: "a".into(),
+            addrs: vec![],
+            prefer_voter: false,
+            at: 1,
+        };
+        sm.apply([entry(0, None), entry(1, Some(found))])
+            .await
+            .unwrap();
+        assert!(rx.borrow().founded(), "the applied list is published");
+        // A gap, then a replay of an applied entry: both refused, nothing applied.
+        assert!(sm.apply([entry(3, None)]).await.is_err());
+        assert!(sm.apply([entry(1, None)]).await.is_err());
+        assert_eq!(bad.load(Ordering::Relaxed), 2);
+        assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 1);
+        sm.apply([entry(2, None)]).await.unwrap();
+        store.close();
+        drop(store);
+        let (store, _) = Store::open(&path, &signer, StoreOptions::default()).unwrap();
+        let loaded = store.read_blocking(load).unwrap();
+        assert!(loaded.list().founded());
+        assert_eq!(loaded.sm.applied.unwrap().index, 2);
     }
 }

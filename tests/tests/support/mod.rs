@@ -52,6 +52,8 @@ impl Daemon {
 
     /// Starts tandemd again on this daemon's data dir (after [`Daemon::stop`]).
     pub fn restart(&mut self) {
+        // After a kill -9 the old api.json is still there; wait for the new one.
+        let _ = std::fs::remove_file(self.dir.path().join("api.json"));
         self.child = spawn_tandemd(self.dir.path(), &[], &[]);
     }
 
@@ -126,7 +128,15 @@ fn spawn_tandemd(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
         .env("XDG_CONFIG_HOME", dir.join("no-config"))
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        // Kept beside the data dir (appended across restarts) for a failing test to show.
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.with_extension("log"))
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(|_| std::process::Stdio::null()),
+        )
         .spawn()
         .unwrap();
     wait_for_file(&dir.join("api.json"));
