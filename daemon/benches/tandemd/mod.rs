@@ -1,0 +1,131 @@
+//! A real `tandemd` process for the benchmarks that measure what users run.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A real tandemd (this build's, or `BENCH_TANDEMD`), loopback only, stopped with SIGTERM on
+/// drop.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub base: String,
+    pub token: String,
+}
+
+impl Daemon {
+    pub fn start(dir: PathBuf, perf: Option<&str>) -> Daemon {
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = std::env::var("BENCH_TANDEMD")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandemd").to_string());
+        let mut cmd = match perf {
+            Some(out) => {
+                let mut c = Command::new("perf");
+                c.args([
+                    "record",
+                    "--call-graph",
+                    "dwarf",
+                    "-F",
+                    "499",
+                    "-o",
+                    out,
+                    "--",
+                ]);
+                c.arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
+            .args(["--data-dir", dir.to_str().unwrap()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--no-mdns",
+            ])
+            .env("XDG_CONFIG_HOME", dir.join("no-config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !dir.join("api.json").exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "tandemd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let api: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("api.json")).unwrap()).unwrap();
+        let token = std::fs::read_to_string(dir.join("api-token")).unwrap();
+        Daemon {
+            child,
+            base: format!("http://{}", api["addr"].as_str().unwrap()),
+            token: token.trim().to_string(),
+            dir,
+        }
+    }
+
+    pub fn req(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    pub fn json(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let r = self.req(method, path);
+        let resp = match body {
+            Some(b) => r.send_json(b),
+            None => r.call(),
+        }
+        .unwrap();
+        if resp.status() == 204 {
+            Value::Null
+        } else {
+            resp.into_json().unwrap()
+        }
+    }
+
+    pub fn digest(&self) -> String {
+        self.json("GET", "/v1/status", None)["clock"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// CPU seconds used so far, and peak RSS in MB.
+    pub fn usage(&self) -> (f64, f64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        (ticks / 100.0, hwm / 1024.0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
