@@ -266,6 +266,28 @@ impl Node {
         }
     }
 
+    /// For fuzzing: serves one Raft stream frame body as if member `from` had sent it, and
+    /// names the reply (`None` if it does not decode). `samples` gives well-formed frames to
+    /// start from.
+    #[doc(hidden)]
+    pub async fn raft_frame_for_tests(&self, from: NodeId, body: &[u8]) -> Option<&'static str> {
+        use tandem_crdt::proto::Message as _;
+        let msg = tandem_crdt::proto::decode::<RaftMsg>(body).ok()?;
+        let reply = self.members_ref().consensus()?.serve(from, msg).await;
+        Some(reply.name())
+    }
+
+    #[doc(hidden)]
+    pub fn raft_samples_for_tests(&self, from_raft_id: u64, from: NodeId) -> Vec<Vec<u8>> {
+        self.members_ref()
+            .consensus()
+            .map(|c| c.sample_requests(from_raft_id, from))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| tandem_crdt::proto::encode(m).ok())
+            .collect()
+    }
+
     /// Membership as Raft sees it here: role, leader, voters, whether changes are possible.
     pub async fn membership_status(&self) -> Result<ConsensusStatus, Error> {
         Ok(self.consensus()?.status().await)

@@ -267,6 +267,44 @@ impl Consensus {
         self.shared.serve(from, msg).await
     }
 
+    /// Well-formed requests a member could send (a vote, entries with commands, a proposal),
+    /// for the fuzzer to start from: a member can lie, and nothing it sends may crash the node.
+    pub(crate) fn sample_requests(&self, from_raft_id: u64, from: NodeId) -> Vec<RaftMsg> {
+        use openraft::raft::{AppendEntriesRequest, VoteRequest};
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+        let list = self.shared.trusted_list();
+        let log_id = |term, index| LogId::new(CommittedLeaderId::new(term, from_raft_id), index);
+        let cmd = Command::Remove {
+            id: self.shared.me,
+            by: from,
+            at: 1,
+        };
+        let rpcs = [
+            Rpc::Vote(VoteRequest {
+                vote: Vote::new(9, from_raft_id),
+                last_log_id: Some(log_id(8, 50)),
+            }),
+            Rpc::Append(AppendEntriesRequest {
+                vote: Vote::new_committed(9, from_raft_id),
+                prev_log_id: Some(log_id(1, 2)),
+                entries: vec![Entry {
+                    log_id: log_id(9, 3),
+                    payload: EntryPayload::Normal(cmd.clone()),
+                }],
+                leader_commit: Some(log_id(9, 3)),
+            }),
+            Rpc::Propose(cmd),
+        ];
+        rpcs.iter()
+            .filter_map(|r| postcard::to_allocvec(r).ok())
+            .map(|rpc| RaftMsg::Request {
+                cluster: list.cluster,
+                epoch: list.epoch,
+                rpc,
+            })
+            .collect()
+    }
+
     pub(crate) async fn status(&self) -> ConsensusStatus {
         self.shared.status()
     }
