@@ -51,8 +51,8 @@ pub async fn render(node: &Node) -> Result<String, Error> {
     );
     gauge(
         "tandem_raft_commit_index",
-        "Last member-list log index applied here.",
-        raft.commit_index.unwrap_or(0),
+        "Last member-list log index committed and applied here.",
+        raft.applied_index.unwrap_or(0),
     );
     gauge(
         "tandem_membership_epoch",
