@@ -246,6 +246,9 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
     Ok(())
 }
 
+/// Imports in flight at once: enough for the daemon's group commit to share fsyncs.
+const IMPORTS_IN_FLIGHT: usize = 4;
+
 fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
     if files.is_empty() {
         let mut b = Vec::new();
@@ -258,21 +261,52 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
     }
     let bar = Progress::new(files.len() as u64, "importing");
     // Each file is imported on its own: one bad file fails the command (exit 1) after the
-    // others, and the ids already printed stay valid.
+    // others, and the ids already printed stay valid. A few are in flight at once, so the
+    // daemon commits them in groups (one fsync for several) instead of one at a time; ids are
+    // still printed in the order of the files.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Res<Value>)>();
     let mut failed = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        bar.draw(i as u64, &f.display().to_string());
-        let result = std::fs::read(f)
-            .map_err(|e| Failure::error(e.to_string()))
-            .and_then(|b| c.json("POST", "/v1/docs/import", Some(Body::Bytes(b))));
-        match result {
-            Ok(v) => println!("{}", v["id"].as_str().unwrap_or("")),
-            Err(Failure::NotRunning(m)) => {
-                bar.finish();
-                return Err(Failure::NotRunning(m));
-            }
-            Err(Failure::Error(m)) => failed.push(format!("{}: {m}", f.display())),
+    let mut not_running = None;
+    std::thread::scope(|scope| {
+        for _ in 0..IMPORTS_IN_FLIGHT.min(files.len()) {
+            let (tx, next) = (tx.clone(), &next);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { break };
+                    let result = std::fs::read(f)
+                        .map_err(|e| Failure::error(e.to_string()))
+                        .and_then(|b| c.json("POST", "/v1/docs/import", Some(Body::Bytes(b))));
+                    let stop = matches!(result, Err(Failure::NotRunning(_)));
+                    if tx.send((i, result)).is_err() || stop {
+                        // Not running: the others will find the same; stop taking files.
+                        next.store(files.len(), std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
         }
+        drop(tx);
+        let mut done = std::collections::BTreeMap::new();
+        let mut printed = 0;
+        for (i, result) in rx {
+            done.insert(i, result);
+            while let Some(result) = done.remove(&printed) {
+                let f = &files[printed];
+                match result {
+                    Ok(v) => println!("{}", v["id"].as_str().unwrap_or("")),
+                    Err(Failure::NotRunning(m)) => not_running = Some(m),
+                    Err(Failure::Error(m)) => failed.push(format!("{}: {m}", f.display())),
+                }
+                printed += 1;
+                bar.draw(printed as u64, &f.display().to_string());
+            }
+        }
+    });
+    if let Some(m) = not_running {
+        bar.finish();
+        return Err(Failure::NotRunning(m));
     }
     bar.finish();
     if failed.is_empty() {

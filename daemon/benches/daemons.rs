@@ -2,6 +2,7 @@
 //! against the limit measured in the same run: bare `automerge` + `rusqlite` in one process
 //! (decode and check every change, apply each document's changes to a fresh Automerge
 //! document, insert the change bytes into SQLite in one transaction, fsynced).
+//! Imports run four at a time, as `tandem doc import FILES...` sends them.
 //!
 //! Workload (as automerge-repo's own benchmarks): `BENCH_DOCS` documents (default 1000), each
 //! with an `items` list made in 10 changes, imported into A as `.automerge` files over HTTP.
@@ -100,17 +101,35 @@ fn main() {
     let limit = limit(&files, tmp.path());
 
     let a = Daemon::start(tmp.path().join("a"), None);
+    // As `tandem doc import FILES...` does: a few imports in flight at once.
     let start = Instant::now();
-    let mut ids = Vec::with_capacity(docs);
-    for f in &files {
-        let v: Value = a
-            .req("POST", "/v1/docs/import")
-            .send_bytes(f)
-            .unwrap()
-            .into_json()
-            .unwrap();
-        ids.push(v["id"].as_str().unwrap().to_string());
-    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut ids: Vec<(usize, String)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = files.get(i) else { break got };
+                        let v: Value = a
+                            .req("POST", "/v1/docs/import")
+                            .send_bytes(f)
+                            .unwrap()
+                            .into_json()
+                            .unwrap();
+                        got.push((i, v["id"].as_str().unwrap().to_string()));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    ids.sort();
+    let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
     let import = start.elapsed();
     let (_, a_rss) = a.usage();
     let target = a.digest();

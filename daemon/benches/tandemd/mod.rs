@@ -14,6 +14,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub base: String,
     pub token: String,
+    /// One HTTP client, keeping its connections alive, as an app's would.
+    agent: ureq::Agent,
 }
 
 impl Daemon {
@@ -69,11 +71,15 @@ impl Daemon {
             base: format!("http://{}", api["addr"].as_str().unwrap()),
             token: token.trim().to_string(),
             dir,
+            agent: ureq::AgentBuilder::new()
+                .max_idle_connections_per_host(8)
+                .build(),
         }
     }
 
     pub fn req(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &format!("{}{path}", self.base))
+        self.agent
+            .request(method, &format!("{}{path}", self.base))
             .set("Authorization", &format!("Bearer {}", self.token))
     }
 
