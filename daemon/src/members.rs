@@ -93,8 +93,9 @@ impl Membership {
     }
 
     /// Current members other than this node; addresses where each was last reached first.
+    /// None once this node was removed: it syncs with no one.
     pub fn members(&self) -> Vec<Member> {
-        let Some(c) = self.consensus() else {
+        let Some(c) = self.consensus().filter(|c| c.removed().is_none()) else {
             return Vec::new();
         };
         let list = c.list();

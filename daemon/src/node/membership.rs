@@ -201,11 +201,10 @@ impl Node {
         while !consensus.list().is_member(&by) && self.inner.clock.now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mut list = (*consensus.list()).clone();
+        let list = (*consensus.list()).clone();
         if !list.is_member(&by) {
             tracing::debug!("admission not applied here yet; the joiner learns it from the log");
         }
-        list.removed.clear();
         Ok((raft_id, list))
     }
 
@@ -216,13 +215,6 @@ impl Node {
 
     /// The nodes this node syncs with: the replicated member list (without this node).
     pub fn members(&self) -> Vec<Member> {
-        if self
-            .members_ref()
-            .consensus()
-            .is_some_and(|c| c.removed().is_some())
-        {
-            return Vec::new();
-        }
         self.members_ref().members()
     }
 

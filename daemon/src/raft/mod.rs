@@ -592,12 +592,7 @@ impl Shared {
     /// Voters of the current Raft configuration, as NodeIds.
     fn voters(&self, raft: &Raft<TypeConfig>) -> Vec<NodeId> {
         let m = raft.metrics().borrow().membership_config.clone();
-        let membership = m.membership();
-        membership
-            .voter_ids()
-            .filter_map(|id| membership.get_node(&id))
-            .filter_map(|n| n.addr.parse().ok())
-            .collect()
+        node_ids(m.membership(), m.membership().voter_ids())
     }
 
     /// Why a change could not commit now ("1 of 3 voters reachable; need 2: offline: ...").
@@ -679,14 +674,9 @@ impl Shared {
         };
         let m = raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let to_node = |id: u64| {
-            membership
-                .get_node(&id)
-                .and_then(|n| n.addr.parse::<NodeId>().ok())
-        };
-        let voters: Vec<NodeId> = membership.voter_ids().filter_map(to_node).collect();
-        let learners: Vec<NodeId> = membership.learner_ids().filter_map(to_node).collect();
-        let leader = m.current_leader.and_then(to_node);
+        let voters = node_ids(membership, membership.voter_ids());
+        let learners = node_ids(membership, membership.learner_ids());
+        let leader = node_ids(membership, m.current_leader.into_iter()).pop();
         let reachable = voters.iter().filter(|v| self.connected(v)).count();
         let quorum = !voters.is_empty() && reachable > voters.len() / 2;
         let leader_reachable = leader.is_some_and(|l| self.connected(&l));
@@ -810,6 +800,16 @@ impl Shared {
             tracing::debug!(error = %e, "could not found the member list yet");
         }
     }
+}
+
+/// The NodeIds of the Raft ids `ids` in `membership` (a Raft node's data is its NodeId).
+fn node_ids(
+    membership: &openraft::Membership<u64, BasicNode>,
+    ids: impl Iterator<Item = u64>,
+) -> Vec<NodeId> {
+    ids.filter_map(|id| membership.get_node(&id))
+        .filter_map(|n| n.addr.parse().ok())
+        .collect()
 }
 
 fn text(e: impl std::fmt::Display) -> String {

@@ -37,7 +37,7 @@ pub(crate) struct Loaded {
     purged: Option<LogId<Id>>,
     log: BTreeMap<u64, Entry<TypeConfig>>,
     sm: SmState,
-    snapshot: Option<(SnapshotMeta<Id, Node>, Vec<u8>)>,
+    snapshot: Option<Stored>,
     /// This node's Raft id, once it has one.
     pub(crate) raft_id: Option<u64>,
     /// The list trusted until the log's state machine is founded (see [`wipe`]).
@@ -160,7 +160,8 @@ pub(crate) struct StateMachine {
     sm: SmState,
     /// Entries that arrived out of log order (refused); shared with the status.
     out_of_order: Arc<std::sync::atomic::AtomicU64>,
-    snapshot: Option<(SnapshotMeta<Id, Node>, Vec<u8>)>,
+    /// The current snapshot, shared with the builders (which replace it).
+    snapshot: Arc<Mutex<Option<Stored>>>,
     writer: Writer,
     applied: watch::Sender<Arc<MemberList>>,
 }
@@ -185,7 +186,7 @@ pub(crate) fn open(
     let sm = StateMachine {
         sm: loaded.sm,
         out_of_order,
-        snapshot: loaded.snapshot,
+        snapshot: Arc::new(Mutex::new(loaded.snapshot)),
         writer,
         applied,
     };
@@ -334,10 +335,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// A snapshot: its meta and bytes (the encoded state machine).
+type Stored = (SnapshotMeta<Id, Node>, Vec<u8>);
+
+/// The snapshot of `sm` as it is.
+fn snapshot_of(sm: &SmState) -> Stored {
+    let meta = SnapshotMeta {
+        last_log_id: sm.applied,
+        last_membership: sm.membership.clone(),
+        snapshot_id: format!(
+            "{}-{}",
+            sm.applied.map(|l| l.index).unwrap_or(0),
+            sm.list.epoch
+        ),
+    };
+    (meta, encode(sm))
+}
+
+fn to_snapshot((meta, data): Stored) -> Snapshot<TypeConfig> {
+    Snapshot {
+        meta,
+        snapshot: Box::new(Cursor::new(data)),
+    }
+}
+
 impl StateMachine {
     async fn persist(&self, snapshot: bool) -> Result<(), StoreError> {
         let mut stmts = vec![put_state("sm", encode(&self.sm))];
-        if snapshot && let Some(s) = &self.snapshot {
+        if snapshot && let Some(s) = &*self.snapshot() {
             stmts.push(put_state("snapshot", encode(s)));
         }
         self.writer.write(Write::Batch(stmts)).await
@@ -347,43 +372,22 @@ impl StateMachine {
         self.applied.send_replace(Arc::new(self.sm.list.clone()));
     }
 
-    fn build(&mut self) -> Snapshot<TypeConfig> {
-        let data = encode(&self.sm);
-        let meta = SnapshotMeta {
-            last_log_id: self.sm.applied,
-            last_membership: self.sm.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}",
-                self.sm.applied.map(|l| l.index).unwrap_or(0),
-                self.sm.list.epoch
-            ),
-        };
-        self.snapshot = Some((meta.clone(), data.clone()));
-        Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }
+    fn snapshot(&self) -> std::sync::MutexGuard<'_, Option<Stored>> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Builds a snapshot from a copy of the state machine taken when asked.
+/// Builds a snapshot from a copy of the state machine taken when asked, and makes it the
+/// current one (what a lagging follower is sent).
 pub(crate) struct Builder {
     sm: SmState,
     writer: Writer,
+    current: Arc<Mutex<Option<Stored>>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<Id>> {
-        let data = encode(&self.sm);
-        let meta = SnapshotMeta {
-            last_log_id: self.sm.applied,
-            last_membership: self.sm.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}",
-                self.sm.applied.map(|l| l.index).unwrap_or(0),
-                self.sm.list.epoch
-            ),
-        };
+        let (meta, data) = snapshot_of(&self.sm);
         self.writer
             .write(Write::Batch(vec![put_state(
                 "snapshot",
@@ -397,10 +401,9 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
                     e,
                 )
             })?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        let built = (meta, data);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(built.clone());
+        Ok(to_snapshot(built))
     }
 }
 
@@ -463,6 +466,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Builder {
             sm: self.sm.clone(),
             writer: self.writer.clone(),
+            current: self.snapshot.clone(),
         }
     }
 
@@ -488,7 +492,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
             list: sm.list,
         };
-        self.snapshot = Some((meta.clone(), data));
+        *self.snapshot() = Some((meta.clone(), data));
         self.persist(true).await.map_err(|e| {
             fail(
                 ErrorSubject::Snapshot(Some(meta.signature())),
@@ -503,13 +507,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<Id>> {
-        if self.snapshot.is_none() && self.sm.applied.is_some() {
-            self.build();
+        let mut current = self.snapshot();
+        if current.is_none() && self.sm.applied.is_some() {
+            *current = Some(snapshot_of(&self.sm));
         }
-        Ok(self.snapshot.as_ref().map(|(meta, data)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(data.clone())),
-        }))
+        Ok(current.clone().map(to_snapshot))
     }
 }
 
