@@ -762,13 +762,7 @@ async fn bulk_batches_keep_exact_heads_without_loading() {
         r.await.unwrap();
     }
     assert_eq!(b.clock(), a.clock());
-    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| (i.id, i.heads))
-        .collect();
+    let listed = listed_heads(&b).await;
     for d in &docs {
         assert_eq!(b.get(*d, "").await.unwrap(), a.get(*d, "").await.unwrap());
         let loaded = b.heads(*d).await.unwrap();
@@ -803,13 +797,7 @@ async fn concurrent_bulk_batches_for_the_same_documents_keep_exact_heads() {
     let (r1, r2) = tokio::join!(b.ingest(a.id(), from_a), b.ingest(c.id(), from_c));
     r1.unwrap();
     r2.unwrap();
-    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| (i.id, i.heads))
-        .collect();
+    let listed = listed_heads(&b).await;
     for d in &docs {
         let loaded = b.heads(*d).await.unwrap();
         assert_eq!(loaded.len(), 2, "both edits are heads");
@@ -843,16 +831,22 @@ async fn out_of_order_batches_after_eviction_keep_exact_heads() {
     let (from_c, from_a): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| d.id.origin == c.id());
     b.ingest(c.id(), from_c).await.unwrap();
     b.ingest(a.id(), from_a).await.unwrap();
-    let listed: std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> = b
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| (i.id, i.heads))
-        .collect();
+    let listed = listed_heads(&b).await;
     for d in &docs {
         let loaded = b.heads(*d).await.unwrap();
         assert_eq!(loaded, c.heads(*d).await.unwrap());
         assert_eq!(listed[d], loaded, "listed heads of {d}");
     }
+}
+
+/// Each document's heads as `list` reports them.
+async fn listed_heads(
+    node: &Node,
+) -> std::collections::BTreeMap<DocId, Vec<tandem::automerge::ChangeHash>> {
+    node.list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.heads))
+        .collect()
 }

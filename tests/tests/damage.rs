@@ -190,7 +190,7 @@ fn a_full_disk_is_its_own_error_and_writing_resumes_when_space_returns() {
 /// delta then reaches A.
 #[test]
 fn a_forged_delta_is_refused_by_a_real_daemon_naming_the_sender() {
-    use tandem::net::{tls, wire};
+    use tandem::net::tls;
     let a = Daemon::start();
     let b = Daemon::start();
     b.ok(&["join", &a.ok(&["invite"])]);
@@ -242,29 +242,7 @@ fn a_forged_delta_is_refused_by_a_real_daemon_naming_the_sender() {
             .unwrap()
             .await
             .unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[wire::StreamKind::Sync.byte()])
-            .await
-            .unwrap();
-        let mut bytes = wire::encode(&wire::SyncMsg::Hello {
-            version: wire::PROTOCOL_VERSION,
-            node: h_id,
-            name: "h".into(),
-            clock: tandem::crdt::VersionVector::new(),
-        })
-        .unwrap();
-        bytes.extend(
-            wire::encode(&wire::SyncMsg::Batch {
-                seq: 1,
-                deltas: vec![forged],
-            })
-            .unwrap(),
-        );
-        send.write_all(&bytes).await.unwrap();
-        let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
-        tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .unwrap()
+        support::send_batch(&conn, h_id, vec![forged]).await
     });
     assert!(
         reason.to_string().contains("not signed by its origin"),

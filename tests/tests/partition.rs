@@ -6,35 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
+use support::{eventually, open_loopback as open};
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tandem::{Config, NetConfig, Node, NodeId};
-
-async fn open(dir: &std::path::Path) -> Node {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut cfg = Config::new(dir);
-    cfg.net = Some(NetConfig::loopback());
-    Node::open(cfg).await.unwrap()
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(40) {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after 40 s waiting for {what}");
-}
+use tandem::{Node, NodeId};
 
 /// Cuts every link between `a` and `b` (both ends), or heals all with empty sides.
 fn cut(nodes: &[Node], small: &[usize], big: &[usize]) {

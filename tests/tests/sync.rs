@@ -3,6 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
+use support::{eventually, open_loopback as open};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,37 +14,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tandem::{Config, DocId, NetConfig, Node};
 
-async fn open(dir: &Path) -> Node {
-    // RUST_LOG=tandem=debug shows what the nodes do.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut cfg = Config::new(dir);
-    cfg.net = Some(NetConfig::loopback());
-    Node::open(cfg).await.unwrap()
-}
-
 async fn pair(a: &Node, b: &Node) {
     let token = a.invite(Duration::from_secs(60)).await.unwrap();
     b.join(&token).await.unwrap();
-}
-
-/// Waits until `f` holds, or fails after 10 s with `what`.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    // Generous: debug builds on a loaded 2-core machine run many nodes at once.
-    while start.elapsed() < Duration::from_secs(30) {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after 30 s waiting for {what}");
 }
 
 async fn same_doc(a: &Node, b: &Node, doc: DocId) -> bool {
@@ -428,7 +404,7 @@ async fn hostile_member_is_cut_off_and_others_are_served() {
 /// the genuine delta with that id, when B writes it, is not taken for a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_delta_through_a_member_is_refused_naming_it() {
-    use tandem::net::{tls, wire};
+    use tandem::net::tls;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = open(dirs[0].path()).await;
     let b = open(dirs[1].path()).await;
@@ -462,29 +438,7 @@ async fn a_forged_delta_through_a_member_is_refused_naming_it() {
         .unwrap()
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[wire::StreamKind::Sync.byte()])
-        .await
-        .unwrap();
-    let mut bytes = wire::encode(&wire::SyncMsg::Hello {
-        version: wire::PROTOCOL_VERSION,
-        node: h_id,
-        name: "h".into(),
-        clock: tandem::crdt::VersionVector::new(),
-    })
-    .unwrap();
-    bytes.extend(
-        wire::encode(&wire::SyncMsg::Batch {
-            seq: 1,
-            deltas: vec![forged],
-        })
-        .unwrap(),
-    );
-    send.write_all(&bytes).await.unwrap();
-    let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
-    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .unwrap();
+    let reason = support::send_batch(&conn, h_id, vec![forged]).await;
     eprintln!("forger closed with: {reason}");
     assert!(
         reason.to_string().contains("not signed by its origin"),

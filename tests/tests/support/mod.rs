@@ -274,3 +274,59 @@ impl Lines {
         panic!("no matching line within {secs}s");
     }
 }
+
+/// As member `me` on `conn`: opens the sync stream, sends Hello (an empty clock) and one batch
+/// of `deltas`, and returns how the peer closed the connection (it must within 10 s).
+pub async fn send_batch(
+    conn: &quinn::Connection,
+    me: tandem::NodeId,
+    deltas: Vec<tandem::crdt::Delta>,
+) -> quinn::ConnectionError {
+    use tandem::net::wire;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[wire::StreamKind::Sync.byte()])
+        .await
+        .unwrap();
+    let mut bytes = wire::encode(&wire::SyncMsg::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: me,
+        name: "h".into(),
+        clock: tandem::crdt::VersionVector::new(),
+    })
+    .unwrap();
+    bytes.extend(wire::encode(&wire::SyncMsg::Batch { seq: 1, deltas }).unwrap());
+    send.write_all(&bytes).await.unwrap();
+    let _ = wire::read::<wire::SyncMsg>(&mut recv).await;
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap()
+}
+
+/// A library node on `dir`, networking on loopback only (no mDNS).
+pub async fn open_loopback(dir: &Path) -> tandem::Node {
+    // RUST_LOG=tandem=debug shows what the nodes do.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut cfg = tandem::Config::new(dir);
+    cfg.net = Some(tandem::NetConfig::loopback());
+    tandem::Node::open(cfg).await.unwrap()
+}
+
+/// Waits until `f` holds, or fails after 30 s with `what`.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    // Generous: debug builds on a loaded 2-core machine run many nodes at once.
+    while start.elapsed() < Duration::from_secs(30) {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after 30 s waiting for {what}");
+}
