@@ -170,8 +170,14 @@ pub enum Output {
     /// Read a batch from the store.
     Load(LoadRequest),
     /// Store deltas the peer sent (validate, deduplicate, commit); answer with
-    /// [`Session::handle_stored`].
-    Store { id: StoreId, deltas: Vec<Delta> },
+    /// [`Session::handle_stored`]. `live`: they came as a push (fresh writes, a few
+    /// documents), not as a catch-up batch, so a node may want their patches at once; a
+    /// catch-up batch may be stored without loading its documents.
+    Store {
+        id: StoreId,
+        deltas: Vec<Delta>,
+        live: bool,
+    },
     /// The peer's Hello arrived; it calls itself `name` (untrusted, for people).
     Hello { name: String },
     /// The in-sync state changed.
@@ -779,6 +785,7 @@ impl Session {
             self.out.push_back(Output::Store {
                 id: self.next_store,
                 deltas,
+                live: matches!(owed, Owed::PushAck),
             });
         }
     }
@@ -879,7 +886,7 @@ mod tests {
                         let (plan, batch) = req.run(&self.engine, &self.store).unwrap();
                         self.session.handle_loaded(now, lane, plan, batch);
                     }
-                    Output::Store { id, deltas } => {
+                    Output::Store { id, deltas, .. } => {
                         let from = self.session.peer();
                         let mut fresh = Vec::new();
                         for a in self.engine.handle(Input::RemoteDeltas { from, deltas }) {

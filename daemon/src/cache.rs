@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use automerge::Automerge;
+use automerge::{Automerge, ChangeHash};
 use tandem_crdt::DocId;
 use tokio::sync::{Notify, OnceCell};
 
@@ -36,20 +36,36 @@ pub(crate) struct DocEntry {
 struct Landing {
     landing: bool,
     loading: bool,
+    /// The document's heads as the last batch landed them, once that batch is committed:
+    /// complete (no stored change waits for a dependency), so the next batch can derive its
+    /// heads from them without loading the document. Unknown after a failure or a restart.
+    heads: Option<Vec<ChangeHash>>,
 }
 
 /// Held while received changes for an unloaded document are on their way to disk; dropping
 /// it (after the commit, or when the commit failed) lets waiting loads go on.
-pub(crate) struct LandingGuard(Arc<DocEntry>);
+pub(crate) struct LandingGuard {
+    entry: Arc<DocEntry>,
+    /// The heads the previous landing left (see [`Landing::heads`]).
+    pub before: Option<Vec<ChangeHash>>,
+    /// Set once this batch is committed, kept for the next one.
+    after: Option<Vec<ChangeHash>>,
+}
+
+impl LandingGuard {
+    /// This batch is committed and left the document at `heads`.
+    pub fn committed(&mut self, heads: Vec<ChangeHash>) {
+        self.after = Some(heads);
+    }
+}
 
 impl Drop for LandingGuard {
     fn drop(&mut self) {
-        self.0
-            .landing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .landing = false;
-        self.0.landed.notify_waiters();
+        let mut l = self.entry.landing.lock().unwrap_or_else(|p| p.into_inner());
+        l.landing = false;
+        l.heads = self.after.take();
+        drop(l);
+        self.entry.landed.notify_waiters();
     }
 }
 
@@ -72,7 +88,11 @@ impl DocEntry {
             return None;
         }
         l.landing = true;
-        Some(LandingGuard(self.clone()))
+        Some(LandingGuard {
+            entry: self.clone(),
+            before: l.heads.take(),
+            after: None,
+        })
     }
 
     /// Called by the loader before it reads the store: waits until no received change is on

@@ -839,6 +839,68 @@ async fn out_of_order_batches_after_eviction_keep_exact_heads() {
     }
 }
 
+/// One long history arriving in many catch-up batches of one document each (as a long
+/// document's catch-up comes) lands without loading the document: each batch derives its
+/// heads from those the previous one left. Heads stay exact, also where a second origin's
+/// changes interleave; then the document loads (in steps: more changes than one step holds)
+/// to the same state as the sender's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_in_many_batches_lands_without_loading() {
+    use tandem::automerge::transaction::Transactable;
+    use tandem::automerge::{Automerge, ObjType, ROOT};
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, c, b) = (
+        open(dirs[0].path()).await,
+        open(dirs[1].path()).await,
+        open(dirs[2].path()).await,
+    );
+    // 21,000 keystrokes, one change each.
+    let mut am = Automerge::new();
+    let mut tx = am.transaction();
+    let text = tx.put_object(ROOT, "text", ObjType::Text).unwrap();
+    tx.commit();
+    for i in 0..21_000usize {
+        let mut tx = am.transaction();
+        tx.splice_text(&text, i / 2, 0, "ab").unwrap();
+        tx.commit();
+    }
+    let doc = a.import(&am.save()).await.unwrap();
+    // C edits concurrently with the end of A's history, and A merges it and goes on: B gets
+    // A's later changes, whose dependencies include C's, before C's.
+    c.ingest(a.id(), a.deltas_missing_from(&c.clock()).await.unwrap())
+        .await
+        .unwrap();
+    c.put(doc, "/c", json!(true)).await.unwrap();
+    a.put(doc, "/a", json!(true)).await.unwrap();
+    a.ingest(c.id(), c.deltas_missing_from(&a.clock()).await.unwrap())
+        .await
+        .unwrap();
+    a.put(doc, "/after", json!(1)).await.unwrap();
+    // The imported history first, in slices: none may load the document. Then the rest, in
+    // (origin, seq) order: A's last change waits for C's, so that batch applies in memory.
+    let (history, rest): (Vec<_>, Vec<_>) = a
+        .deltas_missing_from(&b.clock())
+        .await
+        .unwrap()
+        .into_iter()
+        .partition(|d| d.id.origin == a.id() && d.id.seq <= 21_001);
+    assert_eq!(history.len(), 21_001);
+    for chunk in history.chunks(700) {
+        b.ingest(a.id(), chunk.to_vec()).await.unwrap();
+        assert!(
+            !b.is_loaded_for_tests(doc),
+            "a catch-up batch loaded the document"
+        );
+    }
+    assert_eq!(listed_heads(&b).await[&doc].len(), 1);
+    b.ingest(a.id(), rest).await.unwrap();
+    assert_eq!(b.clock(), a.clock());
+    let heads = a.heads(doc).await.unwrap();
+    assert_eq!(listed_heads(&b).await[&doc], heads, "listed heads");
+    assert_eq!(b.heads(doc).await.unwrap(), heads, "loaded heads");
+    assert_eq!(b.get(doc, "").await.unwrap(), a.get(doc, "").await.unwrap());
+}
+
 /// Each document's heads as `list` reports them.
 async fn listed_heads(
     node: &Node,

@@ -612,7 +612,7 @@ impl Sim {
                         },
                     );
                 }
-                Output::Store { id, deltas } => {
+                Output::Store { id, deltas, .. } => {
                     let at = self.now + self.rng.below(4);
                     let from = self.nodes[peer].id;
                     self.schedule(

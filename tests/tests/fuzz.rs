@@ -253,7 +253,7 @@ fn run_session(bytes: &[u8]) -> usize {
                     let (plan, batch) = req.run(&engine, &store).unwrap();
                     session.handle_loaded(now, lane, plan, batch);
                 }
-                Output::Store { id, deltas } => {
+                Output::Store { id, deltas, .. } => {
                     let mut result = Ok(());
                     for a in engine.handle(Input::RemoteDeltas { from: peer, deltas }) {
                         match a {

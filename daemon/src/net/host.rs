@@ -49,9 +49,14 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     fn load(&self, req: LoadRequest) -> Result<(CatchUp, Option<Vec<Delta>>), String>;
     /// The receive path: validate, deduplicate, apply, commit, announce. The caller must run
     /// the future to its end (the session runs it in a task of its own, never aborted): one
-    /// dropped half-way would leave documents changed in memory but not committed.
-    fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>)
-    -> BoxFuture<Result<(), StoreFailure>>;
+    /// dropped half-way would leave documents changed in memory but not committed. `live`:
+    /// a push, not a catch-up batch (see [`tandem_crdt::session::Output::Store`]).
+    fn apply_remote(
+        &self,
+        from: NodeId,
+        deltas: Vec<Delta>,
+        live: bool,
+    ) -> BoxFuture<Result<(), StoreFailure>>;
 
     // Membership.
     fn is_member(&self, id: &NodeId) -> bool;

@@ -150,8 +150,8 @@ pub(crate) async fn run(
                     let _ = push_tx.send(m);
                 }
                 Output::Load(req) => load(shared, req, &ev_tx),
-                Output::Store { id, deltas } => {
-                    let fut = host.apply_remote(peer, deltas);
+                Output::Store { id, deltas, live } => {
+                    let fut = host.apply_remote(peer, deltas, live);
                     let tx = ev_tx.clone();
                     // Its own task, never aborted: a session torn down meanwhile must not
                     // leave deltas applied in memory but not committed.

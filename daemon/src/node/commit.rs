@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, PatchLog};
 use tandem_crdt::{Action, Delta, DeltaBody, DocId, Input, NodeId, Source, VersionVector};
 use tokio::sync::{broadcast, oneshot};
 
@@ -19,8 +19,9 @@ use crate::error::DocError;
 use crate::net::Commit;
 use crate::store::{self, AfterCommit, StoreError, Write};
 
-/// Remote batches touching at most this many documents count as live pushes (see
-/// `apply_remote`).
+/// A push touching at most this many documents is applied in memory for its patches (see
+/// `commit_remote`); a bigger one, and every catch-up batch, is stored without loading what
+/// nobody has loaded.
 const LIVE_DOCS: usize = 4;
 
 /// Feeds deltas just committed to the sync sessions, if any listens. Called on the writer
@@ -35,20 +36,23 @@ fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &Arc<Vec<Delta>>, sourc
     }
 }
 
-/// The heads of a document made of just `changes`, if they are complete: every dependency
-/// another of them. (Then the heads are the changes no other depends on, sorted as Automerge
-/// sorts them.)
-fn derive_heads(changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
-    let all: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+/// The heads of a document whose complete heads were `base` (empty: a new document) once
+/// `changes` are added, if every dependency of them is another of them or one of `base`.
+/// (Then the heads are those of `base` and `changes` that no change depends on, sorted as
+/// Automerge sorts them.) Otherwise `None`: a dependency is an older change, or missing, and
+/// only loading the document can tell.
+fn derive_heads(base: &[ChangeHash], changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
+    let mut all: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
     let mut deps = BTreeSet::new();
     for c in changes {
         for d in c.deps() {
-            if !all.contains(d) {
+            if !all.contains(d) && !base.contains(d) {
                 return None;
             }
             deps.insert(*d);
         }
     }
+    all.extend(base.iter().copied());
     Some(all.difference(&deps).copied().collect())
 }
 
@@ -175,7 +179,14 @@ impl Node {
     /// changes were applied. Run it to its end (in a task of its own): the engine takes the
     /// deltas before the documents load, and a future dropped between the two would leave
     /// them in the engine's clock but not on disk.
-    pub(crate) async fn apply_remote(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
+    /// The receive path: validate, deduplicate, apply, commit, announce. `live`: a push (see
+    /// `commit_remote`), not a catch-up batch.
+    pub(crate) async fn apply_remote(
+        &self,
+        from: NodeId,
+        deltas: Vec<Delta>,
+        live: bool,
+    ) -> Result<(), Error> {
         let mut fresh = Vec::new();
         let mut parsed = Vec::new();
         let mut rejected = None;
@@ -190,7 +201,10 @@ impl Node {
             }
         }
         if !fresh.is_empty() {
-            self.commit_remote(from, fresh, parsed).await.wait().await?;
+            self.commit_remote(from, fresh, parsed, live)
+                .await
+                .wait()
+                .await?;
         }
         match rejected {
             Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
@@ -205,6 +219,7 @@ impl Node {
         from: NodeId,
         deltas: Vec<Delta>,
         parsed: Vec<Option<automerge::Change>>,
+        live: bool,
     ) -> Pending {
         // Per document: its changes, whether it was deleted, and the origin of its last delta.
         let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
@@ -220,11 +235,12 @@ impl Node {
             }
         }
         let sender = self.event_sender();
-        // A live push touches a document or two; a catch-up batch touches many, mostly new
-        // here. Diffing a whole new document costs about as much as storing it (it doubled a
-        // bulk sync's time), so only small batches compute patches for documents that were
-        // not loaded before.
-        let live = by_doc.len() <= LIVE_DOCS;
+        // A live push touches a document or two, and its events should carry patches. A
+        // catch-up batch touches many documents mostly new here, or one long history in
+        // slices; loading and diffing them costs more than storing them (it doubled a bulk
+        // sync's time, and made one long document's quadratic), so what nobody has loaded is
+        // stored without loading it.
+        let live = live && by_doc.len() <= LIVE_DOCS;
         let mut heads = Vec::new();
         let mut events = Vec::new();
         // A catch-up batch does not load what nobody has loaded: those documents' changes are
@@ -246,8 +262,8 @@ impl Node {
                         damaged: None,
                     });
                 }
-                heads.push((doc, new_heads));
-                landing.push(guard);
+                heads.push((doc, new_heads.clone()));
+                landing.push((guard, new_heads));
             }
         }
         // Load (or start) every other touched document; lock them only once all are here.
@@ -278,8 +294,16 @@ impl Node {
             let Some(mut st) = entry.lock() else {
                 continue;
             };
-            let before = st.am.get_heads();
-            match tandem_crdt::delta::contain(|| st.am.apply_changes(changes)) {
+            // Patches for whoever listens, logged while applying (a diff of the heads before and
+            // after would walk the whole document for every batch).
+            let want_patches = sender.is_some() && (*was_loaded || live);
+            let mut log = if want_patches {
+                PatchLog::active()
+            } else {
+                PatchLog::inactive()
+            };
+            match tandem_crdt::delta::contain(|| st.am.apply_changes_log_patches(changes, &mut log))
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
@@ -296,8 +320,8 @@ impl Node {
             st.deleted |= tombstone;
             let after = st.am.get_heads();
             if sender.is_some() {
-                let patches = if *was_loaded || live {
-                    st.am.diff(&before, &after)
+                let patches = if want_patches {
+                    st.am.make_patches(&mut log)
                 } else {
                     Vec::new()
                 };
@@ -324,8 +348,11 @@ impl Node {
             }
             // The entries stay cached until the commit: a reload cannot miss these changes.
             drop(keep);
-            // Loads of the documents stored without loading may go on now.
-            drop(landing);
+            // Loads of the documents stored without loading may go on now, and their next
+            // batches may land on these heads.
+            for (mut guard, heads) in landing {
+                guard.committed(heads);
+            }
         });
         let rx = self.inner.store.submit(Write::Deltas {
             deltas: Arc::new(deltas),
@@ -336,11 +363,11 @@ impl Node {
         Pending { rx }
     }
 
-    /// The documents of a catch-up batch that can be stored without loading them: new here
-    /// (nothing stored, nothing loading), with every dependency of their changes another
-    /// change of the batch (then the heads are exactly the changes no other depends on).
-    /// Returns each with its landing guard and heads; the others are applied in memory as
-    /// usual.
+    /// The documents of a catch-up batch that can be stored without loading them: not loaded
+    /// nor loading, and either new here or last landed by a batch of this process (whose
+    /// heads are complete), with every dependency of their changes another change of the
+    /// batch or one of those heads. Returns each with its landing guard and heads; the others
+    /// are applied in memory as usual.
     async fn land_unloaded(
         &self,
         by_doc: &BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)>,
@@ -367,20 +394,29 @@ impl Node {
         };
         let mut out = Vec::with_capacity(candidates.len());
         for ((doc, guard), stored) in candidates.into_iter().zip(stored) {
-            // Only documents new here: a stored document's heads do not cover its changes that
-            // still wait for a dependency (Automerge holds them back), so heads derived from
-            // them could be wrong. Those load and apply in memory, as before.
-            if stored {
-                continue;
-            }
+            // A stored document's heads as the store has them may not cover changes that wait
+            // for a dependency (Automerge holds them back), so heads derived from them could be
+            // wrong: only the heads a landing left are known complete. Other stored documents
+            // load and apply in memory.
+            let base = match (stored, &guard.before) {
+                (false, _) => &[][..],
+                (true, Some(heads)) => heads.as_slice(),
+                (true, None) => continue,
+            };
             let Some((changes, _, _)) = by_doc.get(&doc) else {
                 continue;
             };
-            if let Some(heads) = derive_heads(changes) {
+            if let Some(heads) = derive_heads(base, changes) {
                 out.push((doc, guard, heads));
             }
         }
         out
+    }
+
+    /// For tests: whether `doc` is loaded in memory (received changes should not load it).
+    #[doc(hidden)]
+    pub fn is_loaded_for_tests(&self, doc: DocId) -> bool {
+        self.cache().is_loaded(doc)
     }
 
     /// Deltas this node holds that a node with clock `clock` lacks, in `(origin, seq)` order:
@@ -411,7 +447,7 @@ impl Node {
     pub async fn ingest(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
         // In a task of its own: a caller that gives up (a timeout) must not stop it half-way.
         let node = self.clone();
-        tokio::spawn(async move { node.apply_remote(from, deltas).await })
+        tokio::spawn(async move { node.apply_remote(from, deltas, false).await })
             .await
             .map_err(|_| Error::Closed)?
     }

@@ -135,17 +135,8 @@ impl Node {
                     Err(panic) => return Err(corrupt(format!("automerge panicked: {panic}"))),
                 },
             };
-            contain(|| {
-                let changes = stored
-                    .changes
-                    .iter()
-                    .map(|(_, b)| automerge::Change::try_from(b.as_slice()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())?;
-                am.apply_changes(changes).map_err(|e| e.to_string())
-            })
-            .map_err(|panic| corrupt(format!("automerge panicked: {panic}")))?
-            .map_err(corrupt)?;
+            store::apply_stored(&mut am, stored.changes.iter().map(|(_, b)| b.as_slice()))
+                .map_err(corrupt)?;
             am.set_actor(self.inner.actor.clone());
             tracing::trace!(%doc, "document loaded");
             return Ok(Some(DocState {

@@ -101,18 +101,13 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
             // Damage folded into a snapshot could never be found again; the next load of the
             // document quarantines it instead.
             check_change_bytes(&bytes).map_err(corrupt)?;
-            changes.push(
-                automerge::Change::try_from(bytes.as_slice())
-                    .map_err(|e| corrupt(e.to_string()))?,
-            );
+            changes.push(bytes);
         }
     }
     if last == upto {
         return Ok(None);
     }
-    contain(|| am.apply_changes(changes))
-        .map_err(corrupt)?
-        .map_err(|e| corrupt(e.to_string()))?;
+    super::apply_stored(&mut am, changes.iter().map(Vec::as_slice)).map_err(corrupt)?;
     if !automerge::ReadDoc::get_missing_deps(&am, &[]).is_empty() {
         // Some change waits for a dependency not received yet; a snapshot would drop it.
         tracing::trace!(%doc, "not compacting: changes wait for missing dependencies");

@@ -737,6 +737,33 @@ fn doc_id_from(bytes: &[u8]) -> Result<DocId, StoreError> {
     Ok(DocId::from_bytes(arr))
 }
 
+/// Changes applied at a time when a document is rebuilt from its stored changes. One
+/// `apply_changes` of a whole long history holds every parsed change at once (262,961 changes
+/// of one text peaked at 500 MB in Automerge alone); steps of this size take as long and a
+/// fraction of the memory.
+const APPLY_STEP: usize = 20_000;
+
+/// Applies stored change bytes to `am` in order, parsing a step at a time. What Automerge
+/// refuses, or panics on, is the document's damage, returned as text.
+pub(crate) fn apply_stored<'a>(
+    am: &mut automerge::Automerge,
+    changes: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), String> {
+    let mut changes = changes.peekable();
+    while changes.peek().is_some() {
+        let step = changes.by_ref().take(APPLY_STEP);
+        tandem_crdt::delta::contain(|| {
+            let parsed = step
+                .map(automerge::Change::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            am.apply_changes(parsed).map_err(|e| e.to_string())
+        })
+        .map_err(|panic| format!("automerge panicked: {panic}"))??;
+    }
+    Ok(())
+}
+
 pub(crate) fn heads_to_bytes(heads: &[automerge::ChangeHash]) -> Vec<u8> {
     heads.iter().flat_map(|h| h.0).collect()
 }
