@@ -250,7 +250,8 @@ pub struct Session {
     /// Received batches not yet acknowledged (stored or queued).
     unacked_in: usize,
     received: VecDeque<(Owed, Vec<Delta>)>,
-    storing: Option<(StoreId, Owed)>,
+    /// The store request out, and what its frames owe the peer once stored.
+    storing: Option<(StoreId, Vec<Owed>)>,
     next_store: StoreId,
     // Outgoing pushes.
     push_sizes: VecDeque<usize>,
@@ -534,13 +535,15 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        let Some((current, owed)) = self.storing else {
+        let Some((current, _)) = &self.storing else {
             return;
         };
-        if current != id {
+        if *current != id {
             return;
         }
-        self.storing = None;
+        let Some((_, owed)) = self.storing.take() else {
+            return;
+        };
         match result {
             Err(StoreFailure::Invalid(why)) => {
                 return self.close(CloseCode::Protocol, format!("invalid delta: {why}"));
@@ -550,31 +553,35 @@ impl Session {
             }
             Ok(()) => {}
         }
-        self.settle(owed);
+        self.settle(&owed);
         self.store_next();
     }
 
-    /// A received frame is stored: acknowledge it. Pushes are acknowledged by count once no
+    /// Received frames are stored: acknowledge them. Pushes are acknowledged by count once no
     /// further push waits to be stored, so a burst costs one `PushAck`.
-    fn settle(&mut self, owed: Owed) {
-        match owed {
-            Owed::Ack(seq) => {
-                self.unacked_in -= 1;
-                self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
-            }
-            Owed::PushAck => {
-                self.pushes_stored += 1;
-                if !self
-                    .received
-                    .iter()
-                    .any(|(o, _)| matches!(o, Owed::PushAck))
-                {
-                    self.out.push_back(Output::Send(SyncMsg::PushAck {
-                        stored: self.pushes_stored,
-                    }));
+    fn settle(&mut self, owed: &[Owed]) {
+        let mut pushes = 0;
+        for o in owed {
+            match o {
+                Owed::Ack(seq) => {
+                    self.unacked_in -= 1;
+                    self.out.push_back(Output::Send(SyncMsg::Ack { seq: *seq }));
                 }
+                Owed::PushAck => pushes += 1,
+                Owed::Nothing => {}
             }
-            Owed::Nothing => {}
+        }
+        if pushes > 0 {
+            self.pushes_stored += pushes;
+            if !self
+                .received
+                .iter()
+                .any(|(o, _)| matches!(o, Owed::PushAck))
+            {
+                self.out.push_back(Output::Send(SyncMsg::PushAck {
+                    stored: self.pushes_stored,
+                }));
+            }
         }
     }
 
@@ -771,21 +778,40 @@ impl Session {
         }
     }
 
+    /// Asks for the next store. What else waits joins it, up to a batch's size: a node that
+    /// falls behind then stores many changes at once instead of one push at a time (applying
+    /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
         while self.storing.is_none() {
-            let Some((owed, deltas)) = self.received.pop_front() else {
+            let Some((owed, mut deltas)) = self.received.pop_front() else {
                 return;
             };
             if deltas.is_empty() {
-                self.settle(owed);
+                self.settle(&[owed]);
                 continue;
+            }
+            let mut live = matches!(owed, Owed::PushAck);
+            let mut owed = vec![owed];
+            let mut size: usize = deltas.iter().map(Delta::encoded_len).sum();
+            while let Some((_, next)) = self.received.front() {
+                let more: usize = next.iter().map(Delta::encoded_len).sum();
+                if size + more > self.cfg.batch_bytes {
+                    break;
+                }
+                let Some((o, next)) = self.received.pop_front() else {
+                    break;
+                };
+                size += more;
+                live &= matches!(o, Owed::PushAck);
+                owed.push(o);
+                deltas.extend(next);
             }
             self.next_store += 1;
             self.storing = Some((self.next_store, owed));
             self.out.push_back(Output::Store {
                 id: self.next_store,
                 deltas,
-                live: matches!(owed, Owed::PushAck),
+                live,
             });
         }
     }
@@ -1200,18 +1226,24 @@ mod tests {
             s.handle_push(t, PushMsg::Push { deltas: vec![d] });
         }
         let mut acks = Vec::new();
-        let mut stores = 0;
+        let mut stores = Vec::new();
         while let Some(o) = s.poll_output() {
             match o {
-                Output::Store { id, .. } => {
-                    stores += 1;
+                Output::Store { id, deltas, live } => {
+                    assert!(live, "pushes are live");
+                    stores.push(deltas.len());
                     s.handle_stored(t, id, Ok(()));
                 }
                 Output::Send(SyncMsg::PushAck { stored }) => acks.push(stored),
                 _ => {}
             }
         }
-        assert_eq!(stores, 3, "one store at a time, each frame stored");
+        // One store at a time: the first push alone, the two that queued behind it together.
+        assert_eq!(
+            stores,
+            vec![1, 2],
+            "every frame stored, queued ones at once"
+        );
         assert_eq!(acks, vec![3], "one ack once the queue drained");
     }
 }

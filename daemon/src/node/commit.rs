@@ -131,17 +131,17 @@ impl Node {
         Pending { rx }
     }
 
-    /// Commits `change`, just made to `am` (whose heads were `before`), as this node's next
-    /// delta, with its event.
+    /// Commits `change`, just made to `am`, as this node's next delta, with its event (and its
+    /// patches, logged while it was made, if anyone listens).
     pub(super) fn commit_change(
         &self,
         doc: DocId,
         am: &Automerge,
-        before: &[ChangeHash],
+        patches: Vec<automerge::Patch>,
         change: &automerge::Change,
         keep: Arc<DocEntry>,
     ) -> Pending {
-        let event = self.local_event(doc, am, before, false);
+        let event = self.local_event(doc, am, false, || patches);
         let body = DeltaBody::Change(change.raw_bytes().to_vec());
         self.commit_local(doc, vec![body], am.get_heads(), event, keep)
     }
@@ -159,7 +159,7 @@ impl Node {
         bodies: Vec<DeltaBody>,
     ) -> Result<(), Error> {
         let heads = am.get_heads();
-        let event = self.local_event(doc, &am, &[], false);
+        let event = self.local_event(doc, &am, false, || am.current_state());
         let entry = self
             .cache()
             .insert_loaded(doc, DocState { am, deleted: false });

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use automerge::transaction::Transaction;
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, PatchLog};
 use serde_json::Value as Json;
 use tandem_crdt::delta::{check_change_bytes, contain};
 use tandem_crdt::{DeltaBody, DocId, NodeId, Pointer, actor_id, pointer};
@@ -160,15 +160,23 @@ impl Node {
                 return Err(Error::Doc(DocError::Deleted(doc)));
             }
             let before = st.am.get_heads();
-            let out = st
-                .am
-                .transact_with(|_| self.commit_options(), f)
-                .map_err(|fail| fail.error)?
-                .result;
-            let after = st.am.get_heads();
-            if after == before {
+            let listening = self.listening();
+            let mut done = if listening {
+                st.am
+                    .transact_and_log_patches_with(|_| self.commit_options(), f)
+            } else {
+                st.am.transact_with(|_| self.commit_options(), f)
+            }
+            .map_err(|fail| fail.error)?;
+            let out = done.result;
+            if st.am.get_heads() == before {
                 return Ok(out);
             }
+            let patches = if listening {
+                st.am.make_patches(&mut done.patch_log)
+            } else {
+                Vec::new()
+            };
             let change = st.am.get_last_local_change().ok_or_else(|| {
                 Error::Doc(DocError::Corrupt {
                     doc,
@@ -177,7 +185,7 @@ impl Node {
             })?;
             (
                 out,
-                self.commit_change(doc, &st.am, &before, &change, entry.clone()),
+                self.commit_change(doc, &st.am, patches, &change, entry.clone()),
             )
         };
         pending.wait().await?;
@@ -236,7 +244,7 @@ impl Node {
             }
             st.deleted = true;
             let heads = st.am.get_heads();
-            let event = self.local_event(doc, &st.am, &heads, true);
+            let event = self.local_event(doc, &st.am, true, Vec::new);
             self.commit_local(doc, vec![DeltaBody::Tombstone], heads, event, entry.clone())
         };
         pending.wait().await
@@ -355,9 +363,15 @@ impl Node {
             let Some(change) = fork.get_last_local_change() else {
                 return Ok(()); // the text is what it was at `base`
             };
-            let before = st.am.get_heads();
-            st.am.apply_changes([change.clone()])?;
-            self.commit_change(doc, &st.am, &before, &change, entry.clone())
+            let mut log = if self.listening() {
+                PatchLog::active()
+            } else {
+                PatchLog::inactive()
+            };
+            st.am
+                .apply_changes_log_patches([change.clone()], &mut log)?;
+            let patches = st.am.make_patches(&mut log);
+            self.commit_change(doc, &st.am, patches, &change, entry.clone())
         };
         pending.wait().await
     }

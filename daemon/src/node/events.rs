@@ -97,29 +97,28 @@ impl Node {
             .and_then(|e| e.as_ref().filter(|tx| tx.receiver_count() > 0).cloned())
     }
 
-    /// The event for a local change from `before` to the document's current heads, if anyone
-    /// listens (patches cost a diff, so they are computed only then).
+    /// Whether anyone listens for events (then local changes log their patches as they are
+    /// made: a diff afterwards would walk the whole document).
+    pub(super) fn listening(&self) -> bool {
+        self.event_sender().is_some()
+    }
+
+    /// The event for a local change that left the document at its current heads, if anyone
+    /// listens; `patches` are asked for only then.
     pub(super) fn local_event(
         &self,
         doc: DocId,
         am: &Automerge,
-        before: &[ChangeHash],
         deleted: bool,
+        patches: impl FnOnce() -> Vec<Patch>,
     ) -> Option<Event> {
-        self.event_sender().map(|_| {
-            let heads = am.get_heads();
-            Event {
-                doc,
-                source: Source::Local,
-                patches: if deleted {
-                    Vec::new()
-                } else {
-                    am.diff(before, &heads)
-                },
-                heads,
-                deleted,
-                damaged: None,
-            }
+        self.event_sender().map(|_| Event {
+            doc,
+            source: Source::Local,
+            patches: if deleted { Vec::new() } else { patches() },
+            heads: am.get_heads(),
+            deleted,
+            damaged: None,
         })
     }
 }
