@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ObjType, ROOT, ReadDoc};
@@ -127,21 +127,7 @@ fn main() {
 
     let perf = std::env::var("BENCH_PERF").ok();
     let b = Daemon::start(tmp.path().join("b"), perf.as_deref());
-    let token = a.json("POST", "/v1/invite", None)["token"].clone();
-    let start = Instant::now();
-    b.json(
-        "POST",
-        "/v1/join",
-        Some(serde_json::json!({ "token": token })),
-    );
-    while b.digest() != target {
-        assert!(
-            start.elapsed() < Duration::from_secs(1800),
-            "sync timed out"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let sync = start.elapsed();
+    let sync = b.join_until(&a, &target);
     let (b_cpu, b_rss) = b.usage();
     if perf.is_some() {
         // The profile is of the sync alone.

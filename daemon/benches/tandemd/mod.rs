@@ -52,7 +52,17 @@ impl Daemon {
             ])
             .env("XDG_CONFIG_HOME", dir.join("no-config"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // `BENCH_LOG=DIR`: each daemon's log in `DIR/<its data dir's name>.log` (filter
+            // with `RUST_LOG`).
+            .stderr(match std::env::var_os("BENCH_LOG") {
+                Some(logs) => {
+                    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+                    std::fs::create_dir_all(&logs).unwrap();
+                    let path = std::path::Path::new(&logs).join(format!("{name}.log"));
+                    Stdio::from(std::fs::File::create(path).unwrap())
+                }
+                None => Stdio::null(),
+            })
             .spawn()
             .unwrap();
         let started = Instant::now();
@@ -102,6 +112,26 @@ impl Daemon {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Joins `inviter`'s cluster and waits until this node's clock digest is `target`;
+    /// returns the time from the join.
+    pub fn join_until(&self, inviter: &Daemon, target: &str) -> Duration {
+        let token = inviter.json("POST", "/v1/invite", None)["token"].clone();
+        let start = Instant::now();
+        self.json(
+            "POST",
+            "/v1/join",
+            Some(serde_json::json!({ "token": token })),
+        );
+        while self.digest() != target {
+            assert!(
+                start.elapsed() < Duration::from_secs(1800),
+                "sync timed out"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        start.elapsed()
     }
 
     /// CPU seconds used so far, and peak RSS in MB.

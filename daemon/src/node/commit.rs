@@ -270,6 +270,7 @@ impl Node {
         let mut entries = Vec::with_capacity(by_doc.len());
         for doc in by_doc.keys() {
             let was_loaded = self.cache().is_loaded(*doc);
+            tracing::trace!(%doc, was_loaded, live, "received changes apply in memory");
             match self.entry_or_new(*doc).await {
                 Ok(e) => entries.push(Some((e, was_loaded))),
                 Err(e) => {
