@@ -1,0 +1,594 @@
+//! SWIM gossip among members ([foca]), sans IO: who is alive, suspect or down, and since when.
+//!
+//! [`Gossip`] wraps one foca instance in the style of [`crate::session::Session`]: datagrams and
+//! timeouts go in with `now` ([`Gossip::handle_datagram`], [`Gossip::handle_timeout`]),
+//! packets to send and health changes come out ([`Gossip::poll_output`]), and
+//! [`Gossip::poll_timeout`] says when to call back. foca's timers run on the caller's clock, so
+//! the simulator drives it on simulated time, and its randomness comes from a seed.
+//!
+//! foca authenticates nothing: a datagram is accepted only from a member (the replicated list,
+//! [`Gossip::set_members`]), only when the identity it claims is the connection's pinned
+//! NodeId, and only when it is addressed to this node; anything else is dropped and counted.
+//! Packets carry a one-byte tag ([`DatagramKind::Gossip`]) so gossip bytes never mix with other
+//! datagrams, and are at most [`GossipConfig::max_packet`] bytes with it.
+//!
+//! Identity is `(NodeId, incarnation)`: the node's incarnation counter, renewed on every start,
+//! so a restarted member replaces its old identity at once instead of waiting out a suspicion.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::{Duration, Instant};
+
+use foca::{Config, Foca, Member, NoCustomBroadcast, Notification, PostcardCodec, State, Timer};
+use rand_pcg::Pcg32;
+use serde::{Deserialize, Serialize};
+
+use crate::id::NodeId;
+use crate::proto::DatagramKind;
+
+/// A member as gossip knows it: its NodeId and the incarnation of its current start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GossipId {
+    pub node: NodeId,
+    pub incarnation: u64,
+}
+
+impl foca::Identity for GossipId {
+    type Addr = NodeId;
+
+    /// Declared down while alive (a long pause, a partition): come back as the next
+    /// incarnation.
+    fn renew(&self) -> Option<Self> {
+        Some(GossipId {
+            node: self.node,
+            incarnation: self.incarnation.checked_add(1)?,
+        })
+    }
+
+    fn addr(&self) -> NodeId {
+        self.node
+    }
+
+    /// The later start wins.
+    fn win_addr_conflict(&self, other: &Self) -> bool {
+        self.incarnation > other.incarnation
+    }
+}
+
+/// A member's health as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Alive,
+    /// Someone could not reach it; it is declared down unless it answers in time.
+    Suspect,
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Alive => "alive",
+            Health::Suspect => "suspect",
+            Health::Down => "down",
+        }
+    }
+}
+
+/// A member's health and when it last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberHealth {
+    pub health: Health,
+    pub since: Instant,
+    pub incarnation: u64,
+}
+
+/// Timing and size of the gossip.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// How often each node probes one member.
+    pub probe_period: Duration,
+    /// How long a probe waits for its answer before asking others to probe (must be less than
+    /// the period).
+    pub probe_rtt: Duration,
+    /// Members asked to probe indirectly: one broken path does not make a member suspect.
+    pub indirect_probes: usize,
+    /// How long a suspect has to refute before it is declared down.
+    pub suspect_to_down: Duration,
+    /// Largest datagram, tag included (quinn's initial `max_datagram_size()` is about 1,100).
+    pub max_packet: usize,
+    /// How often updates are pushed to a few members between probes.
+    pub gossip_every: Duration,
+    /// How often a member not heard from (never, or declared down) is asked to introduce
+    /// itself again (an `Announce`), so one that comes back is found without a restart here.
+    pub announce_every: Duration,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            probe_period: Duration::from_secs(1),
+            probe_rtt: Duration::from_millis(400),
+            indirect_probes: 3,
+            suspect_to_down: Duration::from_secs(10),
+            max_packet: 1100,
+            gossip_every: Duration::from_millis(500),
+            announce_every: Duration::from_secs(5),
+        }
+    }
+}
+
+impl GossipConfig {
+    fn foca(&self, members: usize) -> Config {
+        let n =
+            NonZeroU32::new(members.clamp(1, u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
+        let mut c = Config::new_lan(n);
+        c.probe_period = self.probe_period;
+        c.probe_rtt = self.probe_rtt;
+        c.num_indirect_probes =
+            NonZeroUsize::new(self.indirect_probes).unwrap_or(NonZeroUsize::MIN);
+        c.suspect_to_down_after = self.suspect_to_down;
+        // foca sends each update with this many messages, to whoever they go to; a suspect
+        // learns it is suspected (and refutes) only if one of them reaches it. At 4 (memberlist's
+        // figure for 10 nodes), 10% loss declared ~5 live members down per simulated hour; at
+        // 12, none. It costs bytes only while updates are fresh.
+        c.max_transmissions = c
+            .max_transmissions
+            .max(std::num::NonZeroU8::new(12).unwrap_or(std::num::NonZeroU8::MIN));
+        c.max_packet_size = NonZeroUsize::new(self.max_packet.saturating_sub(1).max(64))
+            .unwrap_or(NonZeroUsize::MIN);
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: self.gossip_every,
+            num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+        });
+        // Members come from the replicated list, not from announcements.
+        c.periodic_announce = None;
+        c
+    }
+}
+
+/// What the gossip asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GossipOutput {
+    /// Send this datagram (tag included) to member `to`.
+    Send { to: NodeId, packet: Vec<u8> },
+    /// A member's health changed.
+    Health { node: NodeId, health: Health },
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dropped {
+    /// Not tagged as gossip, empty, or over the size limit.
+    Malformed,
+    /// From a node not in the member list.
+    NotMember,
+    /// Its claimed sender is not the connection's peer, or it is addressed to someone else.
+    Forged,
+    /// foca could not decode or refused it.
+    Refused,
+}
+
+/// Collects what foca asks for during one call.
+struct Collect<'a> {
+    sends: &'a mut Vec<(NodeId, Vec<u8>)>,
+    timers: &'a mut Vec<(Timer<GossipId>, Duration)>,
+}
+
+impl foca::Runtime<GossipId> for Collect<'_> {
+    fn notify(&mut self, _n: Notification<'_, GossipId>) {
+        // Health is read from foca's member states after every call (they carry suspicion,
+        // which notifications do not).
+    }
+
+    fn send_to(&mut self, to: GossipId, data: &[u8]) {
+        let mut packet = Vec::with_capacity(data.len() + 1);
+        packet.push(DatagramKind::Gossip as u8);
+        packet.extend_from_slice(data);
+        self.sends.push((to.node, packet));
+    }
+
+    fn submit_after(&mut self, event: Timer<GossipId>, after: Duration) {
+        self.timers.push((event, after));
+    }
+}
+
+/// One node's SWIM gossip.
+pub struct Gossip {
+    me: GossipId,
+    cfg: GossipConfig,
+    foca: Foca<GossipId, PostcardCodec, Pcg32, NoCustomBroadcast>,
+    members: BTreeSet<NodeId>,
+    timers: BTreeMap<(Instant, u64), Timer<GossipId>>,
+    timer_seq: u64,
+    health: BTreeMap<NodeId, MemberHealth>,
+    out: VecDeque<GossipOutput>,
+    dropped: BTreeMap<Dropped, u64>,
+    sends: Vec<(NodeId, Vec<u8>)>,
+    new_timers: Vec<(Timer<GossipId>, Duration)>,
+    next_announce: Instant,
+    /// foca's own incarnation, as its packets carry it: it rises when this node refutes a
+    /// suspicion.
+    foca_incarnation: u16,
+    /// When to tell every member directly that this node is alive (after a refutation).
+    refute_at: Vec<Instant>,
+}
+
+impl Gossip {
+    /// Gossip for node `me`, started at `now`; `seed` drives its random choices.
+    pub fn new(me: GossipId, cfg: GossipConfig, seed: u64, now: Instant) -> Self {
+        let foca = Foca::new(
+            me,
+            cfg.foca(1),
+            Pcg32::new(seed, 0x0a02_bdbf_7bb3_c0a7),
+            PostcardCodec,
+        );
+        let mut g = Self {
+            me,
+            cfg,
+            foca,
+            members: BTreeSet::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            health: BTreeMap::new(),
+            out: VecDeque::new(),
+            dropped: BTreeMap::new(),
+            sends: Vec::new(),
+            new_timers: Vec::new(),
+            next_announce: now,
+            foca_incarnation: 0,
+            refute_at: Vec::new(),
+        };
+        // foca starts probing once it knows a member; nothing to schedule yet.
+        g.after_call(now);
+        g
+    }
+
+    pub fn id(&self) -> GossipId {
+        self.me
+    }
+
+    /// The replicated member list (this node may be in it). New members are asked to introduce
+    /// themselves (and count as down until they are heard from); removed ones are forgotten and
+    /// their datagrams dropped.
+    pub fn set_members(&mut self, now: Instant, members: impl IntoIterator<Item = NodeId>) {
+        let members: BTreeSet<NodeId> =
+            members.into_iter().filter(|m| *m != self.me.node).collect();
+        if members == self.members {
+            return;
+        }
+        let _ = self.foca.set_config(self.cfg.foca(members.len() + 1));
+        let added: Vec<NodeId> = members.difference(&self.members).copied().collect();
+        let removed: Vec<NodeId> = self.members.difference(&members).copied().collect();
+        self.members = members;
+        let mut rt = Collect {
+            sends: &mut self.sends,
+            timers: &mut self.new_timers,
+        };
+        for node in added {
+            // An Announce is accepted by any incarnation of its addressee, which answers with
+            // what it knows, itself included.
+            let _ = self.foca.announce(
+                GossipId {
+                    node,
+                    incarnation: 0,
+                },
+                &mut rt,
+            );
+            self.health.insert(
+                node,
+                MemberHealth {
+                    health: Health::Down,
+                    since: now,
+                    incarnation: 0,
+                },
+            );
+        }
+        for node in removed {
+            let known: Vec<Member<GossipId>> = self
+                .foca
+                .iter_membership_state()
+                .filter(|m| m.id().node == node)
+                .map(|m| Member::new(*m.id(), m.incarnation(), State::Down))
+                .collect();
+            let _ = self.foca.apply_many(known.into_iter(), true, &mut rt);
+            self.health.remove(&node);
+        }
+        self.after_call(now);
+    }
+
+    /// A datagram from `from` (the connection's pinned NodeId). Anything not gossip from a
+    /// member, claiming to be `from`, addressed to this node, is dropped and counted.
+    pub fn handle_datagram(&mut self, now: Instant, from: NodeId, packet: &[u8]) {
+        let verdict = self.check(from, packet);
+        if let Err(why) = verdict {
+            *self.dropped.entry(why).or_default() += 1;
+            return;
+        }
+        let mut rt = Collect {
+            sends: &mut self.sends,
+            timers: &mut self.new_timers,
+        };
+        if self.foca.handle_data(&packet[1..], &mut rt).is_err() {
+            *self.dropped.entry(Dropped::Refused).or_default() += 1;
+        }
+        self.after_call(now);
+    }
+
+    fn check(&self, from: NodeId, packet: &[u8]) -> Result<(), Dropped> {
+        if packet.len() < 2
+            || packet.len() > self.cfg.max_packet
+            || packet[0] != DatagramKind::Gossip as u8
+        {
+            return Err(Dropped::Malformed);
+        }
+        if !self.members.contains(&from) {
+            return Err(Dropped::NotMember);
+        }
+        let header: foca::Header<GossipId> =
+            foca::Codec::decode_header(&mut PostcardCodec, &packet[1..])
+                .map_err(|_| Dropped::Refused)?;
+        if header.src.node != from || header.dst.node != self.me.node {
+            return Err(Dropped::Forged);
+        }
+        Ok(())
+    }
+
+    /// Runs the timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.refute_at.first().is_some_and(|t| *t <= now) {
+            self.refute_at.remove(0);
+            self.announce_to(now, self.members.iter().copied().collect());
+        }
+        if now >= self.next_announce {
+            self.next_announce = now + self.cfg.announce_every;
+            let silent: Vec<NodeId> = self
+                .health
+                .iter()
+                .filter(|(_, h)| h.health == Health::Down)
+                .map(|(n, _)| *n)
+                .collect();
+            self.announce_to(now, silent);
+        }
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let timer = entry.remove();
+            let mut rt = Collect {
+                sends: &mut self.sends,
+                timers: &mut self.new_timers,
+            };
+            let _ = self.foca.handle_timer(timer, &mut rt);
+            self.after_call(now);
+        }
+    }
+
+    /// Sends an `Announce` to each of `nodes`: accepted by any incarnation of its addressee,
+    /// which learns this node's current identity and incarnation from it (and answers with
+    /// what it knows).
+    fn announce_to(&mut self, now: Instant, nodes: Vec<NodeId>) {
+        let mut rt = Collect {
+            sends: &mut self.sends,
+            timers: &mut self.new_timers,
+        };
+        for node in nodes {
+            let _ = self.foca.announce(
+                GossipId {
+                    node,
+                    incarnation: 0,
+                },
+                &mut rt,
+            );
+        }
+        self.after_call(now);
+    }
+
+    /// When to call [`Gossip::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let foca = self.timers.first_key_value().map(|((at, _), _)| *at);
+        let ours = self
+            .refute_at
+            .first()
+            .map_or(self.next_announce, |t| (*t).min(self.next_announce));
+        Some(foca.map_or(ours, |t| t.min(ours)))
+    }
+
+    pub fn poll_output(&mut self) -> Option<GossipOutput> {
+        self.out.pop_front()
+    }
+
+    /// Each member's health as this node sees it.
+    pub fn health(&self) -> &BTreeMap<NodeId, MemberHealth> {
+        &self.health
+    }
+
+    /// Datagrams dropped so far, by reason.
+    pub fn dropped(&self) -> &BTreeMap<Dropped, u64> {
+        &self.dropped
+    }
+
+    /// Moves what foca asked for into the outputs and timers, and turns its member states into
+    /// health changes.
+    fn after_call(&mut self, now: Instant) {
+        let mut refuted = false;
+        for (to, packet) in self.sends.drain(..) {
+            // foca refutes a suspicion of this node by raising its incarnation, which only
+            // the members it happens to message soon learn; under loss others may declare this
+            // node down meanwhile. So a rise is also told to every member directly, now and
+            // twice more.
+            if let Ok(h) = foca::Codec::<GossipId>::decode_header(&mut PostcardCodec, &packet[1..])
+                && h.src_incarnation > self.foca_incarnation
+            {
+                self.foca_incarnation = h.src_incarnation;
+                refuted = true;
+            }
+            if self.members.contains(&to) {
+                self.out.push_back(GossipOutput::Send { to, packet });
+            }
+        }
+        if refuted {
+            self.refute_at = vec![
+                now,
+                now + Duration::from_secs(1),
+                now + Duration::from_secs(3),
+            ];
+        }
+        for (timer, after) in self.new_timers.drain(..) {
+            self.timer_seq += 1;
+            self.timers.insert((now + after, self.timer_seq), timer);
+        }
+        // The current identity of each member (the latest incarnation foca keeps).
+        let mut states: BTreeMap<NodeId, (u64, Health)> = BTreeMap::new();
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            if !self.members.contains(&id.node) {
+                continue;
+            }
+            let health = match m.state() {
+                State::Alive => Health::Alive,
+                State::Suspect => Health::Suspect,
+                State::Down => Health::Down,
+            };
+            let e = states.entry(id.node).or_insert((id.incarnation, health));
+            if id.incarnation > e.0 {
+                *e = (id.incarnation, health);
+            }
+        }
+        for (node, (incarnation, health)) in states {
+            let Some(h) = self.health.get_mut(&node) else {
+                continue;
+            };
+            h.incarnation = incarnation;
+            if h.health != health {
+                h.health = health;
+                h.since = now;
+                self.out.push_back(GossipOutput::Health { node, health });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u8) -> NodeId {
+        NodeId::from_bytes([i; 32])
+    }
+
+    fn gossip(i: u8, now: Instant) -> Gossip {
+        let mut g = Gossip::new(
+            GossipId {
+                node: id(i),
+                incarnation: 1,
+            },
+            GossipConfig::default(),
+            i as u64,
+            now,
+        );
+        g.set_members(now, [id(1), id(2), id(3)]);
+        g
+    }
+
+    /// Runs two nodes' timers and delivers their packets to each other until `until`.
+    fn run(a: &mut Gossip, b: &mut Gossip, from: Instant, until: Instant) -> Vec<Vec<u8>> {
+        let mut now = from;
+        let mut seen = Vec::new();
+        fn step(x: &mut Gossip, y: &mut Gossip, now: Instant, seen: &mut Vec<Vec<u8>>) {
+            x.handle_timeout(now);
+            while let Some(o) = x.poll_output() {
+                if let GossipOutput::Send { to, packet } = o
+                    && to == y.id().node
+                {
+                    seen.push(packet.clone());
+                    y.handle_datagram(now, x.id().node, &packet);
+                }
+            }
+        }
+        while now < until {
+            now += Duration::from_millis(50);
+            step(a, b, now, &mut seen);
+            step(b, a, now, &mut seen);
+        }
+        seen
+    }
+
+    #[test]
+    fn members_probe_each_other_and_a_silent_one_goes_down() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        let packets = run(&mut a, &mut b, t, t + Duration::from_secs(20));
+        assert!(!packets.is_empty());
+        assert!(
+            packets
+                .iter()
+                .all(|p| p.len() <= 1100 && p[0] == DatagramKind::Gossip as u8)
+        );
+        assert_eq!(a.health()[&id(2)].health, Health::Alive);
+        assert_eq!(b.health()[&id(1)].health, Health::Alive);
+        // Node 3 never answers: suspect, then down.
+        assert_eq!(a.health()[&id(3)].health, Health::Down);
+        assert!(a.dropped().is_empty(), "{:?}", a.dropped());
+    }
+
+    #[test]
+    fn forged_foreign_garbage_and_oversized_datagrams_are_dropped_and_change_nothing() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        let packets = run(&mut a, &mut b, t, t + Duration::from_secs(3));
+        let genuine = packets
+            .iter()
+            .find(|p| {
+                let h: foca::Header<GossipId> =
+                    foca::Codec::decode_header(&mut PostcardCodec, &p[1..]).unwrap();
+                h.src.node == id(2)
+            })
+            .unwrap()
+            .clone();
+        let before = a.health().clone();
+        let later = t + Duration::from_secs(3);
+        // Node 2's packet on node 3's connection: another member's identity.
+        a.handle_datagram(later, id(3), &genuine);
+        // From a non-member.
+        a.handle_datagram(later, id(9), &genuine);
+        // Garbage, untagged, oversized.
+        a.handle_datagram(
+            later,
+            id(2),
+            &[DatagramKind::Gossip as u8, 0xff, 0xff, 0xff],
+        );
+        a.handle_datagram(later, id(2), &[0x00, 1, 2, 3]);
+        let mut big = vec![DatagramKind::Gossip as u8];
+        big.extend(std::iter::repeat_n(0u8, 2000));
+        a.handle_datagram(later, id(2), &big);
+        let d = a.dropped();
+        assert_eq!(d.get(&Dropped::Forged), Some(&1));
+        assert_eq!(d.get(&Dropped::NotMember), Some(&1));
+        assert_eq!(d.get(&Dropped::Refused), Some(&1));
+        assert_eq!(d.get(&Dropped::Malformed), Some(&2));
+        assert_eq!(a.health(), &before);
+        assert!(a.poll_output().is_none(), "nothing answered");
+    }
+
+    #[test]
+    fn a_restarted_member_replaces_its_old_identity() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        run(&mut a, &mut b, t, t + Duration::from_secs(3));
+        let mut b2 = Gossip::new(
+            GossipId {
+                node: id(2),
+                incarnation: 2,
+            },
+            GossipConfig::default(),
+            7,
+            t,
+        );
+        b2.set_members(t, [id(1), id(2), id(3)]);
+        let later = t + Duration::from_secs(3);
+        run(&mut a, &mut b2, later, later + Duration::from_secs(5));
+        assert_eq!(a.health()[&id(2)].health, Health::Alive);
+        assert_eq!(a.health()[&id(2)].incarnation, 2);
+    }
+}
