@@ -180,6 +180,16 @@ fn state(p: &Value) -> &'static str {
     }
 }
 
+/// Gossip's view of a member: `alive`, `suspect 4s`, `down 2m` (how long it has been so), or
+/// `-` when gossip has not said.
+fn health(p: &Value) -> String {
+    match (p["health"].as_str(), p["health_since"].as_i64()) {
+        (Some("alive"), _) => "alive".into(),
+        (Some(h), since) => format!("{h} {}", ago(since).trim_end_matches(" ago")),
+        (None, _) => "-".into(),
+    }
+}
+
 /// Unix milliseconds as a time before now: `3s ago`, `5m ago`, or `never`.
 fn ago(ms: Option<i64>) -> String {
     let Some(ms) = ms else {
@@ -493,12 +503,12 @@ fn run(cli: &Cli) -> Res<()> {
                 print(&v, true);
             } else {
                 println!(
-                    "{:<10} {:<16} {:<8} {:<10} {:<14} {:<8} ADDRESSES",
-                    "ID", "NAME", "ROLE", "STATE", "LAST SEEN", "IN SYNC"
+                    "{:<10} {:<16} {:<8} {:<10} {:<16} {:<14} {:<8} ADDRESSES",
+                    "ID", "NAME", "ROLE", "STATE", "HEALTH", "LAST SEEN", "IN SYNC"
                 );
                 for m in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<16} {:<8} {:<10} {:<14} {:<8} {}",
+                        "{:<10} {:<16} {:<8} {:<10} {:<16} {:<14} {:<8} {}",
                         short(m["id"].as_str().unwrap_or("")),
                         m["name"]
                             .as_str()
@@ -506,6 +516,7 @@ fn run(cli: &Cli) -> Res<()> {
                             .map_or("-".to_string(), |n| n.chars().take(16).collect()),
                         m["role"].as_str().unwrap_or("-"),
                         state(m),
+                        health(m),
                         ago(m["last_seen"].as_i64()),
                         yes_no(flag(m, "in_sync")),
                         strs(&m["addrs"]).join(" ")
@@ -519,14 +530,15 @@ fn run(cli: &Cli) -> Res<()> {
                 print(&v, true);
             } else {
                 println!(
-                    "{:<10} {:<10} {:>10} {:>10} IN SYNC",
-                    "ID", "STATE", "SENT", "RECEIVED"
+                    "{:<10} {:<10} {:<16} {:>10} {:>10} IN SYNC",
+                    "ID", "STATE", "HEALTH", "SENT", "RECEIVED"
                 );
                 for p in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<10} {:<10} {:>10} {:>10} {}",
+                        "{:<10} {:<10} {:<16} {:>10} {:>10} {}",
                         short(p["id"].as_str().unwrap_or("")),
                         state(p),
+                        health(p),
                         p["bytes_sent"].as_u64().unwrap_or(0),
                         p["bytes_received"].as_u64().unwrap_or(0),
                         yes_no(flag(p, "in_sync"))

@@ -169,6 +169,17 @@ pub enum Dropped {
     Refused,
 }
 
+impl Dropped {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Malformed => "malformed",
+            Dropped::NotMember => "not_member",
+            Dropped::Forged => "forged",
+            Dropped::Refused => "refused",
+        }
+    }
+}
+
 /// Collects what foca asks for during one call.
 struct Collect<'a> {
     sends: &'a mut Vec<(NodeId, Vec<u8>)>,

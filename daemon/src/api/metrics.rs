@@ -144,6 +144,23 @@ pub async fn render(node: &Node) -> Result<String, Error> {
             |p| p.lacks.unwrap_or(0),
         ),
     ];
+    let name = "tandem_members_health";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Members by their health as gossip (SWIM) sees them.\n# TYPE {name} gauge"
+    );
+    for state in ["alive", "suspect", "down"] {
+        let n = peers.iter().filter(|p| p.health == Some(state)).count();
+        let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
+    }
+    let name = "tandem_gossip_dropped_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Gossip datagrams dropped: not a member, forged identity, malformed, refused.\n# TYPE {name} counter"
+    );
+    for (why, n) in node.gossip_dropped() {
+        let _ = writeln!(out, "{name}{{reason=\"{why}\"}} {n}");
+    }
     for (name, kind, help, field) in per_peer {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &peers {

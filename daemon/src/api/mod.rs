@@ -473,6 +473,8 @@ async fn members(State(api): State<Api>) -> ApiResult<Json<Value>> {
                     "connecting": p.is_some_and(|p| p.connecting),
                     "last_seen": p.and_then(|p| p.last_seen),
                     "in_sync": p.is_some_and(|p| p.in_sync),
+                    "health": p.and_then(|p| p.health),
+                    "health_since": p.and_then(|p| p.health_since),
                 })
             })
             .collect::<Vec<_>>()

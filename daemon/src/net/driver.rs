@@ -323,7 +323,12 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, peer: Node
         return;
     }
     tracing::debug!(peer = %peer.short(), addr = %conn.remote_address(), dialed, "peer connected");
-    let routes = router::spawn(conn.clone(), peer, shared.host.clone());
+    let routes = router::spawn(
+        conn.clone(),
+        peer,
+        shared.host.clone(),
+        shared.gossip_in.clone(),
+    );
     let result = session::run(&shared, &conn, peer, dialed, routes).await;
     if told_removed(&conn) {
         shared.host.told_removed(peer).await;

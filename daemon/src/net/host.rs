@@ -39,6 +39,8 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     fn id(&self) -> NodeId;
     /// What this node calls itself (sent in Hello).
     fn name(&self) -> String;
+    /// This run's incarnation (renewed on every start): gossip's identity is (id, incarnation).
+    fn incarnation(&self) -> u64;
 
     // The replica.
     /// The committed clock: exactly what is on disk.

@@ -9,11 +9,13 @@
 //! - `router`: every stream on a member connection opens with a stream-kind byte; the router
 //!   hands each to the layer it belongs to.
 //! - `session`: runs a [`tandem_crdt::Session`] on one connection.
+//! - `gossip`: SWIM health among members on QUIC datagrams.
 //! - `join`: the invite handshake, both sides. `wire`: frames on QUIC streams. `tls`: pinned
 //!   raw-key TLS. `discovery`: mDNS.
 
 pub mod discovery;
 mod driver;
+mod gossip;
 mod host;
 mod join;
 mod router;
@@ -126,6 +128,11 @@ pub struct PeerStatus {
     pub lacks: Option<u64>,
     /// Why the last connection ended or the last dial failed (cleared when it connects).
     pub error: Option<String>,
+    /// Its health as the members' gossip (SWIM) sees it: `alive`, `suspect` (someone could not
+    /// reach it; down unless it answers in time) or `down`; `None` for a non-member.
+    pub health: Option<&'static str>,
+    /// Unix milliseconds since when it has had that health.
+    pub health_since: Option<i64>,
     /// What it confirmed holding, kept after it disconnects.
     #[serde(skip)]
     pub(crate) held: Option<VersionVector>,
@@ -178,6 +185,10 @@ pub(crate) struct Shared {
     pub(crate) links: Mutex<HashMap<NodeId, quinn::Connection>>,
     pub(crate) cmds: mpsc::UnboundedSender<driver::Cmd>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Datagrams for the gossip task, with the connection's peer.
+    pub(crate) gossip_in: mpsc::Sender<(NodeId, bytes::Bytes)>,
+    /// Members' health as gossip sees it.
+    pub(crate) gossip_view: gossip::SharedView,
 }
 
 impl Shared {
@@ -258,6 +269,7 @@ pub(crate) fn start(
     };
     let (stop, shutdown) = watch::channel(false);
     let (cmds, rx) = mpsc::unbounded_channel();
+    let (gossip_in, gossip_rx) = mpsc::channel(gossip::QUEUE);
     let shared = Arc::new(Shared {
         host,
         clock,
@@ -268,6 +280,8 @@ pub(crate) fn start(
         links: Mutex::new(HashMap::new()),
         cmds,
         shutdown,
+        gossip_in,
+        gossip_view: Default::default(),
     });
     let nearby: Nearby = Arc::new(Mutex::new(BTreeMap::new()));
     let net = Net {
@@ -294,6 +308,11 @@ pub(crate) fn start(
     }
     tokio::spawn(driver::run(shared.clone(), rx, cfg.peers.clone()));
     tokio::spawn(driver::accept_loop(shared.clone()));
+    tokio::spawn(gossip::run(
+        shared.clone(),
+        gossip_rx,
+        shared.gossip_view.clone(),
+    ));
     tracing::info!(addr = ?net.local_addr(), "listening (QUIC)");
     Ok(net)
 }
@@ -337,6 +356,32 @@ impl Net {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
+    }
+
+    /// Each member's health as gossip sees it, and since when (unix ms).
+    pub(crate) fn health(&self) -> BTreeMap<NodeId, (&'static str, i64)> {
+        let view = self
+            .shared
+            .gossip_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        view.health
+            .iter()
+            .map(|(id, h)| (*id, (h.health.as_str(), h.since)))
+            .collect()
+    }
+
+    /// Gossip datagrams dropped so far, by reason (forged, not a member, malformed, refused).
+    pub(crate) fn gossip_dropped(&self) -> Vec<(&'static str, u64)> {
+        let view = self
+            .shared
+            .gossip_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        view.dropped
+            .iter()
+            .map(|(why, n)| (why.as_str(), *n))
+            .collect()
     }
 
     /// Learns addresses for a member (from an invite, a join, config or discovery) and makes

@@ -30,13 +30,26 @@ struct Slots {
 }
 
 /// Starts routing the streams `peer` opens on `conn`; ends with the connection.
-pub(crate) fn spawn(conn: quinn::Connection, peer: NodeId, host: Arc<dyn NetHost>) -> Routes {
+pub(crate) fn spawn(
+    conn: quinn::Connection,
+    peer: NodeId,
+    host: Arc<dyn NetHost>,
+    gossip: tokio::sync::mpsc::Sender<(NodeId, bytes::Bytes)>,
+) -> Routes {
     let (sync_tx, sync) = oneshot::channel();
     let (push_tx, push) = oneshot::channel();
     let slots = Arc::new(Mutex::new(Slots {
         sync: Some(sync_tx),
         push: Some(push_tx),
     }));
+    // Datagrams are gossip (the state machine checks the tag and the claimed identity); a full
+    // queue drops them, as the network might.
+    let (d, gossip) = (conn.clone(), gossip.clone());
+    tokio::spawn(async move {
+        while let Ok(data) = d.read_datagram().await {
+            let _ = gossip.try_send((peer, data));
+        }
+    });
     let (c, s, h) = (conn.clone(), slots.clone(), host.clone());
     tokio::spawn(async move {
         while let Ok((send, recv)) = c.accept_bi().await {

@@ -294,6 +294,11 @@ impl Node {
         Ok(epoch)
     }
 
+    /// Gossip datagrams dropped so far, by reason.
+    pub fn gossip_dropped(&self) -> Vec<(&'static str, u64)> {
+        self.net().map(Net::gossip_dropped).unwrap_or_default()
+    }
+
     /// Every member, connected or not, with its traffic, what it lacks of ours (as it
     /// confirmed), and whether we are in sync.
     pub fn peers(&self) -> Vec<PeerStatus> {
@@ -313,7 +318,12 @@ impl Node {
         // Judged against the committed clock now: a write since the peer confirmed (or since
         // it left) is something it lacks.
         let ours = self.clock();
-        for p in peers.values_mut() {
+        let health = self.net().map(Net::health).unwrap_or_default();
+        for (id, p) in peers.iter_mut() {
+            if let Some((h, since)) = health.get(id) {
+                p.health = Some(h);
+                p.health_since = Some(*since);
+            }
             p.lacks = p.held.as_ref().map(|h| h.missing_count(&ours));
             p.in_sync = p.connected
                 && p.held
@@ -355,6 +365,10 @@ impl NetHost for NodeLink {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.node().map_or(0, |n| n.incarnation())
     }
 
     fn clock(&self) -> VersionVector {

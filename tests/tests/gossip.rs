@@ -1,0 +1,97 @@
+//! Member health by gossip (SWIM over QUIC datagrams) with real `tandemd` processes: a member
+//! that stops answering (SIGSTOP, a frozen laptop) is seen suspect, then down, by the others
+//! (`tandem peers`, `tandem members`, `/metrics`), and alive again within seconds of SIGCONT.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::Daemon;
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap()
+}
+
+/// How `d` sees member `who` (`tandem peers --json`).
+fn health(d: &Daemon, who: &str) -> Option<String> {
+    json(&d.ok(&["peers", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"].as_str() == Some(who))
+        .and_then(|p| p["health"].as_str().map(str::to_string))
+}
+
+/// Waits until `f` holds, at most `secs`; returns how long it took.
+fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+fn signal(d: &Daemon, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
+    let a = Daemon::start();
+    let b = Daemon::start();
+    let c = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    c.ok(&["join", &a.ok(&["invite"])]);
+    let c_id = c.ok(&["id"]);
+    for d in [&a, &b] {
+        until("C alive as gossip sees it", 30, || {
+            health(d, &c_id).as_deref() == Some("alive")
+        });
+    }
+    signal(&c, "-STOP");
+    for d in [&a, &b] {
+        until("C suspect", 15, || {
+            health(d, &c_id).as_deref() != Some("alive")
+        });
+    }
+    for d in [&a, &b] {
+        until("C down", 30, || health(d, &c_id).as_deref() == Some("down"));
+    }
+    let members = a.ok(&["members"]);
+    assert!(members.contains("down"), "{members}");
+    let (base, token) = a.api();
+    let metrics = ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tandem_members_health{state=\"down\"} 1"),
+        "{metrics}"
+    );
+    signal(&c, "-CONT");
+    for d in [&a, &b] {
+        let took = until("C alive again", 20, || {
+            health(d, &c_id).as_deref() == Some("alive")
+        });
+        assert!(took < Duration::from_secs(10), "alive again after {took:?}");
+    }
+    // And it syncs: a write made on A meanwhile reaches C.
+    let doc = a.ok(&["doc", "new", r#"{"after":"cont"}"#]);
+    until("C to get A's write", 30, || {
+        c.tandem(&["doc", "get", &doc]).status.success()
+    });
+}
