@@ -643,3 +643,72 @@ fn fuzz_raft_messages_never_crash_the_node() {
     rt.block_on(node.membership_status()).unwrap();
     rt.block_on(node.close()).unwrap();
 }
+
+/// Gossip datagrams (genuine SWIM packets from one member to another, mutated) fed to a fresh
+/// gossip of the addressee as if from that member: nothing panics, and what is dropped changes
+/// nothing.
+#[test]
+fn fuzz_gossip_packets() {
+    use std::time::Duration;
+    use tandem::crdt::gossip::{Gossip, GossipConfig, GossipId, GossipOutput};
+    let t = Instant::now();
+    let ids: Vec<NodeId> = (1..=3).map(|i| NodeId::from_bytes([i; 32])).collect();
+    let make = |i: usize| {
+        let mut g = Gossip::new(
+            GossipId {
+                node: ids[i],
+                incarnation: 1,
+            },
+            GossipConfig::default(),
+            i as u64,
+            t,
+        );
+        g.set_members(t, ids.iter().copied());
+        g
+    };
+    // A corpus of genuine packets: what node 0 sends node 2 while they talk for a few seconds.
+    let (mut a, mut b) = (make(0), make(2));
+    let mut corpus = Vec::new();
+    let mut now = t;
+    for _ in 0..400 {
+        now += Duration::from_millis(50);
+        for (x, y) in [(0, 2), (2, 0)] {
+            let (from, to) = if x == 0 {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            from.handle_timeout(now);
+            let mut out = Vec::new();
+            while let Some(o) = from.poll_output() {
+                out.push(o);
+            }
+            for o in out {
+                if let GossipOutput::Send { to: dst, packet } = o
+                    && dst == ids[y]
+                {
+                    if x == 0 {
+                        corpus.push(packet.clone());
+                    }
+                    to.handle_datagram(now, ids[x], &packet);
+                }
+            }
+        }
+    }
+    assert!(corpus.len() >= 20, "{} packets", corpus.len());
+    let mut c = make(2);
+    let mut dropped_before = 0;
+    let runs = fuzz("gossip", corpus, |p| {
+        let health = c.health().clone();
+        // From node 0's connection: most mutations are forged, garbage or refused.
+        c.handle_datagram(now, ids[0], p);
+        let dropped: u64 = c.dropped().values().sum();
+        if dropped > dropped_before {
+            assert_eq!(c.health(), &health, "a dropped datagram changed health");
+            dropped_before = dropped;
+        }
+        c.handle_timeout(now);
+        while c.poll_output().is_some() {}
+    });
+    eprintln!("gossip: {runs} inputs, {:?}", c.dropped());
+}
