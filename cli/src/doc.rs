@@ -408,6 +408,15 @@ fn show_event(ev: &Sse, j: bool) {
             );
         }
         _ if j => println!("{}", json!({"event": ev.event, "id": ev.id, "data": data})),
+        name if name.starts_with("member_") => {
+            let at = data["at"].as_i64().unwrap_or(0) / 1000;
+            println!(
+                "{}  member {} is {}",
+                &utc(at)[11..],
+                short(data["member"].as_str().unwrap_or("")),
+                data["health"].as_str().unwrap_or("?")
+            );
+        }
         _ => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

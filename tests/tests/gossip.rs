@@ -1,6 +1,7 @@
 //! Member health by gossip (SWIM over QUIC datagrams) with real `tandemd` processes: a member
 //! that stops answering (SIGSTOP, a frozen laptop) is seen suspect, then down, by the others
-//! (`tandem peers`, `tandem members`, `/metrics`), and alive again within seconds of SIGCONT.
+//! (`tandem peers`, `tandem members`, `/metrics`, `member_down` on the event stream), and alive
+//! again within seconds of SIGCONT (`member_up`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -60,6 +61,8 @@ fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
             health(d, &c_id).as_deref() == Some("alive")
         });
     }
+    // A's event stream names the member events (`tandem doc watch` shows them too).
+    let events = a.watch(&["--json"]);
     signal(&c, "-STOP");
     for d in [&a, &b] {
         until("C suspect", 15, || {
@@ -82,6 +85,8 @@ fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
         metrics.contains("tandem_members_health{state=\"down\"} 1"),
         "{metrics}"
     );
+    let down = events.until(30, |l| l.contains("member_down") && l.contains(&c_id));
+    assert!(down.contains("\"health\":\"down\""), "{down}");
     signal(&c, "-CONT");
     for d in [&a, &b] {
         let took = until("C alive again", 20, || {
@@ -89,6 +94,7 @@ fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
         });
         assert!(took < Duration::from_secs(10), "alive again after {took:?}");
     }
+    events.until(20, |l| l.contains("member_up") && l.contains(&c_id));
     // And it syncs: a write made on A meanwhile reaches C.
     let doc = a.ok(&["doc", "new", r#"{"after":"cont"}"#]);
     until("C to get A's write", 30, || {

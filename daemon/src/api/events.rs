@@ -33,6 +33,8 @@ enum Entry {
     Change(Arc<Sent>),
     /// The journal itself fell behind the node and lost this many events.
     Gap(u64),
+    /// A member's health changed: (event name, its JSON).
+    Member(&'static str, Arc<String>),
 }
 
 struct Ring {
@@ -70,13 +72,30 @@ impl Journal {
             tick: watch::channel(Some(1)).0,
         });
         let mut sub = node.subscribe(None)?;
+        let mut health = node.subscribe_health();
         let weak = Arc::downgrade(&journal);
         tokio::spawn(async move {
             loop {
-                let entry = match sub.recv().await {
-                    Ok(e) => Entry::Change(Arc::new(Sent::of(&e))),
-                    Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
-                    Err(SubscriptionError::Closed) => break,
+                let member = async {
+                    match health.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let entry = tokio::select! {
+                    got = sub.recv() => match got {
+                        Ok(e) => Entry::Change(Arc::new(Sent::of(&e))),
+                        Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
+                        Err(SubscriptionError::Closed) => break,
+                    },
+                    got = member => match got {
+                        Ok(c) => member_entry(&c),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Entry::Gap(n),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            health = None;
+                            continue;
+                        }
+                    },
                 };
                 let Some(j) = weak.upgrade() else { return };
                 j.push(entry);
@@ -208,6 +227,10 @@ impl Journal {
                     out.push(Item::Change(id, e.clone()));
                 }
                 Entry::Change(_) => {}
+                Entry::Member(name, data) if doc.is_none() => {
+                    out.push(Item::Member(id, name, data.clone()));
+                }
+                Entry::Member(..) => {}
                 Entry::Gap(n) => out.push(Item::Lagged {
                     next: id + 1,
                     missed: Some(*n),
@@ -228,6 +251,10 @@ impl Journal {
                 .event(if sent.damaged { "damaged" } else { "change" })
                 .id(format!("{}-{id}", self.epoch))
                 .data(sent.data.as_str()),
+            Item::Member(id, name, data) => SseEvent::default()
+                .event(name)
+                .id(format!("{}-{id}", self.epoch))
+                .data(data.as_str()),
             Item::Lagged {
                 next,
                 missed,
@@ -260,11 +287,26 @@ impl Sent {
     }
 }
 
+/// A health change as the stream sends it: `member_up`, `member_suspect` or `member_down`, with
+/// `{"member": id, "health": ..., "at": unix ms}`. Not sent to a stream of one document.
+fn member_entry(c: &crate::net::gossip::HealthChange) -> Entry {
+    use tandem_crdt::gossip::Health;
+    let name = match c.health {
+        Health::Alive => "member_up",
+        Health::Suspect => "member_suspect",
+        Health::Down => "member_down",
+    };
+    let data = json!({"member": c.member, "health": c.health.as_str(), "at": c.at});
+    Entry::Member(name, Arc::new(data.to_string()))
+}
+
 /// What a client is sent.
 #[derive(Debug, PartialEq)]
 enum Item {
     /// An event and its number.
     Change(u64, Arc<Sent>),
+    /// A member's health changed: its number, the event name, its JSON.
+    Member(u64, &'static str, Arc<String>),
     /// Events were lost to this client (`missed` of them, if known); it resumes at `next`.
     Lagged {
         next: u64,

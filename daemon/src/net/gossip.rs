@@ -28,6 +28,16 @@ pub(crate) struct GossipView {
     pub dropped: BTreeMap<Dropped, u64>,
 }
 
+/// A member's health changed (for the event stream: `member_up`, `member_suspect`,
+/// `member_down`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthChange {
+    pub member: NodeId,
+    pub health: Health,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
 pub(crate) type SharedView = Arc<Mutex<GossipView>>;
 
 /// Datagrams waiting for the gossip task; more are dropped (SWIM tolerates loss).
@@ -73,6 +83,11 @@ pub(crate) async fn run(
                 }
                 GossipOutput::Health { node, health } => {
                     tracing::debug!(peer = %node.short(), health = health.as_str(), "member health");
+                    let _ = shared.health_tx.send(HealthChange {
+                        member: node,
+                        health,
+                        at: clock.wall_ms(),
+                    });
                     let connected = shared
                         .links
                         .lock()

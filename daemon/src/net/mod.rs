@@ -15,7 +15,7 @@
 
 pub mod discovery;
 mod driver;
-mod gossip;
+pub(crate) mod gossip;
 mod host;
 mod join;
 mod router;
@@ -189,6 +189,8 @@ pub(crate) struct Shared {
     pub(crate) gossip_in: mpsc::Sender<(NodeId, bytes::Bytes)>,
     /// Members' health as gossip sees it.
     pub(crate) gossip_view: gossip::SharedView,
+    /// Every health change, for whoever listens.
+    pub(crate) health_tx: tokio::sync::broadcast::Sender<gossip::HealthChange>,
 }
 
 impl Shared {
@@ -282,6 +284,7 @@ pub(crate) fn start(
         shutdown,
         gossip_in,
         gossip_view: Default::default(),
+        health_tx: tokio::sync::broadcast::channel(256).0,
     });
     let nearby: Nearby = Arc::new(Mutex::new(BTreeMap::new()));
     let net = Net {
@@ -369,6 +372,13 @@ impl Net {
             .iter()
             .map(|(id, h)| (*id, (h.health.as_str(), h.since)))
             .collect()
+    }
+
+    /// Every later change of a member's health.
+    pub(crate) fn subscribe_health(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<gossip::HealthChange> {
+        self.shared.health_tx.subscribe()
     }
 
     /// Gossip datagrams dropped so far, by reason (forged, not a member, malformed, refused).

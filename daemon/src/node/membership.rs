@@ -294,6 +294,13 @@ impl Node {
         Ok(epoch)
     }
 
+    /// Every later change of a member's health as gossip sees it (`None` without networking).
+    pub(crate) fn subscribe_health(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<crate::net::gossip::HealthChange>> {
+        self.net().map(Net::subscribe_health)
+    }
+
     /// Gossip datagrams dropped so far, by reason.
     pub fn gossip_dropped(&self) -> Vec<(&'static str, u64)> {
         self.net().map(Net::gossip_dropped).unwrap_or_default()
