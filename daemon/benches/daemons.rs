@@ -19,29 +19,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjType, ROOT};
-use serde_json::Value;
+use automerge::Automerge;
 
 mod common;
 mod tandemd;
 use common::env_usize;
-use tandemd::Daemon;
-
-/// One document: an `items` list filled in 10 changes.
-fn make_doc(i: usize) -> Vec<u8> {
-    let mut doc = Automerge::new();
-    let mut tx = doc.transaction();
-    let items = tx.put_object(ROOT, "items", ObjType::List).unwrap();
-    tx.put(ROOT, "title", format!("doc {i}")).unwrap();
-    tx.commit();
-    for c in 0..9 {
-        let mut tx = doc.transaction();
-        tx.insert(&items, c, format!("item {c} of {i}")).unwrap();
-        tx.commit();
-    }
-    doc.save()
-}
+use tandemd::{Daemon, make_doc};
 
 /// The limit: the same changes through bare automerge and SQLite in this process.
 fn limit(files: &[Vec<u8>], dir: &Path) -> Duration {
@@ -103,33 +86,7 @@ fn main() {
     let a = Daemon::start(tmp.path().join("a"), None);
     // As `tandem doc import FILES...` does: a few imports in flight at once.
     let start = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut ids: Vec<(usize, String)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..4)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut got = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(f) = files.get(i) else { break got };
-                        let v: Value = a
-                            .req("POST", "/v1/docs/import")
-                            .send_bytes(f)
-                            .unwrap()
-                            .into_json()
-                            .unwrap();
-                        got.push((i, v["id"].as_str().unwrap().to_string()));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
-    });
-    ids.sort();
-    let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+    let ids = tandemd::import_all(&a, &files);
     let import = start.elapsed();
     let (_, a_rss) = a.usage();
     let target = a.digest();

@@ -165,3 +165,53 @@ impl Drop for Daemon {
         let _ = &self.dir;
     }
 }
+
+/// One document as automerge-repo's benchmarks make them: an `items` list filled in 10
+/// changes, saved as `.automerge` bytes.
+pub fn make_doc(i: usize) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ObjType, ROOT};
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    let items = tx.put_object(ROOT, "items", ObjType::List).unwrap();
+    tx.put(ROOT, "title", format!("doc {i}")).unwrap();
+    tx.commit();
+    for c in 0..9 {
+        let mut tx = doc.transaction();
+        tx.insert(&items, c, format!("item {c} of {i}")).unwrap();
+        tx.commit();
+    }
+    doc.save()
+}
+
+/// Imports `files` into `d` four at a time (as `tandem doc import FILES...` does); returns
+/// the new ids in file order.
+pub fn import_all(d: &Daemon, files: &[Vec<u8>]) -> Vec<String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut ids: Vec<(usize, String)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = files.get(i) else { break got };
+                        let v: Value = d
+                            .req("POST", "/v1/docs/import")
+                            .send_bytes(f)
+                            .unwrap()
+                            .into_json()
+                            .unwrap();
+                        got.push((i, v["id"].as_str().unwrap().to_string()));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    ids.sort();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
