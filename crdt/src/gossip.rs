@@ -204,11 +204,13 @@ impl foca::Runtime<GossipId> for Collect<'_> {
     }
 }
 
+type FocaT = Foca<GossipId, PostcardCodec, Pcg32, NoCustomBroadcast>;
+
 /// One node's SWIM gossip.
 pub struct Gossip {
     me: GossipId,
     cfg: GossipConfig,
-    foca: Foca<GossipId, PostcardCodec, Pcg32, NoCustomBroadcast>,
+    foca: FocaT,
     members: BTreeSet<NodeId>,
     timers: BTreeMap<(Instant, u64), Timer<GossipId>>,
     timer_seq: u64,
@@ -272,22 +274,9 @@ impl Gossip {
         let added: Vec<NodeId> = members.difference(&self.members).copied().collect();
         let removed: Vec<NodeId> = self.members.difference(&members).copied().collect();
         self.members = members;
-        let mut rt = Collect {
-            sends: &mut self.sends,
-            timers: &mut self.new_timers,
-        };
-        for node in added {
-            // An Announce is accepted by any incarnation of its addressee, which answers with
-            // what it knows, itself included.
-            let _ = self.foca.announce(
-                GossipId {
-                    node,
-                    incarnation: 0,
-                },
-                &mut rt,
-            );
+        for node in &added {
             self.health.insert(
-                node,
+                *node,
                 MemberHealth {
                     health: Health::Down,
                     since: now,
@@ -302,10 +291,12 @@ impl Gossip {
                 .filter(|m| m.id().node == node)
                 .map(|m| Member::new(*m.id(), m.incarnation(), State::Down))
                 .collect();
-            let _ = self.foca.apply_many(known.into_iter(), true, &mut rt);
+            self.call(now, |foca, rt| {
+                let _ = foca.apply_many(known.into_iter(), true, rt);
+            });
             self.health.remove(&node);
         }
-        self.after_call(now);
+        self.announce_to(now, added);
     }
 
     /// A datagram from `from` (the connection's pinned NodeId). Anything not gossip from a
@@ -316,14 +307,9 @@ impl Gossip {
             *self.dropped.entry(why).or_default() += 1;
             return;
         }
-        let mut rt = Collect {
-            sends: &mut self.sends,
-            timers: &mut self.new_timers,
-        };
-        if self.foca.handle_data(&packet[1..], &mut rt).is_err() {
+        if self.call(now, |foca, rt| foca.handle_data(&packet[1..], rt).is_err()) {
             *self.dropped.entry(Dropped::Refused).or_default() += 1;
         }
-        self.after_call(now);
     }
 
     fn check(&self, from: NodeId, packet: &[u8]) -> Result<(), Dropped> {
@@ -386,12 +372,9 @@ impl Gossip {
                 break;
             }
             let timer = entry.remove();
-            let mut rt = Collect {
-                sends: &mut self.sends,
-                timers: &mut self.new_timers,
-            };
-            let _ = self.foca.handle_timer(timer, &mut rt);
-            self.after_call(now);
+            self.call(now, |foca, rt| {
+                let _ = foca.handle_timer(timer, rt);
+            });
         }
     }
 
@@ -399,20 +382,29 @@ impl Gossip {
     /// which learns this node's current identity and incarnation from it (and answers with
     /// what it knows).
     fn announce_to(&mut self, now: Instant, nodes: Vec<NodeId>) {
+        self.call(now, |foca, rt| {
+            for node in nodes {
+                let _ = foca.announce(
+                    GossipId {
+                        node,
+                        incarnation: 0,
+                    },
+                    &mut *rt,
+                );
+            }
+        });
+    }
+
+    /// One call into foca, with what it asks for collected and then turned into outputs,
+    /// timers and health changes ([`Gossip::after_call`]).
+    fn call<R>(&mut self, now: Instant, f: impl FnOnce(&mut FocaT, &mut Collect<'_>) -> R) -> R {
         let mut rt = Collect {
             sends: &mut self.sends,
             timers: &mut self.new_timers,
         };
-        for node in nodes {
-            let _ = self.foca.announce(
-                GossipId {
-                    node,
-                    incarnation: 0,
-                },
-                &mut rt,
-            );
-        }
+        let out = f(&mut self.foca, &mut rt);
         self.after_call(now);
+        out
     }
 
     /// When to call [`Gossip::handle_timeout`] next.

@@ -206,6 +206,26 @@ enum Plan {
     Done,
 }
 
+/// A received frame waiting to be stored: its deltas, their encoded size (counted once, when
+/// it arrives), and what it owes the peer.
+#[derive(Debug)]
+struct Received {
+    owed: Owed,
+    deltas: Vec<Delta>,
+    bytes: usize,
+}
+
+impl Received {
+    fn new(owed: Owed, deltas: Vec<Delta>) -> Self {
+        let bytes = deltas.iter().map(Delta::encoded_len).sum();
+        Self {
+            owed,
+            deltas,
+            bytes,
+        }
+    }
+}
+
 /// What a received frame owes the peer once stored.
 #[derive(Debug, Clone, Copy)]
 enum Owed {
@@ -249,7 +269,7 @@ pub struct Session {
     recv_batches: u64,
     /// Received batches not yet acknowledged (stored or queued).
     unacked_in: usize,
-    received: VecDeque<(Owed, Vec<Delta>)>,
+    received: VecDeque<Received>,
     /// The store request out, and what its frames owe the peer once stored.
     storing: Option<(StoreId, Vec<Owed>)>,
     next_store: StoreId,
@@ -463,9 +483,11 @@ impl Session {
                 if self.cfg.fault == Fault::AckBeforeStore {
                     self.unacked_in -= 1;
                     self.out.push_back(Output::Send(SyncMsg::Ack { seq }));
-                    self.received.push_back((Owed::Nothing, deltas));
+                    self.received
+                        .push_back(Received::new(Owed::Nothing, deltas));
                 } else {
-                    self.received.push_back((Owed::Ack(seq), deltas));
+                    self.received
+                        .push_back(Received::new(Owed::Ack(seq), deltas));
                 }
                 self.store_next();
                 self.update_in_sync();
@@ -523,7 +545,8 @@ impl Session {
             Phase::Open => {
                 let PushMsg::Push { deltas } = msg;
                 self.note_received(&deltas);
-                self.received.push_back((Owed::PushAck, deltas));
+                self.received
+                    .push_back(Received::new(Owed::PushAck, deltas));
                 self.store_next();
                 self.update_in_sync();
             }
@@ -576,7 +599,7 @@ impl Session {
             if !self
                 .received
                 .iter()
-                .any(|(o, _)| matches!(o, Owed::PushAck))
+                .any(|r| matches!(r.owed, Owed::PushAck))
             {
                 self.out.push_back(Output::Send(SyncMsg::PushAck {
                     stored: self.pushes_stored,
@@ -783,28 +806,27 @@ impl Session {
     /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
         while self.storing.is_none() {
-            let Some((owed, mut deltas)) = self.received.pop_front() else {
+            let Some(first) = self.received.pop_front() else {
                 return;
             };
-            if deltas.is_empty() {
-                self.settle(&[owed]);
+            if first.deltas.is_empty() {
+                self.settle(&[first.owed]);
                 continue;
             }
-            let mut live = matches!(owed, Owed::PushAck);
-            let mut owed = vec![owed];
-            let mut size: usize = deltas.iter().map(Delta::encoded_len).sum();
-            while let Some((_, next)) = self.received.front() {
-                let more: usize = next.iter().map(Delta::encoded_len).sum();
-                if size + more > self.cfg.batch_bytes {
-                    break;
-                }
-                let Some((o, next)) = self.received.pop_front() else {
+            let mut live = matches!(first.owed, Owed::PushAck);
+            let (mut owed, mut deltas, mut size) = (vec![first.owed], first.deltas, first.bytes);
+            while self
+                .received
+                .front()
+                .is_some_and(|next| size + next.bytes <= self.cfg.batch_bytes)
+            {
+                let Some(next) = self.received.pop_front() else {
                     break;
                 };
-                size += more;
-                live &= matches!(o, Owed::PushAck);
-                owed.push(o);
-                deltas.extend(next);
+                size += next.bytes;
+                live &= matches!(next.owed, Owed::PushAck);
+                owed.push(next.owed);
+                deltas.extend(next.deltas);
             }
             self.next_store += 1;
             self.storing = Some((self.next_store, owed));

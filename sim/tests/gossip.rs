@@ -12,29 +12,13 @@ use std::time::{Duration, Instant};
 
 use tandem_crdt::NodeId;
 use tandem_crdt::gossip::{Gossip, GossipConfig, GossipId, GossipOutput, Health};
+use tandem_sim::Rng;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// splitmix64: the network's randomness, from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
 }
 
 fn node_id(i: usize) -> NodeId {
@@ -120,7 +104,7 @@ impl Sim {
                     if self.rng.chance(self.loss) {
                         continue;
                     }
-                    let latency = Duration::from_micros(500 + self.rng.next() % 20_000);
+                    let latency = Duration::from_micros(500 + self.rng.below(20_000));
                     self.order += 1;
                     self.queue.push(Reverse((
                         self.now + latency,

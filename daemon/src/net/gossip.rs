@@ -40,6 +40,11 @@ pub struct HealthChange {
 
 pub(crate) type SharedView = Arc<Mutex<GossipView>>;
 
+/// Reads the published view.
+pub(crate) fn read_view<R>(view: &SharedView, f: impl FnOnce(&GossipView) -> R) -> R {
+    f(&view.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// Datagrams waiting for the gossip task; more are dropped (SWIM tolerates loss).
 pub(crate) const QUEUE: usize = 1024;
 
@@ -60,6 +65,10 @@ pub(crate) async fn run(
     let mut gossip = Gossip::new(me, GossipConfig::default(), rand::random(), clock.now());
     let mut shutdown = shared.shutdown.clone();
     let mut members_at = clock.now();
+    // Published when something shown changed (a health, the members, a drop), not on every
+    // datagram.
+    let mut stale = true;
+    let mut seen = (0usize, 0u64);
     loop {
         let now = clock.now();
         if now >= members_at {
@@ -82,6 +91,7 @@ pub(crate) async fn run(
                     }
                 }
                 GossipOutput::Health { node, health } => {
+                    stale = true;
                     tracing::debug!(peer = %node.short(), health = health.as_str(), "member health");
                     let _ = shared.health_tx.send(HealthChange {
                         member: node,
@@ -103,7 +113,14 @@ pub(crate) async fn run(
                 }
             }
         }
-        publish(&gossip, &view, clock.wall_ms(), now);
+        let shown = (
+            gossip.health().len(),
+            gossip.dropped().values().sum::<u64>(),
+        );
+        if stale || shown != seen {
+            publish(&gossip, &view, clock.wall_ms(), now);
+            (stale, seen) = (false, shown);
+        }
         let next = gossip
             .poll_timeout()
             .map_or(members_at, |t| t.min(members_at));

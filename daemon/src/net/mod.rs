@@ -363,15 +363,12 @@ impl Net {
 
     /// Each member's health as gossip sees it, and since when (unix ms).
     pub(crate) fn health(&self) -> BTreeMap<NodeId, (&'static str, i64)> {
-        let view = self
-            .shared
-            .gossip_view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        view.health
-            .iter()
-            .map(|(id, h)| (*id, (h.health.as_str(), h.since)))
-            .collect()
+        gossip::read_view(&self.shared.gossip_view, |v| {
+            v.health
+                .iter()
+                .map(|(id, h)| (*id, (h.health.as_str(), h.since)))
+                .collect()
+        })
     }
 
     /// Every later change of a member's health.
@@ -383,15 +380,12 @@ impl Net {
 
     /// Gossip datagrams dropped so far, by reason (forged, not a member, malformed, refused).
     pub(crate) fn gossip_dropped(&self) -> Vec<(&'static str, u64)> {
-        let view = self
-            .shared
-            .gossip_view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        view.dropped
-            .iter()
-            .map(|(why, n)| (why.as_str(), *n))
-            .collect()
+        gossip::read_view(&self.shared.gossip_view, |v| {
+            v.dropped
+                .iter()
+                .map(|(why, n)| (why.as_str(), *n))
+                .collect()
+        })
     }
 
     /// Learns addresses for a member (from an invite, a join, config or discovery) and makes

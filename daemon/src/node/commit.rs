@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash, PatchLog};
+use automerge::{Automerge, ChangeHash};
 use tandem_crdt::{Action, Delta, DeltaBody, DocId, Input, NodeId, Source, VersionVector};
 use tokio::sync::{broadcast, oneshot};
 
@@ -173,14 +173,14 @@ impl Node {
     /// heads, then relayed to other peers and announced to subscribers. An invalid delta is an
     /// error after the valid ones are kept.
     ///
-    /// The documents change in memory before the commit, as for a local write: one commit
-    /// (one fsync) instead of two, so a push reaches subscribers sooner. The write is queued
+    /// `live`: they came as a push, not a catch-up batch. A small push is applied to its
+    /// documents in memory before the commit, as for a local write: one commit (one fsync)
+    /// instead of two, so it reaches subscribers sooner; documents nobody has loaded in a
+    /// catch-up batch are stored without loading (see `commit_remote`). The write is queued
     /// while the documents are locked, so each document's heads are recorded in the order its
     /// changes were applied. Run it to its end (in a task of its own): the engine takes the
     /// deltas before the documents load, and a future dropped between the two would leave
     /// them in the engine's clock but not on disk.
-    /// The receive path: validate, deduplicate, apply, commit, announce. `live`: a push (see
-    /// `commit_remote`), not a catch-up batch.
     pub(crate) async fn apply_remote(
         &self,
         from: NodeId,
@@ -298,11 +298,7 @@ impl Node {
             // Patches for whoever listens, logged while applying (a diff of the heads before and
             // after would walk the whole document for every batch).
             let want_patches = sender.is_some() && (*was_loaded || live);
-            let mut log = if want_patches {
-                PatchLog::active()
-            } else {
-                PatchLog::inactive()
-            };
+            let mut log = Self::patch_log(want_patches);
             match tandem_crdt::delta::contain(|| st.am.apply_changes_log_patches(changes, &mut log))
             {
                 Ok(Ok(())) => {}

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use automerge::transaction::Transaction;
-use automerge::{Automerge, ChangeHash, PatchLog};
+use automerge::{Automerge, ChangeHash};
 use serde_json::Value as Json;
 use tandem_crdt::delta::{check_change_bytes, contain};
 use tandem_crdt::{DeltaBody, DocId, NodeId, Pointer, actor_id, pointer};
@@ -363,11 +363,7 @@ impl Node {
             let Some(change) = fork.get_last_local_change() else {
                 return Ok(()); // the text is what it was at `base`
             };
-            let mut log = if self.listening() {
-                PatchLog::active()
-            } else {
-                PatchLog::inactive()
-            };
+            let mut log = Self::patch_log(self.listening());
             st.am
                 .apply_changes_log_patches([change.clone()], &mut log)?;
             let patches = st.am.make_patches(&mut log);

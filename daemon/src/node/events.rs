@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash, Patch};
+use automerge::{Automerge, ChangeHash, Patch, PatchLog};
 use tandem_crdt::{DocId, Source};
 use tokio::sync::broadcast;
 
@@ -95,6 +95,15 @@ impl Node {
             .lock()
             .ok()
             .and_then(|e| e.as_ref().filter(|tx| tx.receiver_count() > 0).cloned())
+    }
+
+    /// A patch log for applying changes: recording only if `wanted` (someone listens).
+    pub(super) fn patch_log(wanted: bool) -> PatchLog {
+        if wanted {
+            PatchLog::active()
+        } else {
+            PatchLog::inactive()
+        }
     }
 
     /// Whether anyone listens for events (then local changes log their patches as they are
