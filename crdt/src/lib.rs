@@ -14,6 +14,7 @@ pub mod clock;
 pub mod delta;
 pub mod dialer;
 pub mod engine;
+pub mod entropy;
 pub mod gossip;
 pub mod id;
 pub mod json;

@@ -33,6 +33,11 @@ impl PeerSync {
             .collect()
     }
 
+    /// The peer said it holds `clock`.
+    pub fn join(&mut self, clock: &VersionVector) {
+        self.known.join(clock);
+    }
+
     /// Records deltas that crossed the connection (sent or received): the peer holds them.
     pub fn note<'a>(&mut self, deltas: impl IntoIterator<Item = &'a Delta>) {
         for d in deltas {

@@ -15,7 +15,7 @@ use crate::id::NodeId;
 use crate::members::MemberList;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame accepted: one maximal change plus room for its envelope.
 pub const MAX_FRAME: usize = MAX_CHANGE_BYTES + 64 * 1024;
@@ -58,8 +58,10 @@ impl StreamKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum DatagramKind {
-    /// Reserved: SWIM gossip.
+    /// SWIM gossip ([`crate::gossip`]).
     Gossip = 1,
+    /// A clock digest and addresses ([`crate::entropy`]).
+    Digest = 2,
 }
 
 /// A message on the sync stream.
@@ -83,6 +85,11 @@ pub enum SyncMsg {
     /// The first `stored` frames of the sender's push stream are durably stored (cumulative;
     /// sent when the receiver's queue of pushes drains, so one ack covers a burst).
     PushAck { stored: u64 },
+    /// Anti-entropy: "this is everything I hold now; send me what I lack". The receiver trusts
+    /// it as it trusts a Hello clock, forgets what it only believed it had sent, and sends the
+    /// rest from its store. Unless `reply`, a receiver that lacks something the clock holds
+    /// answers with its own clock (`reply: true`), so one exchange repairs both ways.
+    Resync { clock: VersionVector, reply: bool },
 }
 
 /// A message on a push stream.
@@ -168,6 +175,7 @@ impl Message for SyncMsg {
             Self::Ack { .. } => "Ack",
             Self::CaughtUp => "CaughtUp",
             Self::PushAck { .. } => "PushAck",
+            Self::Resync { .. } => "Resync",
         }
     }
 }

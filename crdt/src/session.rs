@@ -279,6 +279,8 @@ pub struct Session {
     lagging: bool,
     repair: Plan,
     repair_again: bool,
+    /// Fault hook for the simulator: the next push frame is lost after it was accounted for.
+    lose_next_push: bool,
     out: VecDeque<Output>,
 }
 
@@ -327,6 +329,7 @@ impl Session {
             lagging: false,
             repair: Plan::Idle,
             repair_again: false,
+            lose_next_push: false,
             out: VecDeque::from([Output::Send(hello)]),
         }
     }
@@ -514,6 +517,27 @@ impl Session {
                 }
             }
             (Phase::Open, SyncMsg::CaughtUp) => self.out.push_back(Output::PeerCaughtUp),
+            (Phase::Open, SyncMsg::Resync { clock, reply }) => {
+                // The peer's own word on what it holds, as trusted as its Hello.
+                self.held.join(&clock);
+                // Forget what we only believed it had (sent, never acknowledged, possibly
+                // lost to a bug): from now on the filter is what it holds plus what is still
+                // on its way, and the rest goes from the store.
+                let mut known = self.held.clone();
+                let in_flight = self.unacked.iter().map(|(_, _, ids)| ids);
+                for id in in_flight.chain(&self.pushes_unacked).flatten() {
+                    known.insert(*id);
+                }
+                self.sync = Some(PeerSync::new(known));
+                self.start_repair();
+                if !reply && !self.ours.missing(&clock).is_empty() {
+                    self.out.push_back(Output::Send(SyncMsg::Resync {
+                        clock: self.ours.clone(),
+                        reply: true,
+                    }));
+                }
+                self.update_in_sync();
+            }
             (Phase::Open, SyncMsg::PushAck { stored }) => {
                 if stored < self.pushes_acked || stored > self.pushes_sent {
                     return self.close(
@@ -745,6 +769,50 @@ impl Session {
         }
     }
 
+    /// Anti-entropy found that this peer and we differ although no sync is under way (a push
+    /// lost to a bug, a half-dead path): send our committed clock `committed` so the peer
+    /// sends what we lack (and, if it lacks something of ours, answers with its clock so we
+    /// send it). Ignored before the Hello (its catch-up covers the same ground).
+    pub fn resync(&mut self, _now: Instant, committed: &VersionVector) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.ours.join(committed);
+        self.out.push_back(Output::Send(SyncMsg::Resync {
+            clock: self.ours.clone(),
+            reply: false,
+        }));
+        self.update_in_sync();
+    }
+
+    /// Anti-entropy heard that the peer holds (at least) `clock`: what it said in a digest
+    /// equal to ours. The peer's own word, as trusted as its Hello; in-sync is judged on it.
+    pub fn handle_peer_clock(&mut self, _now: Instant, clock: &VersionVector) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.held.join(clock);
+        if let Some(s) = &mut self.sync {
+            s.join(clock);
+        }
+        self.update_in_sync();
+    }
+
+    /// Whether a catch-up or repair is under way (anti-entropy prefers an idle peer).
+    pub fn is_busy(&self) -> bool {
+        !matches!(self.catch_up, Plan::Idle | Plan::Done)
+            || !matches!(self.repair, Plan::Idle | Plan::Done)
+            || !self.received.is_empty()
+            || self.storing.is_some()
+    }
+
+    /// Fault hook for the simulator: the next push frame is lost after it was accounted for
+    /// (the peer is believed to have been sent it), as a bug in the push path would lose it.
+    #[doc(hidden)]
+    pub fn lose_next_push(&mut self) {
+        self.lose_next_push = true;
+    }
+
     /// The driver cannot go on (a stream failed): the session is over.
     pub fn handle_closed(&mut self) {
         self.phase = Phase::Closed;
@@ -772,6 +840,9 @@ impl Session {
         }
         if let Some(s) = &mut self.sync {
             s.note(&deltas);
+        }
+        if std::mem::take(&mut self.lose_next_push) {
+            return;
         }
         let size: usize = deltas.iter().map(Delta::encoded_len).sum();
         self.pushes_sent += 1;
@@ -1267,5 +1338,74 @@ mod tests {
             "every frame stored, queued ones at once"
         );
         assert_eq!(acks, vec![3], "one ack once the queue drained");
+    }
+
+    #[test]
+    fn a_resync_resends_what_a_lost_push_carried_and_answers_with_our_clock() {
+        let t = Instant::now();
+        let mut a = Side::new(1, 2, 0, SessionConfig::default(), t);
+        a.session.handle_sync(t, hello(2, VersionVector::new()));
+        a.drain(t);
+        // A write whose push is lost after it was accounted for.
+        let d = a
+            .engine
+            .local_delta(DocId::from_bytes([1; 16]), DeltaBody::Change(change(1)));
+        a.store.insert([d.clone()]);
+        a.session.lose_next_push();
+        a.session
+            .handle_committed(t, std::slice::from_ref(&d), Source::Local);
+        assert!(a.drain(t).iter().all(|o| !matches!(o, Output::Push(_))));
+        assert!(!a.session.in_sync());
+        // The peer, holding one delta of its own, asks for an exchange.
+        let mut theirs = VersionVector::new();
+        theirs.insert(DeltaId {
+            origin: n(2),
+            seq: 1,
+        });
+        a.session.handle_sync(
+            t,
+            SyncMsg::Resync {
+                clock: theirs.clone(),
+                reply: false,
+            },
+        );
+        let out = a.drain(t);
+        let resent: Vec<DeltaId> = out
+            .iter()
+            .flat_map(|o| match o {
+                Output::Push(PushMsg::Push { deltas }) => deltas.iter().map(|d| d.id).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            resent,
+            vec![d.id],
+            "the lost delta goes again, from the store"
+        );
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send(SyncMsg::Resync { reply: true, clock }) if clock.contains(d.id)
+        )));
+        // A reply is never answered.
+        a.session.handle_sync(
+            t,
+            SyncMsg::Resync {
+                clock: theirs,
+                reply: true,
+            },
+        );
+        assert!(
+            !a.drain(t)
+                .iter()
+                .any(|o| matches!(o, Output::Send(SyncMsg::Resync { .. })))
+        );
+        // A digest equal to ours tells the session the peer holds it all.
+        let mut all = a.store.clock();
+        all.insert(DeltaId {
+            origin: n(2),
+            seq: 1,
+        });
+        a.session.handle_peer_clock(t, &all);
+        assert_eq!(a.session.lacks(), 0);
     }
 }

@@ -17,6 +17,10 @@
 //! - Crashes: memory (sessions, loaded documents, stores in flight) is lost, the store stays;
 //!   the node restarts from its store with a new incarnation.
 //! - Stores and loads finish after a random delay, as on a real disk.
+//! - Anti-entropy ([`Entropy`]) runs beside the sessions: digests travel as datagrams (lost
+//!   at random, never breaking a connection), and an exchange it asks for goes to the session
+//!   ([`Session::resync`]). A fault hook loses push frames after the session accounted for
+//!   them (`push_loss`), as a bug would: only anti-entropy repairs that without a reconnect.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -27,6 +31,7 @@ use automerge::transaction::Transactable;
 use automerge::{Automerge, ObjType, ROOT, ReadDoc};
 use tandem_crdt::dialer::{Admit, ConnId, Dialer, DialerConfig};
 use tandem_crdt::engine::{Action, CatchUp, Engine, Input, MemStore, Source};
+use tandem_crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
 use tandem_crdt::proto::{PushMsg, SyncMsg};
 use tandem_crdt::session::{Fault, Lane, LoadRequest, Output, Session, SessionConfig};
 use tandem_crdt::{
@@ -131,6 +136,13 @@ enum Event {
         conn: ConnId,
         req: LoadRequest,
     },
+    /// A digest datagram arrives.
+    Datagram {
+        conn: ConnId,
+        to: usize,
+        from: usize,
+        packet: Vec<u8>,
+    },
 }
 
 /// One end of a connection, on one node.
@@ -149,6 +161,7 @@ pub struct SimNode {
     pub store: MemStore,
     pub docs: BTreeMap<DocId, Automerge>,
     pub dialer: Dialer,
+    pub entropy: Entropy,
     ends: BTreeMap<ConnId, End>,
 }
 
@@ -216,6 +229,12 @@ pub struct Sim {
     pub loss: f64,
     pub dup: f64,
     pub feed_loss: f64,
+    /// Chance that a push frame is lost after the session accounted for it (a bug's loss).
+    pub push_loss: f64,
+    /// Chance that a digest datagram is lost.
+    pub datagram_loss: f64,
+    /// Whether anti-entropy runs (off: only reconnects repair lost pushes).
+    pub entropy: bool,
     pub session_cfg: SessionConfig,
     /// Deltas whose local write returned (committed).
     pub acked: Vec<DeltaId>,
@@ -238,6 +257,19 @@ pub fn dialer_config() -> DialerConfig {
         breaker_retry: Duration::from_millis(2_000),
         simultaneous: Duration::from_millis(100),
     }
+}
+
+/// A node's anti-entropy, all nodes members.
+fn sim_entropy(me: NodeId, ids: &[NodeId], seed: u64, now: Instant) -> Entropy {
+    let mut e = Entropy::new(me, EntropyConfig::default(), seed, now);
+    e.set_members(ids.iter().copied());
+    e
+}
+
+/// A fixed round-trip time per pair of nodes, for the anti-entropy's choice of holder.
+fn rtt(a: usize, b: usize) -> Duration {
+    let (x, y) = pair(a, b);
+    Duration::from_millis(2 + ((x * 7 + y * 13) % 20) as u64)
 }
 
 impl Sim {
@@ -274,6 +306,7 @@ impl Sim {
                     store: MemStore::new(),
                     docs: BTreeMap::new(),
                     dialer,
+                    entropy: sim_entropy(ids[i], &ids, i as u64, base),
                     ends: BTreeMap::new(),
                 }
             })
@@ -295,6 +328,9 @@ impl Sim {
             loss,
             dup,
             feed_loss,
+            push_loss: 0.0,
+            datagram_loss: 0.05,
+            entropy: true,
             session_cfg: SessionConfig {
                 batch_bytes: 2_048,
                 hello_timeout: Duration::from_millis(1_000),
@@ -396,6 +432,14 @@ impl Sim {
             dialer.add(p, n.dialer.addrs(&p), self.base);
         }
         n.dialer = dialer;
+        let ids: Vec<NodeId> = self.nodes.iter().map(|x| x.id).collect();
+        let n = &mut self.nodes[i];
+        n.entropy = sim_entropy(
+            n.id,
+            &ids,
+            n.incarnation,
+            self.base + Duration::from_millis(self.now),
+        );
         let all: Vec<Delta> = n.store.iter().cloned().collect();
         n.apply(&all);
     }
@@ -558,6 +602,10 @@ impl Sim {
                     ));
                 }
             }
+            Wire::Sync(SyncMsg::Resync { clock, .. }) => {
+                // As a Hello: what `from` holds, as `to` learns it.
+                self.oracle.entry((conn, to)).or_default().known.join(clock);
+            }
             Wire::Sync(SyncMsg::CaughtUp) => {}
         }
     }
@@ -568,8 +616,12 @@ impl Sim {
         let conns: Vec<ConnId> = self.nodes[n].ends.keys().copied().collect();
         for c in conns {
             let lagged = self.rng.chance(self.feed_loss);
+            let lose = self.rng.chance(self.push_loss);
             let clock = self.nodes[n].store.clock();
             if let Some(end) = self.nodes[n].ends.get_mut(&c) {
+                if lose {
+                    end.session.lose_next_push();
+                }
                 if lagged {
                     end.session.handle_feed_lagged(now, clock);
                 } else {
@@ -701,6 +753,18 @@ impl Sim {
                 self.links.remove(&conn);
                 self.drop_end(at, conn);
             }
+            Event::Datagram {
+                conn,
+                to,
+                from,
+                packet,
+            } => {
+                if self.links.contains_key(&conn) && self.nodes[to].up {
+                    let now = self.instant();
+                    let from = self.nodes[from].id;
+                    self.nodes[to].entropy.handle_datagram(now, from, &packet);
+                }
+            }
             Event::Stored {
                 node,
                 incarnation,
@@ -740,6 +804,82 @@ impl Sim {
                     end.session.handle_loaded(now, lane, plan, batch);
                 }
                 self.pump(node, conn);
+            }
+        }
+    }
+
+    /// Runs node `n`'s anti-entropy: its clock and links, its rounds; digests go out as
+    /// datagrams on its connections, exchanges to the sessions.
+    fn entropy_tick(&mut self, n: usize) {
+        let now = self.instant();
+        let clock = self.nodes[n].engine.clock().clone();
+        self.nodes[n].entropy.set_clock(&clock);
+        let links: Vec<(NodeId, Link)> = self.nodes[n]
+            .ends
+            .values()
+            .filter(|e| e.session.is_open())
+            .map(|e| {
+                (
+                    self.nodes[e.peer].id,
+                    Link {
+                        rtt: rtt(n, e.peer),
+                        busy: e.session.is_busy(),
+                        in_sync: e.session.in_sync(),
+                    },
+                )
+            })
+            .collect();
+        let node = &mut self.nodes[n];
+        node.entropy.set_links(links);
+        node.entropy.handle_timeout(now);
+        while let Some(out) = self.nodes[n].entropy.poll_output() {
+            let target = |id: NodeId| {
+                self.nodes[n]
+                    .ends
+                    .iter()
+                    .find(|(_, e)| self.nodes[e.peer].id == id)
+                    .map(|(c, e)| (*c, e.peer))
+            };
+            match out {
+                EntropyOutput::Send { to, packet } => {
+                    let Some((conn, peer)) = target(to) else {
+                        continue;
+                    };
+                    if self.rng.chance(self.datagram_loss) {
+                        continue;
+                    }
+                    let at = self.now + 1 + self.rng.below(20);
+                    self.schedule(
+                        at,
+                        Event::Datagram {
+                            conn,
+                            to: peer,
+                            from: n,
+                            packet,
+                        },
+                    );
+                }
+                EntropyOutput::Exchange { with } => {
+                    let Some((conn, peer)) = target(with) else {
+                        continue;
+                    };
+                    self.log(|| format!("node {n} asks {peer} for an exchange"));
+                    let clock = self.nodes[n].store.clock();
+                    if let Some(end) = self.nodes[n].ends.get_mut(&conn) {
+                        end.session.resync(now, &clock);
+                    }
+                    self.pump(n, conn);
+                }
+                EntropyOutput::Agrees { with, clock } => {
+                    if let Some((conn, _)) = target(with) {
+                        if let Some(end) = self.nodes[n].ends.get_mut(&conn) {
+                            end.session.handle_peer_clock(now, &clock);
+                        }
+                        self.pump(n, conn);
+                    }
+                }
+                // Every node already knows every address here.
+                EntropyOutput::Addresses { .. } => {}
             }
         }
     }
@@ -840,6 +980,9 @@ impl Sim {
                     end.session.handle_timeout(now);
                 }
                 self.pump(n, c);
+            }
+            if self.entropy {
+                self.entropy_tick(n);
             }
             while let Some(dial) = self.nodes[n].dialer.poll_dial(now) {
                 let to = self
