@@ -58,7 +58,7 @@ pub use tandem_crdt as crdt;
 
 /// What `--version` prints for tandemd and the CLI alike: the release, the wire protocol and
 /// the local API version.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (wire protocol 4, API v1)");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (wire protocol 5, API v1)");
 
 pub use tandem_crdt::{DocId, NodeId, Source};
 

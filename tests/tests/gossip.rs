@@ -101,3 +101,56 @@ fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
         c.tandem(&["doc", "get", &doc]).status.success()
     });
 }
+
+/// The `addr` `d` shows for connected member `who`, if connected.
+fn connected_at(d: &Daemon, who: &str) -> Option<String> {
+    json(&d.ok(&["peers", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"].as_str() == Some(who) && p["connected"] == true)
+        .and_then(|p| p["addr"].as_str().map(str::to_string))
+}
+
+/// The QUIC port `d` listens on now.
+fn quic_port(d: &Daemon) -> String {
+    let status = json(&d.ok(&["status", "--json"]));
+    let addrs = status["addrs"].as_array().unwrap();
+    let a = addrs[0].as_str().unwrap();
+    a.rsplit(':').next().unwrap().to_string()
+}
+
+#[test]
+fn members_that_moved_find_each_other_through_gossiped_addresses() {
+    let a = Daemon::start();
+    let mut b = Daemon::start();
+    let mut c = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    c.ok(&["join", &a.ok(&["invite"])]);
+    let (b_id, c_id) = (b.ok(&["id"]), c.ok(&["id"]));
+    until("B and C connected", 30, || {
+        connected_at(&b, &c_id).is_some()
+    });
+    // Both move: restarted, each on a new port. mDNS is off and no one is told the new
+    // addresses; B and C know each other only at the old ones. A stays where it was, and both
+    // reconnect to it; only what A gossips can bring B and C together again.
+    let (b_old, c_old) = (quic_port(&b), quic_port(&c));
+    b.stop();
+    c.stop();
+    b.restart();
+    c.restart();
+    let (b_new, c_new) = (quic_port(&b), quic_port(&c));
+    assert!(b_new != b_old && c_new != c_old, "new ports");
+    let took = until("B to reach C at its new address", 60, || {
+        connected_at(&b, &c_id).is_some_and(|addr| addr.ends_with(&format!(":{c_new}")))
+    });
+    until("C to see B", 10, || {
+        connected_at(&c, &b_id).is_some_and(|addr| addr.ends_with(&format!(":{b_new}")))
+    });
+    eprintln!("moved members reconnected through gossip after {took:?}");
+    // And they sync directly: a write on C reaches B.
+    let doc = c.ok(&["doc", "new", r#"{"moved":true}"#]);
+    until("B to get C's write", 30, || {
+        b.tandem(&["doc", "get", &doc]).status.success()
+    });
+}

@@ -21,6 +21,9 @@ pub(crate) enum Cmd {
     Learn { id: NodeId, addrs: Vec<SocketAddr> },
     /// A member was removed: close its connection, stop dialing it.
     Remove { id: NodeId },
+    /// Members' gossip says member `id` is now at `addrs` (newest first): try them first and
+    /// dial it now if it is not connected.
+    Heard { id: NodeId, addrs: Vec<SocketAddr> },
     /// mDNS saw `id` at `addrs` (untrusted: only a hint where to dial a member).
     Discovered { id: NodeId, addrs: Vec<SocketAddr> },
     /// A connection to a member is up; the driver answers whether it lives.
@@ -99,6 +102,14 @@ pub(crate) async fn run(
         let now = shared.clock.now();
         match cmd {
             Cmd::Learn { id, addrs } => dialer.learn(id, &addrs, now),
+            Cmd::Heard { id, addrs } => {
+                if shared.host.is_member(&id) {
+                    for a in addrs.iter().rev() {
+                        dialer.prefer(id, *a, now);
+                    }
+                    dialer.learn(id, &[], now);
+                }
+            }
             Cmd::Discovered { id, addrs } => {
                 if shared.host.is_member(&id) {
                     tracing::debug!(peer = %id.short(), ?addrs, "member discovered on the LAN");

@@ -1,18 +1,23 @@
-//! The gossip task: runs this node's [`tandem_crdt::gossip::Gossip`] (SWIM over foca) on QUIC
-//! datagrams of the member connections. Every connection's datagrams come here with the
-//! connection's pinned NodeId (the state machine drops what claims another identity); its
-//! packets go out on the connection to their member, if there is one (SWIM expects loss). The
-//! member list is followed from the host; each member's health is published for status pages.
+//! The gossip task: runs this node's [`tandem_crdt::gossip::Gossip`] (SWIM over foca) and its
+//! [`tandem_crdt::entropy::Entropy`] (clock digests, addresses) on QUIC datagrams of the member
+//! connections. Every connection's datagrams come here with the connection's pinned NodeId
+//! (the state machines drop what claims another identity) and go to one or the other by their
+//! tag; packets go out on the connection to their member, if there is one (both expect loss).
+//! The member list is followed from the host; each member's health is published for status
+//! pages; an exchange anti-entropy asks for goes to that member's session; addresses heard
+//! of a member not connected go to the dialer.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_crdt::NodeId;
+use tandem_crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
 use tandem_crdt::gossip::{Dropped, Gossip, GossipConfig, GossipId, GossipOutput, Health};
+use tandem_crdt::proto::DatagramKind;
 use tokio::sync::mpsc;
 
-use super::Shared;
+use super::{SessionCtl, Shared};
 
 /// A member's health as published: its state and since when (unix ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +56,12 @@ pub(crate) const QUEUE: usize = 1024;
 /// How often the member list is compared with the host's.
 const MEMBERS_EVERY: Duration = Duration::from_secs(1);
 
+/// How often anti-entropy is told our clock and connections.
+const LINKS_EVERY: Duration = Duration::from_millis(500);
+
+/// How often our own addresses are looked at again (a laptop changes networks).
+const OWN_ADDRS_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs until the node stops.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -63,6 +74,13 @@ pub(crate) async fn run(
         incarnation: shared.host.incarnation(),
     };
     let mut gossip = Gossip::new(me, GossipConfig::default(), rand::random(), clock.now());
+    let mut entropy = Entropy::new(
+        me.node,
+        EntropyConfig::default(),
+        rand::random(),
+        clock.now(),
+    );
+    let (mut links_at, mut own_at) = (clock.now(), clock.now());
     let mut shutdown = shared.shutdown.clone();
     let mut members_at = clock.now();
     // Published when something shown changed (a health, the members, a drop), not on every
@@ -73,23 +91,46 @@ pub(crate) async fn run(
         let now = clock.now();
         if now >= members_at {
             members_at = now + MEMBERS_EVERY;
-            gossip.set_members(now, shared.host.members().into_iter().map(|m| m.id));
+            let members: Vec<NodeId> = shared.host.members().into_iter().map(|m| m.id).collect();
+            gossip.set_members(now, members.iter().copied());
+            entropy.set_members(members);
+        }
+        if now >= own_at {
+            own_at = now + OWN_ADDRS_EVERY;
+            let addrs = shared
+                .advertised_addrs()
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            entropy.set_own_addrs(clock.wall_ms().max(0) as u64, addrs);
+        }
+        if now >= links_at || entropy.poll_timeout().is_some_and(|t| t <= now) {
+            links_at = now + LINKS_EVERY;
+            tell_entropy(&shared, &mut entropy);
         }
         gossip.handle_timeout(now);
+        entropy.handle_timeout(now);
+        while let Some(out) = entropy.poll_output() {
+            match out {
+                EntropyOutput::Send { to, packet } => send(&shared, to, packet),
+                EntropyOutput::Exchange { with } => {
+                    tracing::debug!(peer = %with.short(), "anti-entropy: a gap stayed open; exchanging clocks");
+                    let _ = shared.session_ctl.send((with, SessionCtl::Resync));
+                }
+                EntropyOutput::Agrees { with, clock } => {
+                    let _ = shared.session_ctl.send((with, SessionCtl::Holds(clock)));
+                }
+                EntropyOutput::Addresses { node, addrs } => {
+                    tracing::debug!(peer = %node.short(), ?addrs, "addresses heard through gossip");
+                    let _ = shared
+                        .cmds
+                        .send(super::driver::Cmd::Heard { id: node, addrs });
+                }
+            }
+        }
         while let Some(out) = gossip.poll_output() {
             match out {
-                GossipOutput::Send { to, packet } => {
-                    let conn = shared
-                        .links
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&to)
-                        .cloned();
-                    if let Some(conn) = conn {
-                        // Too big for this path, or datagrams off: lost, like any datagram.
-                        let _ = conn.send_datagram(packet.into());
-                    }
-                }
+                GossipOutput::Send { to, packet } => send(&shared, to, packet),
                 GossipOutput::Health { node, health } => {
                     stale = true;
                     tracing::debug!(peer = %node.short(), health = health.as_str(), "member health");
@@ -115,18 +156,22 @@ pub(crate) async fn run(
         }
         let shown = (
             gossip.health().len(),
-            gossip.dropped().values().sum::<u64>(),
+            gossip.dropped().values().sum::<u64>() + entropy.dropped().values().sum::<u64>(),
         );
         if stale || shown != seen {
-            publish(&gossip, &view, clock.wall_ms(), now);
+            publish(&gossip, &entropy, &view, clock.wall_ms(), now);
             (stale, seen) = (false, shown);
         }
-        let next = gossip
-            .poll_timeout()
-            .map_or(members_at, |t| t.min(members_at));
+        let next = [gossip.poll_timeout(), entropy.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .fold(members_at.min(links_at), |a, t| a.min(t));
         let wait = next.saturating_duration_since(clock.now());
         tokio::select! {
             got = rx.recv() => match got {
+                Some((from, data)) if data.first() == Some(&(DatagramKind::Digest as u8)) => {
+                    entropy.handle_datagram(clock.now(), from, &data)
+                }
                 Some((from, data)) => gossip.handle_datagram(clock.now(), from, &data),
                 None => return,
             },
@@ -136,7 +181,65 @@ pub(crate) async fn run(
     }
 }
 
-fn publish(gossip: &Gossip, view: &SharedView, wall_ms: i64, now: std::time::Instant) {
+/// Sends a datagram to member `to` on its connection, if there is one. Too big for this path,
+/// or datagrams off: lost, like any datagram.
+fn send(shared: &Shared, to: NodeId, packet: Vec<u8>) {
+    let conn = shared
+        .links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&to)
+        .cloned();
+    if let Some(conn) = conn {
+        let _ = conn.send_datagram(packet.into());
+    }
+}
+
+/// Tells anti-entropy our committed clock and each connected member's round-trip time, whether
+/// its session is busy or in sync, and the address it connected from.
+fn tell_entropy(shared: &Shared, entropy: &mut Entropy) {
+    let ours = shared.host.clock();
+    let conns: Vec<(NodeId, quinn::Connection)> = shared
+        .links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, c)| (*id, c.clone()))
+        .collect();
+    let statuses = shared.statuses.lock().unwrap_or_else(|p| p.into_inner());
+    let links: Vec<(NodeId, Link)> = conns
+        .iter()
+        .map(|(id, c)| {
+            let s = statuses.get(id);
+            let in_sync = s
+                .and_then(|s| s.held.as_ref())
+                .is_some_and(|h| h.missing_count(&ours) == 0);
+            let busy = s.is_some_and(|s| s.busy);
+            (
+                *id,
+                Link {
+                    rtt: c.rtt(),
+                    busy,
+                    in_sync,
+                },
+            )
+        })
+        .collect();
+    drop(statuses);
+    entropy.set_clock(&ours);
+    entropy.set_links(links);
+    for (id, c) in &conns {
+        entropy.observed(*id, c.remote_address());
+    }
+}
+
+fn publish(
+    gossip: &Gossip,
+    entropy: &Entropy,
+    view: &SharedView,
+    wall_ms: i64,
+    now: std::time::Instant,
+) {
     let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
     v.health = gossip
         .health()
@@ -153,4 +256,7 @@ fn publish(gossip: &Gossip, view: &SharedView, wall_ms: i64, now: std::time::Ins
         })
         .collect();
     v.dropped = gossip.dropped().clone();
+    for (why, n) in entropy.dropped() {
+        *v.dropped.entry(*why).or_default() += n;
+    }
 }

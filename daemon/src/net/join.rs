@@ -1,5 +1,5 @@
 //! The invite handshake. The joiner dials the inviter (pinned to the NodeId in the invite)
-//! with ALPN `tandem-join/4`, opens a stream of kind `Join`, and proves the invite's secret;
+//! with ALPN `tandem-join/5`, opens a stream of kind `Join`, and proves the invite's secret;
 //! the inviter checks it (known, unused, unexpired), commits the admission through Raft, and
 //! answers with the joiner's Raft id and the member list. The connection carries nothing else.
 

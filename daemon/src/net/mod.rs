@@ -136,6 +136,9 @@ pub struct PeerStatus {
     /// What it confirmed holding, kept after it disconnects.
     #[serde(skip)]
     pub(crate) held: Option<VersionVector>,
+    /// A catch-up or repair is under way with it (anti-entropy prefers an idle holder).
+    #[serde(skip)]
+    pub(crate) busy: bool,
 }
 
 /// QUIC close codes.
@@ -191,6 +194,17 @@ pub(crate) struct Shared {
     pub(crate) gossip_view: gossip::SharedView,
     /// Every health change, for whoever listens.
     pub(crate) health_tx: tokio::sync::broadcast::Sender<gossip::HealthChange>,
+    /// What anti-entropy tells the session with a member.
+    pub(crate) session_ctl: tokio::sync::broadcast::Sender<(NodeId, SessionCtl)>,
+}
+
+/// What anti-entropy asks of the session with one member.
+#[derive(Debug, Clone)]
+pub(crate) enum SessionCtl {
+    /// Send it our clock: a gap stayed open ([`tandem_crdt::session::Session::resync`]).
+    Resync,
+    /// Its digest equals ours: it holds this clock.
+    Holds(VersionVector),
 }
 
 impl Shared {
@@ -285,6 +299,7 @@ pub(crate) fn start(
         gossip_in,
         gossip_view: Default::default(),
         health_tx: tokio::sync::broadcast::channel(256).0,
+        session_ctl: tokio::sync::broadcast::channel(256).0,
     });
     let nearby: Nearby = Arc::new(Mutex::new(BTreeMap::new()));
     let net = Net {

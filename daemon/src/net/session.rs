@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::router::Routes;
 use super::wire::{self, WireError};
-use super::{Shared, close, with_status};
+use super::{SessionCtl, Shared, close, with_status};
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,7 @@ pub(crate) async fn run(
     // Subscribe before reading our clock: whatever commits after this is fed to the session,
     // whatever committed before is in the clock and goes by catch-up.
     let mut commits = host.subscribe_commits();
+    let mut ctl = shared.session_ctl.subscribe();
     let mut session = Session::new(cfg, host.id(), peer, host.clock(), clock.now());
 
     let (sync_send, sync_recv) = if dialed {
@@ -138,6 +139,7 @@ pub(crate) async fn run(
     let aborter = AbortOnDrop(tasks.iter().map(|t| t.abort_handle()).collect());
 
     let mut feed_open = true;
+    let mut ctl_open = true;
     let result = loop {
         // Carry out everything the session asked for.
         let mut closed = None;
@@ -181,10 +183,12 @@ pub(crate) async fn run(
         }
         if session.is_open() {
             let held = session.held();
-            let changed = |s: &super::PeerStatus| s.held.as_ref() != Some(held);
+            let busy = session.is_busy();
+            let changed = |s: &super::PeerStatus| s.held.as_ref() != Some(held) || s.busy != busy;
             with_status(&shared.statuses, &peer, |s| {
                 if changed(s) {
                     s.held = Some(held.clone());
+                    s.busy = busy;
                 }
             });
         }
@@ -230,6 +234,18 @@ pub(crate) async fn run(
                 }
             }
             () = sleep_until(timeout) => session.handle_timeout(clock.now()),
+            c = ctl.recv(), if ctl_open => match c {
+                Ok((to, SessionCtl::Resync)) if to == peer => {
+                    tracing::debug!(peer = %peer.short(), "anti-entropy: exchanging clocks");
+                    session.resync(clock.now(), &host.clock());
+                }
+                Ok((to, SessionCtl::Holds(held))) if to == peer => {
+                    session.handle_peer_clock(clock.now(), &held);
+                }
+                // Someone else's, or missed (the next round asks again).
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => ctl_open = false,
+            },
         }
     };
     drop(aborter);

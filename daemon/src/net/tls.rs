@@ -17,9 +17,9 @@ use tandem_crdt::NodeId;
 use crate::Identity;
 
 /// ALPN for members: the sync protocol.
-pub const ALPN_SYNC: &[u8] = b"tandem/3";
+pub const ALPN_SYNC: &[u8] = b"tandem/5";
 /// ALPN for the join handshake: the only thing a non-member may speak.
-pub const ALPN_JOIN: &[u8] = b"tandem-join/3";
+pub const ALPN_JOIN: &[u8] = b"tandem-join/5";
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte key follows.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
@@ -252,4 +252,16 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?
         .protocol
+}
+
+#[cfg(test)]
+mod alpn_tests {
+    /// The ALPNs name the wire protocol this build speaks, so an older peer is refused at the
+    /// handshake instead of at its first message.
+    #[test]
+    fn alpn_names_the_protocol_version() {
+        let v = tandem_crdt::proto::PROTOCOL_VERSION;
+        assert_eq!(super::ALPN_SYNC, format!("tandem/{v}").as_bytes());
+        assert_eq!(super::ALPN_JOIN, format!("tandem-join/{v}").as_bytes());
+    }
 }
