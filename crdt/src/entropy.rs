@@ -287,6 +287,14 @@ impl Entropy {
             .is_some_and(|p| p.digest == Some(self.digest))
     }
 
+    /// Whether `node`'s last digest (if any) differs from our clock's.
+    fn disagrees(&self, node: &NodeId) -> bool {
+        self.peers
+            .get(node)
+            .and_then(|p| p.digest)
+            .is_some_and(|d| d != self.digest)
+    }
+
     pub fn poll_output(&mut self) -> Option<EntropyOutput> {
         self.out.pop_front()
     }
@@ -301,13 +309,13 @@ impl Entropy {
         if now < self.next_round {
             return;
         }
-        // Members we are not known to agree with come first (and are asked to answer at once);
-        // while every connected member agrees, rounds are four times rarer: an idle cluster
+        // Members not in sync with us, or whose last digest differed, come first (and are asked
+        // to answer at once); while there are none, rounds are four times rarer: an idle cluster
         // costs little, and any write makes digests differ again.
         let unsure: Vec<NodeId> = self
             .links
             .iter()
-            .filter(|(n, l)| !l.in_sync || !self.agrees(n))
+            .filter(|(n, l)| !l.in_sync || self.disagrees(n))
             .map(|(n, _)| *n)
             .collect();
         let quiet = !self.links.is_empty() && unsure.is_empty();
@@ -325,7 +333,7 @@ impl Entropy {
         if targets.is_empty() {
             return;
         }
-        let packet = self.packet(ask);
+        let packet = self.packet(ask, !quiet);
         for _ in 0..self.cfg.fanout.min(targets.len()) {
             let i = (self.rng.next() % targets.len() as u64) as usize;
             let to = targets.swap_remove(i);
@@ -337,8 +345,9 @@ impl Entropy {
     }
 
     /// This round's datagram: the digest, the next page of prefix tops, the next few book
-    /// entries, cut to the size limit.
-    fn packet(&mut self, ask: bool) -> Vec<u8> {
+    /// entries, cut to the size limit. Not `full` (everyone agrees): the digest and one book
+    /// entry only; a receiver that finds the digest differs asks for the rest.
+    fn packet(&mut self, ask: bool, full: bool) -> Vec<u8> {
         let origins: Vec<(NodeId, u64)> = self
             .clock
             .iter()
@@ -351,12 +360,13 @@ impl Entropy {
         let mut tops: Vec<(NodeId, u64)> = origins
             .iter()
             .skip(first)
-            .take(TOPS_PER_ROUND)
+            .take(if full { TOPS_PER_ROUND } else { 0 })
             .copied()
             .collect();
         let entries: Vec<&AddrEntry> = self.book.values().filter(|e| e.stamp > 0).collect();
         let mut book: Vec<AddrEntry> = Vec::new();
-        for k in 0..entries.len().min(BOOK_PER_ROUND) {
+        let per_round = if full { BOOK_PER_ROUND } else { 1 };
+        for k in 0..entries.len().min(per_round) {
             book.push(entries[(self.book_cursor + k) % entries.len()].clone());
         }
         self.book_cursor = self.book_cursor.wrapping_add(book.len());
@@ -421,7 +431,7 @@ impl Entropy {
         // Answer an ask, at most twice a round per member (a member cannot make us flood).
         if msg.ask && view.answered.is_none_or(|t| now >= t + self.cfg.every / 2) {
             view.answered = Some(now);
-            let packet = self.packet(false);
+            let packet = self.packet(false, true);
             self.out.push_back(EntropyOutput::Send { to: from, packet });
         }
         let view = self.peers.entry(from).or_default();
@@ -625,7 +635,7 @@ mod tests {
                 Link {
                     rtt: Duration::from_millis(j as u64),
                     busy: false,
-                    in_sync: true,
+                    in_sync: false,
                 },
             )
         });
@@ -767,7 +777,7 @@ mod tests {
             Link {
                 rtt: Duration::ZERO,
                 busy: false,
-                in_sync: true,
+                in_sync: false,
             },
         )]);
         let mut b = node(2, t, &VersionVector::new());
@@ -846,7 +856,7 @@ mod tests {
             Link {
                 rtt: Duration::ZERO,
                 busy: false,
-                in_sync: true,
+                in_sync: false,
             },
         )]);
         b.learn(AddrEntry {

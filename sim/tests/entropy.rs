@@ -95,3 +95,82 @@ fn without_digests_lost_pushes_stay_lost() {
     let stuck = (0..10).filter(|s| run(*s, false).1.is_none()).count();
     assert!(stuck >= 8, "only {stuck} of 10 runs stayed apart");
 }
+
+/// Idle digest bytes per second per node for 3, 10 and 50 nodes: every member holds the same
+/// clock (one origin per node), is connected to every other and in sync, and has its own
+/// addresses in the book. (SWIM's own idle bytes are in `tests/gossip.rs`.)
+#[test]
+fn idle_digest_cost() {
+    use std::time::{Duration, Instant};
+    use tandem_crdt::NodeId;
+    use tandem_crdt::VersionVector;
+    use tandem_crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
+    for n in [3usize, 10, 50] {
+        let t = Instant::now();
+        let ids: Vec<NodeId> = (0..n)
+            .map(|i| {
+                let mut b = [0u8; 32];
+                b[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                NodeId::from_bytes(b)
+            })
+            .collect();
+        let mut clock = VersionVector::new();
+        for id in &ids {
+            clock.insert_range(*id, 1, 1_000);
+        }
+        let mut nodes: Vec<Entropy> = (0..n)
+            .map(|i| {
+                let mut e = Entropy::new(ids[i], EntropyConfig::default(), i as u64, t);
+                e.set_members(ids.iter().copied());
+                e.set_clock(&clock);
+                e.set_own_addrs(
+                    1,
+                    vec![
+                        format!("10.0.{}.{}:7000", i / 250, i % 250 + 1)
+                            .parse()
+                            .unwrap(),
+                    ],
+                );
+                e.set_links(ids.iter().filter(|x| **x != ids[i]).map(|x| {
+                    (
+                        *x,
+                        Link {
+                            rtt: Duration::from_millis(1),
+                            busy: false,
+                            in_sync: true,
+                        },
+                    )
+                }));
+                e
+            })
+            .collect();
+        let index = |id: &NodeId| ids.iter().position(|x| x == id).unwrap();
+        let (mut bytes, mut exchanges) = (0u64, 0u64);
+        let secs = 120;
+        let mut now = t;
+        while now < t + Duration::from_secs(secs) {
+            now += Duration::from_millis(250);
+            for i in 0..n {
+                nodes[i].handle_timeout(now);
+                while let Some(o) = nodes[i].poll_output() {
+                    match o {
+                        EntropyOutput::Send { to, packet } => {
+                            bytes += packet.len() as u64;
+                            let from = ids[i];
+                            nodes[index(&to)].handle_datagram(now, from, &packet);
+                        }
+                        EntropyOutput::Exchange { .. } => exchanges += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let rate = bytes as f64 / secs as f64 / n as f64;
+        println!("{n} nodes idle: {rate:.0} digest bytes/s per node");
+        assert_eq!(
+            exchanges, 0,
+            "an idle cluster in agreement exchanges nothing"
+        );
+        assert!(rate < 200.0, "{n} nodes: {rate} digest bytes/s per node");
+    }
+}
