@@ -318,7 +318,7 @@ impl Entropy {
             .filter(|(n, l)| !l.in_sync || self.disagrees(n))
             .map(|(n, _)| *n)
             .collect();
-        let quiet = !self.links.is_empty() && unsure.is_empty();
+        let quiet = unsure.is_empty();
         self.next_round = now
             + if quiet {
                 self.cfg.every * 4

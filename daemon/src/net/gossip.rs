@@ -53,11 +53,9 @@ pub(crate) fn read_view<R>(view: &SharedView, f: impl FnOnce(&GossipView) -> R) 
 /// Datagrams waiting for the gossip task; more are dropped (SWIM tolerates loss).
 pub(crate) const QUEUE: usize = 1024;
 
-/// How often the member list is compared with the host's.
-const MEMBERS_EVERY: Duration = Duration::from_secs(1);
-
-/// How often anti-entropy is told our clock and connections.
-const LINKS_EVERY: Duration = Duration::from_millis(500);
+/// How often the member list is compared with the host's, and anti-entropy told our clock and
+/// connections.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How often our own addresses are looked at again (a laptop changes networks).
 const OWN_ADDRS_EVERY: Duration = Duration::from_secs(10);
@@ -80,20 +78,20 @@ pub(crate) async fn run(
         rand::random(),
         clock.now(),
     );
-    let (mut links_at, mut own_at) = (clock.now(), clock.now());
     let mut shutdown = shared.shutdown.clone();
-    let mut members_at = clock.now();
+    let (mut upkeep_at, mut own_at) = (clock.now(), clock.now());
     // Published when something shown changed (a health, the members, a drop), not on every
     // datagram.
     let mut stale = true;
     let mut seen = (0usize, 0u64);
     loop {
         let now = clock.now();
-        if now >= members_at {
-            members_at = now + MEMBERS_EVERY;
+        if now >= upkeep_at {
+            upkeep_at = now + UPKEEP_EVERY;
             let members: Vec<NodeId> = shared.host.members().into_iter().map(|m| m.id).collect();
             gossip.set_members(now, members.iter().copied());
             entropy.set_members(members);
+            tell_entropy(&shared, &mut entropy);
         }
         if now >= own_at {
             own_at = now + OWN_ADDRS_EVERY;
@@ -103,10 +101,6 @@ pub(crate) async fn run(
                 .filter_map(|a| a.parse().ok())
                 .collect();
             entropy.set_own_addrs(clock.wall_ms().max(0) as u64, addrs);
-        }
-        if now >= links_at || entropy.poll_timeout().is_some_and(|t| t <= now) {
-            links_at = now + LINKS_EVERY;
-            tell_entropy(&shared, &mut entropy);
         }
         gossip.handle_timeout(now);
         entropy.handle_timeout(now);
@@ -165,8 +159,11 @@ pub(crate) async fn run(
         let next = [gossip.poll_timeout(), entropy.poll_timeout()]
             .into_iter()
             .flatten()
-            .fold(members_at.min(links_at), |a, t| a.min(t));
-        let wait = next.saturating_duration_since(clock.now());
+            .fold(upkeep_at, |a, t| a.min(t));
+        // Timers are coalesced on a grid (the state machines' deadlines are not urgent to the
+        // millisecond): several due at about the same time cost one wake-up, which is most of
+        // what an idle daemon spends.
+        let wait = coalesce(next.saturating_duration_since(clock.now()));
         tokio::select! {
             got = rx.recv() => match got {
                 Some((from, data)) if data.first() == Some(&(DatagramKind::Digest as u8)) => {
@@ -179,6 +176,16 @@ pub(crate) async fn run(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Timer grid of the gossip task.
+const GRID: Duration = Duration::from_millis(250);
+
+/// `wait` rounded up to the next multiple of [`GRID`].
+fn coalesce(wait: Duration) -> Duration {
+    let grid = GRID.as_millis().max(1);
+    let ms = wait.as_millis().div_ceil(grid) * grid;
+    Duration::from_millis(ms.min(u64::MAX as u128) as u64)
 }
 
 /// Sends a datagram to member `to` on its connection, if there is one. Too big for this path,

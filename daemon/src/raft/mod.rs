@@ -40,7 +40,7 @@ openraft::declare_raft_types!(
 );
 
 /// How long a proposal waits for a commit before it is reported as impossible now.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(6);
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long one forwarded proposal waits for the leader before asking again.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A member disconnected for less than this still counts as online for the voter policy
@@ -114,9 +114,9 @@ pub(crate) struct Consensus {
 fn raft_config() -> Result<Arc<Config>, ConsensusError> {
     let cfg = Config {
         cluster_name: "tandem".into(),
-        heartbeat_interval: 200,
-        election_timeout_min: 800,
-        election_timeout_max: 1600,
+        heartbeat_interval: 1000,
+        election_timeout_min: 3000,
+        election_timeout_max: 6000,
         install_snapshot_timeout: 3000,
         max_in_snapshot_log_to_keep: 100,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
@@ -816,7 +816,7 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The upkeep task: founding, then the leader's reconciliation, twice a second.
+/// The upkeep task: founding (quickly), then the leader's reconciliation once a second.
 async fn maintain(shared: std::sync::Weak<Shared>) {
     let mut seen = HashMap::new();
     let mut view: Option<(String, Option<NodeId>, u64)> = None;
@@ -839,7 +839,7 @@ async fn maintain(shared: std::sync::Weak<Shared>) {
             .upgrade()
             .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
         // Quickly while founding (an invite waits for it), then at an easy pace.
-        let pause = if founding { 30 } else { 300 };
+        let pause = if founding { 30 } else { 1000 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let Some(s) = shared.upgrade() else { break };
         s.found_if_needed().await;
