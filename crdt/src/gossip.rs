@@ -299,6 +299,11 @@ impl Gossip {
         self.announce_to(now, added);
     }
 
+    /// Whether `node` is in the member list this gossip follows (not this node itself).
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        self.members.contains(node)
+    }
+
     /// A datagram from `from` (the connection's pinned NodeId). Anything not gossip from a
     /// member, claiming to be `from`, addressed to this node, is dropped and counted.
     pub fn handle_datagram(&mut self, now: Instant, from: NodeId, packet: &[u8]) {

@@ -1,6 +1,7 @@
 //! Nodes as separate processes (the `peer` helper) on real sockets: two processes on loopback
-//! pair and sync; and, as root, two network namespaces joined by a veth pair where members whose
-//! stored addresses went stale find each other again over mDNS.
+//! pair and sync; and, as root, network namespaces: two joined by a veth pair where members
+//! whose stored addresses went stale find each other again over mDNS, and three on a bridge
+//! where two members that moved to new addresses find each other through gossip alone.
 
 #![allow(clippy::unwrap_used)]
 
@@ -183,4 +184,143 @@ fn mdns_across_network_namespaces() {
     assert!(a.ask("nearby").contains(&b_id));
     a.quit();
     b.quit();
+}
+
+fn is_root_with_netns(test: &str) -> bool {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.ok().as_deref() != Some("0") || !sh(&["ip", "netns", "list"]) {
+        eprintln!("SKIPPED {test}: needs root and iproute2 (`ip netns`); CI runs it");
+        return false;
+    }
+    true
+}
+
+/// Three hosts (network namespaces on a bridge in a fourth), mDNS off. B and C move: each is
+/// restarted on a new IP address and a new port. Each still knows A's address and reconnects
+/// to it; nobody tells B or C where the other went. Only the addresses A gossips can bring them
+/// together again, and they must.
+#[test]
+fn members_that_moved_to_new_addresses_find_each_other_through_gossip() {
+    if !is_root_with_netns("members_that_moved_to_new_addresses_find_each_other_through_gossip") {
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let ns: Vec<String> = ["a", "b", "c", "s"]
+        .iter()
+        .map(|n| format!("tdg{n}{tag}"))
+        .collect();
+    let _cleanup = Netns(ns.clone());
+    let sw = &ns[3];
+    let br = format!("tbr{tag}");
+    let mut setup: Vec<Vec<String>> = vec![
+        vec!["ip", "netns", "add", sw],
+        vec!["ip", "-n", sw, "link", "add", &br, "type", "bridge"],
+        vec!["ip", "-n", sw, "link", "set", &br, "up"],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for (i, host) in ns[..3].iter().enumerate() {
+        let (inner, outer) = (format!("tg{i}{tag}"), format!("tq{i}{tag}"));
+        for cmd in [
+            vec!["ip", "netns", "add", host],
+            vec![
+                "ip", "link", "add", &inner, "netns", host, "type", "veth", "peer", "name", &outer,
+                "netns", sw,
+            ],
+            vec!["ip", "-n", sw, "link", "set", &outer, "master", &br],
+            vec!["ip", "-n", sw, "link", "set", &outer, "up"],
+            vec![
+                "ip",
+                "-n",
+                host,
+                "addr",
+                "add",
+                &format!("10.232.0.{}/24", i + 1),
+                "dev",
+                &inner,
+            ],
+            vec!["ip", "-n", host, "link", "set", &inner, "up"],
+            vec!["ip", "-n", host, "link", "set", "lo", "up"],
+        ] {
+            setup.push(cmd.into_iter().map(String::from).collect());
+        }
+    }
+    for cmd in &setup {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        assert!(sh(&args), "setup failed: {cmd:?}");
+    }
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let prefix = |i: usize| ["ip", "netns", "exec", ns[i].as_str()];
+    let start =
+        |i: usize, ip: &str| Peer::start(&prefix(i), dirs[i].path(), &format!("{ip}:0"), None);
+
+    let mut a = start(0, "10.232.0.1");
+    let mut b = start(1, "10.232.0.2");
+    let mut c = start(2, "10.232.0.3");
+    assert_eq!(b.ask(&format!("join {}", a.ask("invite"))), "ok");
+    assert_eq!(c.ask(&format!("join {}", a.ask("invite"))), "ok");
+    let (b_id, c_id) = (b.id.clone(), c.id.clone());
+    let until = |what: &str, f: &mut dyn FnMut() -> bool| {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(60),
+                "timed out: {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        t.elapsed()
+    };
+    until("B and C connected", &mut || {
+        b.ask(&format!("connected {c_id}")) != "no"
+    });
+    b.quit();
+    c.quit();
+    // Both move to another address (as a laptop does on another network), and a new port.
+    for (i, old, new) in [
+        (1, "10.232.0.2", "10.232.0.12"),
+        (2, "10.232.0.3", "10.232.0.13"),
+    ] {
+        let dev = format!("tg{i}{tag}");
+        assert!(sh(&[
+            "ip",
+            "-n",
+            &ns[i],
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            &dev
+        ]));
+        assert!(sh(&[
+            "ip",
+            "-n",
+            &ns[i],
+            "addr",
+            "add",
+            &format!("{new}/24"),
+            "dev",
+            &dev
+        ]));
+    }
+    let mut b = start(1, "10.232.0.12");
+    let mut c = start(2, "10.232.0.13");
+    let took = until("B to reach C at its new address", &mut || {
+        b.ask(&format!("connected {c_id}"))
+            .starts_with("10.232.0.13:")
+    });
+    until("C to see B at its new address", &mut || {
+        c.ask(&format!("connected {b_id}"))
+            .starts_with("10.232.0.12:")
+    });
+    eprintln!("members on new addresses reconnected through gossip after {took:?}");
+    let doc = c.ask(r#"create {"moved":"address"}"#);
+    assert_eq!(b.ask(&format!(r#"wait {doc} /moved "address" 30"#)), "ok");
+    a.quit();
+    b.quit();
+    c.quit();
 }

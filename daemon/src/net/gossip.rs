@@ -166,10 +166,22 @@ pub(crate) async fn run(
         let wait = coalesce(next.saturating_duration_since(clock.now()));
         tokio::select! {
             got = rx.recv() => match got {
-                Some((from, data)) if data.first() == Some(&(DatagramKind::Digest as u8)) => {
-                    entropy.handle_datagram(clock.now(), from, &data)
+                Some((from, data)) => {
+                    let now = clock.now();
+                    if !gossip.is_member(&from) && shared.host.is_member(&from) {
+                        // Admitted since the last upkeep (a joiner's first datagrams): follow
+                        // the member list now rather than drop them as a non-member's.
+                        let members: Vec<NodeId> =
+                            shared.host.members().into_iter().map(|m| m.id).collect();
+                        gossip.set_members(now, members.iter().copied());
+                        entropy.set_members(members);
+                    }
+                    if data.first() == Some(&(DatagramKind::Digest as u8)) {
+                        entropy.handle_datagram(now, from, &data)
+                    } else {
+                        gossip.handle_datagram(now, from, &data)
+                    }
                 }
-                Some((from, data)) => gossip.handle_datagram(clock.now(), from, &data),
                 None => return,
             },
             _ = tokio::time::sleep(wait) => {}

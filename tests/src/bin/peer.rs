@@ -3,7 +3,8 @@
 //!
 //! `peer DATA_DIR LISTEN_ADDR [--mdns IFACE]` prints `ready <node id> <addr>`, then serves:
 //! `invite`, `join TOKEN`, `create JSON`, `put DOC PATH JSON`, `get DOC PATH`,
-//! `wait DOC PATH JSON SECONDS`, `nearby`, `quit`.
+//! `wait DOC PATH JSON SECONDS`, `nearby`, `connected NODE_ID` (the address it is connected at,
+//! or `no`), `quit`.
 
 use std::io::{BufRead as _, Write as _};
 use std::time::{Duration, Instant};
@@ -68,6 +69,12 @@ async fn serve(node: &Node, line: &str) -> anyhow::Result<String> {
             .map(|(id, _, _)| id.to_string())
             .collect::<Vec<_>>()
             .join(" "),
+        "connected" => node
+            .peers()
+            .into_iter()
+            .find(|p| p.connected && p.id.is_some_and(|id| id.to_string() == rest.trim()))
+            .and_then(|p| p.addr)
+            .map_or_else(|| "no".to_string(), |a| a.to_string()),
         other => bail!("unknown command {other:?}"),
     })
 }
