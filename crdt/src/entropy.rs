@@ -34,6 +34,7 @@ use crate::clock::VersionVector;
 use crate::gossip::Dropped;
 use crate::id::{DeltaId, NodeId};
 use crate::proto::DatagramKind;
+use crate::rng::Rng;
 
 /// Timing and size of the anti-entropy rounds.
 #[derive(Debug, Clone)]
@@ -122,19 +123,6 @@ pub enum EntropyOutput {
     },
 }
 
-/// SplitMix64: enough to pick whom to tell, replayable from a seed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// A gap: which delta, and since when it has been seen open.
 type Gap = Option<(Instant, DeltaId)>;
 
@@ -159,7 +147,8 @@ struct PeerView {
 pub struct Entropy {
     me: NodeId,
     cfg: EntropyConfig,
-    rng: SplitMix,
+    /// Picks whom to tell; replayable from a seed.
+    rng: Rng,
     members: BTreeSet<NodeId>,
     clock: VersionVector,
     digest: [u8; 16],
@@ -180,7 +169,7 @@ impl Entropy {
         Self {
             me,
             cfg,
-            rng: SplitMix(seed),
+            rng: Rng(seed),
             members: BTreeSet::new(),
             digest: clock.digest(),
             clock,
@@ -335,7 +324,7 @@ impl Entropy {
         }
         let packet = self.packet(ask, !quiet);
         for _ in 0..self.cfg.fanout.min(targets.len()) {
-            let i = (self.rng.next() % targets.len() as u64) as usize;
+            let i = self.rng.below(targets.len() as u64) as usize;
             let to = targets.swap_remove(i);
             self.out.push_back(EntropyOutput::Send {
                 to,
