@@ -17,7 +17,7 @@
 //!   so the member's own pull goes first.
 //!
 //! Addresses: each node announces where it can be reached, stamped by itself (a stamp that only
-//! grows: its start time then changes), plus what members observe it connect from; entries
+//! grows: its incarnation, then a count of changes), plus what members observe it connect from; entries
 //! are relayed to everyone round by round, newest stamp winning, so a laptop that moved to
 //! another network is dialed at its new address through what others heard.
 //!
@@ -64,6 +64,9 @@ impl Default for EntropyConfig {
 pub const MAX_ADDRS: usize = 8;
 /// Book entries per datagram.
 const BOOK_PER_ROUND: usize = 3;
+/// Rounds that carry a new or changed address entry first (and are not slowed while any
+/// does), so a member that moved is known everywhere within seconds.
+const HOT_ROUNDS: u32 = 6;
 /// Origins listed per datagram at most (fewer if the packet would be too big).
 const TOPS_PER_ROUND: usize = 24;
 
@@ -158,6 +161,8 @@ pub struct Entropy {
     next_round: Instant,
     next_page: u32,
     book_cursor: usize,
+    /// Book entries new or changed here, and how many more rounds carry them first.
+    hot: BTreeMap<NodeId, u32>,
     out: VecDeque<EntropyOutput>,
     dropped: BTreeMap<Dropped, u64>,
     exchanges: u64,
@@ -179,6 +184,7 @@ impl Entropy {
             next_round: now,
             next_page: 0,
             book_cursor: 0,
+            hot: BTreeMap::new(),
             out: VecDeque::new(),
             dropped: BTreeMap::new(),
             exchanges: 0,
@@ -213,13 +219,14 @@ impl Entropy {
             .collect();
     }
 
-    /// Where this node can be reached now; `stamp` must grow whenever the set changes (the
-    /// daemon uses wall-clock milliseconds).
+    /// Where this node can be reached now, stamped `stamp`: a later start must pass a larger
+    /// one (the daemon uses its incarnation, which every start raises, shifted left 24 bits);
+    /// a change within one start raises the stamp by one.
     pub fn set_own_addrs(&mut self, stamp: u64, mut addrs: Vec<SocketAddr>) {
         addrs.truncate(MAX_ADDRS);
         let me = self.me;
         match self.book.get_mut(&me) {
-            Some(e) if e.addrs == addrs => {}
+            Some(e) if e.addrs == addrs => return,
             Some(e) => {
                 e.stamp = stamp.max(e.stamp + 1);
                 e.addrs = addrs;
@@ -235,6 +242,7 @@ impl Entropy {
                 );
             }
         }
+        self.hot.insert(me, HOT_ROUNDS);
     }
 
     /// `node` was seen connecting from `addr`: kept beside what it announced (a device behind
@@ -248,9 +256,9 @@ impl Entropy {
             stamp: 0,
             addrs: Vec::new(),
         });
-        if !e.addrs.contains(&addr) {
-            e.addrs.insert(0, addr);
-            e.addrs.truncate(MAX_ADDRS);
+        // Behind what it announced: an observed address may be a NAT's or loopback's view.
+        if !e.addrs.contains(&addr) && e.addrs.len() < MAX_ADDRS {
+            e.addrs.push(addr);
         }
     }
 
@@ -307,7 +315,7 @@ impl Entropy {
             .filter(|(n, l)| !l.in_sync || self.disagrees(n))
             .map(|(n, _)| *n)
             .collect();
-        let quiet = unsure.is_empty();
+        let quiet = unsure.is_empty() && self.hot.is_empty();
         self.next_round = now
             + if quiet {
                 self.cfg.every * 4
@@ -352,13 +360,36 @@ impl Entropy {
             .take(if full { TOPS_PER_ROUND } else { 0 })
             .copied()
             .collect();
-        let entries: Vec<&AddrEntry> = self.book.values().filter(|e| e.stamp > 0).collect();
+        // Hot entries first, then the rest in turn.
+        let per_round = if full || !self.hot.is_empty() {
+            BOOK_PER_ROUND
+        } else {
+            1
+        };
         let mut book: Vec<AddrEntry> = Vec::new();
-        let per_round = if full { BOOK_PER_ROUND } else { 1 };
-        for k in 0..entries.len().min(per_round) {
-            book.push(entries[(self.book_cursor + k) % entries.len()].clone());
+        let hot: Vec<NodeId> = self.hot.keys().copied().take(per_round).collect();
+        for node in hot {
+            if let Some(e) = self.book.get(&node).filter(|e| e.stamp > 0) {
+                book.push(e.clone());
+            }
+            match self.hot.get_mut(&node) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.hot.remove(&node);
+                }
+            }
         }
-        self.book_cursor = self.book_cursor.wrapping_add(book.len());
+        let rest: Vec<&AddrEntry> = self
+            .book
+            .values()
+            .filter(|e| e.stamp > 0 && !book.iter().any(|b| b.node == e.node))
+            .collect();
+        let room = per_round.saturating_sub(book.len()).min(rest.len());
+        let picked: Vec<AddrEntry> = (0..room)
+            .map(|k| rest[(self.book_cursor + k) % rest.len()].clone())
+            .collect();
+        self.book_cursor = self.book_cursor.wrapping_add(picked.len());
+        book.extend(picked);
         loop {
             let msg = DigestFrame::V1(DigestMsg {
                 digest: self.digest,
@@ -563,6 +594,10 @@ impl Entropy {
             return;
         }
         let node = entry.node;
+        let newer = self.book.get(&node).is_none_or(|e| entry.stamp > e.stamp);
+        if newer {
+            self.hot.insert(node, HOT_ROUNDS);
+        }
         let changed = match self.book.get_mut(&node) {
             Some(e) if entry.stamp > e.stamp => {
                 // The owner's newer word first; what was observed stays behind it.

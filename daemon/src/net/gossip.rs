@@ -100,7 +100,7 @@ pub(crate) async fn run(
                 .iter()
                 .filter_map(|a| a.parse().ok())
                 .collect();
-            entropy.set_own_addrs(clock.wall_ms().max(0) as u64, addrs);
+            entropy.set_own_addrs(me.incarnation << 24, addrs);
         }
         gossip.handle_timeout(now);
         entropy.handle_timeout(now);
