@@ -45,7 +45,8 @@ pub struct EntropyConfig {
     pub fanout: usize,
     /// How long a gap may stay open before an exchange repairs it.
     pub grace: Duration,
-    /// Largest datagram, tag included.
+    /// Largest datagram sent, tag included (the driver follows its paths' with
+    /// [`Entropy::set_max_packet`]); received ones may be up to [`crate::proto::MAX_DATAGRAM`].
     pub max_packet: usize,
 }
 
@@ -262,6 +263,12 @@ impl Entropy {
         }
     }
 
+    /// Sizes digests sent from now on to `max` bytes (tag included), kept within
+    /// 576..=MAX_DATAGRAM.
+    pub fn set_max_packet(&mut self, max: usize) {
+        self.cfg.max_packet = max.clamp(576, crate::proto::MAX_DATAGRAM);
+    }
+
     /// The addresses known for `node` (announced, relayed or observed).
     pub fn addrs(&self, node: &NodeId) -> &[SocketAddr] {
         self.book.get(node).map_or(&[], |e| &e.addrs)
@@ -423,7 +430,7 @@ impl Entropy {
 
     fn check(&self, from: NodeId, packet: &[u8]) -> Result<DigestMsg, Dropped> {
         if packet.len() < 2
-            || packet.len() > self.cfg.max_packet
+            || packet.len() > crate::proto::MAX_DATAGRAM
             || packet[0] != DatagramKind::Digest as u8
         {
             return Err(Dropped::Malformed);
@@ -902,5 +909,31 @@ mod tests {
             addrs: vec![old],
         });
         assert_eq!(z.addrs(&id(1)).first(), Some(&new));
+    }
+
+    #[test]
+    fn digests_follow_a_smaller_path() {
+        let t = Instant::now();
+        let mut big = VersionVector::new();
+        for i in 0..100u32 {
+            let mut b = [0u8; 32];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            big.insert_range(NodeId::from_bytes(b), 1, 5);
+        }
+        let mut a = node(1, t, &big);
+        a.set_max_packet(600);
+        let mut now = t;
+        let mut sent = 0;
+        for _ in 0..10 {
+            a.handle_timeout(now);
+            while let Some(o) = a.poll_output() {
+                if let EntropyOutput::Send { packet, .. } = o {
+                    assert!(packet.len() <= 600, "{}", packet.len());
+                    sent += 1;
+                }
+            }
+            now += Duration::from_secs(1);
+        }
+        assert!(sent >= 5);
     }
 }

@@ -95,7 +95,9 @@ pub struct GossipConfig {
     pub indirect_probes: usize,
     /// How long a suspect has to refute before it is declared down.
     pub suspect_to_down: Duration,
-    /// Largest datagram, tag included (quinn's initial `max_datagram_size()` is about 1,100).
+    /// Largest datagram sent, tag included (quinn's initial `max_datagram_size()` is about
+    /// 1,100); the driver follows its paths' with [`Gossip::set_max_packet`]. Received ones may
+    /// be up to [`crate::proto::MAX_DATAGRAM`].
     pub max_packet: usize,
     /// How often updates are pushed to a few members between probes.
     pub gossip_every: Duration,
@@ -299,6 +301,16 @@ impl Gossip {
         self.announce_to(now, added);
     }
 
+    /// Sizes packets sent from now on to `max` bytes (tag included), the smallest
+    /// `max_datagram_size()` of the member connections, kept within 576..=MAX_DATAGRAM.
+    pub fn set_max_packet(&mut self, max: usize) {
+        let max = max.clamp(576, crate::proto::MAX_DATAGRAM);
+        if max != self.cfg.max_packet {
+            self.cfg.max_packet = max;
+            let _ = self.foca.set_config(self.cfg.foca(self.members.len() + 1));
+        }
+    }
+
     /// Whether `node` is in the member list this gossip follows (not this node itself).
     pub fn is_member(&self, node: &NodeId) -> bool {
         self.members.contains(node)
@@ -319,7 +331,7 @@ impl Gossip {
 
     fn check(&self, from: NodeId, packet: &[u8]) -> Result<(), Dropped> {
         if packet.len() < 2
-            || packet.len() > self.cfg.max_packet
+            || packet.len() > crate::proto::MAX_DATAGRAM
             || packet[0] != DatagramKind::Gossip as u8
         {
             return Err(Dropped::Malformed);
@@ -596,6 +608,18 @@ mod tests {
         assert_eq!(d.get(&Dropped::Malformed), Some(&3));
         assert_eq!(a.health(), &before);
         assert!(a.poll_output().is_none(), "nothing answered");
+    }
+
+    #[test]
+    fn packets_follow_a_smaller_path() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        a.set_max_packet(600);
+        b.set_max_packet(600);
+        let packets = run(&mut a, &mut b, t, t + Duration::from_secs(10));
+        assert!(!packets.is_empty());
+        assert!(packets.iter().all(|p| p.len() <= 600));
+        assert_eq!(a.health()[&id(2)].health, Health::Alive);
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl StreamKind {
     }
 }
 
+/// The largest datagram accepted (tag included). What a node sends is sized to its path
+/// (quinn's `max_datagram_size()`, about 1,100 bytes at the initial MTU, more once path MTU
+/// discovery finds room); what it accepts is bounded by this, whatever the sender's path.
+pub const MAX_DATAGRAM: usize = 1452;
+
 /// The first byte of every QUIC datagram: what it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -91,7 +91,11 @@ pub(crate) async fn run(
             let members: Vec<NodeId> = shared.host.members().into_iter().map(|m| m.id).collect();
             gossip.set_members(now, members.iter().copied());
             entropy.set_members(members);
-            tell_entropy(&shared, &mut entropy);
+            if let Some(max) = tell_entropy(&shared, &mut entropy) {
+                // Packets sized to the smallest path, so none is too big for its connection.
+                gossip.set_max_packet(max);
+                entropy.set_max_packet(max);
+            }
         }
         if now >= own_at {
             own_at = now + OWN_ADDRS_EVERY;
@@ -215,8 +219,9 @@ fn send(shared: &Shared, to: NodeId, packet: Vec<u8>) {
 }
 
 /// Tells anti-entropy our committed clock and each connected member's round-trip time, whether
-/// its session is busy or in sync, and the address it connected from.
-fn tell_entropy(shared: &Shared, entropy: &mut Entropy) {
+/// its session is busy or in sync, and the address it connected from. Returns the smallest
+/// datagram size the connections allow (`None` without connections).
+fn tell_entropy(shared: &Shared, entropy: &mut Entropy) -> Option<usize> {
     let ours = shared.host.clock();
     let conns: Vec<(NodeId, quinn::Connection)> = shared
         .links
@@ -250,6 +255,10 @@ fn tell_entropy(shared: &Shared, entropy: &mut Entropy) {
     for (id, c) in &conns {
         entropy.observed(*id, c.remote_address());
     }
+    conns
+        .iter()
+        .filter_map(|(_, c)| c.max_datagram_size())
+        .min()
 }
 
 fn publish(
