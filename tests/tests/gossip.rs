@@ -85,6 +85,10 @@ fn a_stopped_member_is_suspect_then_down_and_alive_again_after_it_resumes() {
         metrics.contains("tandem_members_health{state=\"down\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("\ntandem_entropy_exchanges_total "),
+        "{metrics}"
+    );
     let down = events.until(30, |l| l.contains("member_down") && l.contains(&c_id));
     assert!(down.contains("\"health\":\"down\""), "{down}");
     signal(&c, "-CONT");

@@ -161,6 +161,12 @@ pub async fn render(node: &Node) -> Result<String, Error> {
     for (why, n) in node.gossip_dropped() {
         let _ = writeln!(out, "{name}{{reason=\"{why}\"}} {n}");
     }
+    let name = "tandem_entropy_exchanges_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Anti-entropy exchanges asked for: a gap between this node and a member that live sync did not fill within the grace.\n# TYPE {name} counter\n{name} {}",
+        node.entropy_exchanges()
+    );
     for (name, kind, help, field) in per_peer {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &peers {

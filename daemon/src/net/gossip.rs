@@ -31,6 +31,8 @@ pub(crate) struct Published {
 pub(crate) struct GossipView {
     pub health: BTreeMap<NodeId, Published>,
     pub dropped: BTreeMap<Dropped, u64>,
+    /// Anti-entropy exchanges asked for (a gap no live sync filled).
+    pub exchanges: u64,
 }
 
 /// A member's health changed (for the event stream: `member_up`, `member_suspect`,
@@ -154,7 +156,9 @@ pub(crate) async fn run(
         }
         let shown = (
             gossip.health().len(),
-            gossip.dropped().values().sum::<u64>() + entropy.dropped().values().sum::<u64>(),
+            gossip.dropped().values().sum::<u64>()
+                + entropy.dropped().values().sum::<u64>()
+                + entropy.exchanges(),
         );
         if stale || shown != seen {
             publish(&gossip, &entropy, &view, clock.wall_ms(), now);
@@ -287,4 +291,5 @@ fn publish(
     for (why, n) in entropy.dropped() {
         *v.dropped.entry(*why).or_default() += n;
     }
+    v.exchanges = entropy.exchanges();
 }

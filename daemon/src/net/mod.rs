@@ -393,6 +393,11 @@ impl Net {
         self.shared.health_tx.subscribe()
     }
 
+    /// Anti-entropy exchanges asked for so far.
+    pub(crate) fn entropy_exchanges(&self) -> u64 {
+        gossip::read_view(&self.shared.gossip_view, |v| v.exchanges)
+    }
+
     /// Gossip datagrams dropped so far, by reason (forged, not a member, malformed, refused).
     pub(crate) fn gossip_dropped(&self) -> Vec<(&'static str, u64)> {
         gossip::read_view(&self.shared.gossip_view, |v| {

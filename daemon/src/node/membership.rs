@@ -306,6 +306,11 @@ impl Node {
         self.net().map(Net::gossip_dropped).unwrap_or_default()
     }
 
+    /// Anti-entropy exchanges this node asked for (each repaired a gap live sync left open).
+    pub fn entropy_exchanges(&self) -> u64 {
+        self.net().map_or(0, Net::entropy_exchanges)
+    }
+
     /// Every member, connected or not, with its traffic, what it lacks of ours (as it
     /// confirmed), and whether we are in sync.
     pub fn peers(&self) -> Vec<PeerStatus> {
