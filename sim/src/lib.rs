@@ -17,6 +17,9 @@
 //! - Crashes: memory (sessions, loaded documents, stores in flight) is lost, the store stays;
 //!   the node restarts from its store with a new incarnation.
 //! - Stores and loads finish after a random delay, as on a real disk.
+//! - SWIM gossip ([`Gossip`], foca) runs beside the sessions on simulated time, its datagrams
+//!   on the connections (lost at random); a member it hears is alive but not connected is
+//!   dialed at once, as the daemon does.
 //! - Anti-entropy ([`Entropy`]) runs beside the sessions: digests travel as datagrams (lost
 //!   at random, never breaking a connection), and an exchange it asks for goes to the session
 //!   ([`Session::resync`]). A fault hook loses push frames after the session accounted for
@@ -32,6 +35,8 @@ use automerge::{Automerge, ObjType, ROOT, ReadDoc};
 use tandem_crdt::dialer::{Admit, ConnId, Dialer, DialerConfig};
 use tandem_crdt::engine::{Action, CatchUp, Engine, Input, MemStore, Source};
 use tandem_crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
+use tandem_crdt::gossip::{Gossip, GossipConfig, GossipId, GossipOutput, Health};
+use tandem_crdt::proto::DatagramKind;
 use tandem_crdt::proto::{PushMsg, SyncMsg};
 use tandem_crdt::session::{Fault, Lane, LoadRequest, Output, Session, SessionConfig};
 use tandem_crdt::{
@@ -131,6 +136,7 @@ pub struct SimNode {
     pub docs: BTreeMap<DocId, Automerge>,
     pub dialer: Dialer,
     pub entropy: Entropy,
+    pub gossip: Gossip,
     ends: BTreeMap<ConnId, End>,
 }
 
@@ -235,6 +241,21 @@ fn sim_entropy(me: NodeId, ids: &[NodeId], seed: u64, now: Instant) -> Entropy {
     e
 }
 
+/// A node's SWIM gossip at `incarnation`, all nodes members.
+fn sim_gossip(me: NodeId, incarnation: u64, ids: &[NodeId], seed: u64, now: Instant) -> Gossip {
+    let mut g = Gossip::new(
+        GossipId {
+            node: me,
+            incarnation,
+        },
+        GossipConfig::default(),
+        seed ^ incarnation.rotate_left(32),
+        now,
+    );
+    g.set_members(now, ids.iter().copied());
+    g
+}
+
 /// A fixed round-trip time per pair of nodes, for the anti-entropy's choice of holder.
 fn rtt(a: usize, b: usize) -> Duration {
     let (x, y) = pair(a, b);
@@ -276,6 +297,7 @@ impl Sim {
                     docs: BTreeMap::new(),
                     dialer,
                     entropy: sim_entropy(ids[i], &ids, i as u64, base),
+                    gossip: sim_gossip(ids[i], 1, &ids, i as u64, base),
                     ends: BTreeMap::new(),
                 }
             })
@@ -731,7 +753,12 @@ impl Sim {
                 if self.links.contains_key(&conn) && self.nodes[to].up {
                     let now = self.instant();
                     let from = self.nodes[from].id;
-                    self.nodes[to].entropy.handle_datagram(now, from, &packet);
+                    let node = &mut self.nodes[to];
+                    if packet.first() == Some(&(DatagramKind::Digest as u8)) {
+                        node.entropy.handle_datagram(now, from, &packet);
+                    } else {
+                        node.gossip.handle_datagram(now, from, &packet);
+                    }
                 }
             }
             Event::Stored {
@@ -777,6 +804,65 @@ impl Sim {
         }
     }
 
+    /// Sends a datagram from node `n` to member `to` on their connection, if there is one
+    /// (lost at random, like any datagram).
+    fn send_datagram(&mut self, n: usize, to: NodeId, packet: Vec<u8>) {
+        let Some((conn, peer)) = self.nodes[n]
+            .ends
+            .iter()
+            .find(|(_, e)| self.nodes[e.peer].id == to)
+            .map(|(c, e)| (*c, e.peer))
+        else {
+            return;
+        };
+        if self.rng.chance(self.datagram_loss) {
+            return;
+        }
+        let at = self.now + 1 + self.rng.below(20);
+        self.schedule(
+            at,
+            Event::Datagram {
+                conn,
+                to: peer,
+                from: n,
+                packet,
+            },
+        );
+    }
+
+    /// Runs node `n`'s SWIM gossip: packets out as datagrams; a member heard alive but not
+    /// connected is dialed at once (the dialer may be backing off).
+    fn gossip_tick(&mut self, n: usize) {
+        let now = self.instant();
+        self.nodes[n].gossip.handle_timeout(now);
+        while let Some(out) = self.nodes[n].gossip.poll_output() {
+            match out {
+                GossipOutput::Send { to, packet } => self.send_datagram(n, to, packet),
+                GossipOutput::Health { node, health } => {
+                    let connected = self.nodes[n]
+                        .ends
+                        .values()
+                        .any(|e| self.nodes[e.peer].id == node);
+                    if health == Health::Alive && !connected {
+                        self.nodes[n].dialer.learn(node, &[], now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether every up node sees every other up node alive.
+    pub fn all_alive(&self) -> bool {
+        self.nodes.iter().filter(|a| a.up).all(|a| {
+            self.nodes.iter().filter(|b| b.up && b.id != a.id).all(|b| {
+                a.gossip
+                    .health()
+                    .get(&b.id)
+                    .is_some_and(|h| h.health == Health::Alive)
+            })
+        })
+    }
+
     /// Runs node `n`'s anti-entropy: its clock and links, its rounds; digests go out as
     /// datagrams on its connections, exchanges to the sessions.
     fn entropy_tick(&mut self, n: usize) {
@@ -810,24 +896,7 @@ impl Sim {
                     .map(|(c, e)| (*c, e.peer))
             };
             match out {
-                EntropyOutput::Send { to, packet } => {
-                    let Some((conn, peer)) = target(to) else {
-                        continue;
-                    };
-                    if self.rng.chance(self.datagram_loss) {
-                        continue;
-                    }
-                    let at = self.now + 1 + self.rng.below(20);
-                    self.schedule(
-                        at,
-                        Event::Datagram {
-                            conn,
-                            to: peer,
-                            from: n,
-                            packet,
-                        },
-                    );
-                }
+                EntropyOutput::Send { to, packet } => self.send_datagram(n, to, packet),
                 EntropyOutput::Exchange { with } => {
                     let Some((conn, peer)) = target(with) else {
                         continue;
@@ -950,6 +1019,7 @@ impl Sim {
                 }
                 self.pump(n, c);
             }
+            self.gossip_tick(n);
             if self.entropy {
                 self.entropy_tick(n);
             }
@@ -1182,6 +1252,10 @@ pub struct Outcome {
 /// How long after healing every node must have converged.
 pub const BOUND: Ms = 5_000;
 
+/// How long after healing gossip must see every member alive (a member declared down while
+/// cut off is heard again within seconds of the heal).
+pub const HEALTH_BOUND: Ms = 20_000;
+
 /// One random scenario: phases of partitions, crashes and writes, then heal; the invariants'
 /// verdict.
 pub fn scenario(seed: u64, fault: Fault) -> Result<Outcome, String> {
@@ -1240,6 +1314,17 @@ pub fn scenario(seed: u64, fault: Fault) -> Result<Outcome, String> {
         }
     }
     sim.check(docs).map_err(|e| fail(&sim, e))?;
+    // And gossip sees every member alive again (the restarted ones at their new incarnation).
+    while !sim.all_alive() && sim.now < healed + HEALTH_BOUND {
+        let t = sim.now + 50;
+        sim.run_until(t);
+    }
+    if !sim.all_alive() {
+        return Err(fail(
+            &sim,
+            format!("not every member alive to every other {HEALTH_BOUND} ms after the heal"),
+        ));
+    }
     Ok(Outcome {
         nodes: n,
         writes: sim.acked.len(),
