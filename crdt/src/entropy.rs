@@ -30,11 +30,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
 use crate::clock::VersionVector;
 use crate::gossip::Dropped;
 use crate::id::{DeltaId, NodeId};
 use crate::proto::DatagramKind;
 use crate::rng::Rng;
+use crate::sign::{Signature, Signer, verify};
 
 /// Timing and size of the anti-entropy rounds.
 #[derive(Debug, Clone)]
@@ -71,12 +74,49 @@ const HOT_ROUNDS: u32 = 6;
 /// Origins listed per datagram at most (fewer if the packet would be too big).
 const TOPS_PER_ROUND: usize = 24;
 
-/// Where a node can be reached, as its owner announced it (`stamp`: the owner's, only grows).
+/// Where a node can be reached, as its owner announced and signed it (`stamp`: the owner's, only
+/// grows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddrEntry {
     pub node: NodeId,
     pub stamp: u64,
     pub addrs: Vec<SocketAddr>,
+    /// `node`'s signature over [`AddrEntry::hash`].
+    pub sig: Signature,
+}
+
+impl AddrEntry {
+    /// An entry for `signer`'s own node, signed.
+    pub fn signed(signer: &Signer, stamp: u64, addrs: Vec<SocketAddr>) -> Self {
+        let mut e = AddrEntry {
+            node: signer.id(),
+            stamp,
+            addrs,
+            sig: Signature::default(),
+        };
+        e.sig = signer.sign_hash(&e.hash());
+        e
+    }
+
+    /// What the owner signs: SHA-256 over a domain tag, the node, the stamp and the addresses.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"tandem/addrs/1");
+        h.update(self.node.as_bytes());
+        h.update(self.stamp.to_be_bytes());
+        h.update((self.addrs.len() as u64).to_be_bytes());
+        for a in &self.addrs {
+            let a = a.to_string();
+            h.update((a.len() as u64).to_be_bytes());
+            h.update(a.as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    /// Whether its owner signed it as it is.
+    pub fn is_authentic(&self) -> bool {
+        verify(&self.node, &self.hash(), &self.sig)
+    }
 }
 
 /// One digest datagram's contents (after the tag byte).
@@ -158,7 +198,10 @@ pub struct Entropy {
     digest: [u8; 16],
     peers: BTreeMap<NodeId, PeerView>,
     links: BTreeMap<NodeId, Link>,
+    /// Owner-signed entries (relayed).
     book: BTreeMap<NodeId, AddrEntry>,
+    /// Where members were seen connecting from (local hints, never relayed).
+    seen: BTreeMap<NodeId, Vec<SocketAddr>>,
     next_round: Instant,
     next_page: u32,
     book_cursor: usize,
@@ -182,6 +225,7 @@ impl Entropy {
             peers: BTreeMap::new(),
             links: BTreeMap::new(),
             book: BTreeMap::new(),
+            seen: BTreeMap::new(),
             next_round: now,
             next_page: 0,
             book_cursor: 0,
@@ -220,58 +264,54 @@ impl Entropy {
             .collect();
     }
 
-    /// Where this node can be reached now, stamped `stamp`: a later start must pass a larger
-    /// one (the daemon uses its incarnation, which every start raises, shifted left 24 bits);
-    /// a change within one start raises the stamp by one.
-    pub fn set_own_addrs(&mut self, stamp: u64, mut addrs: Vec<SocketAddr>) {
-        addrs.truncate(MAX_ADDRS);
-        let me = self.me;
-        match self.book.get_mut(&me) {
-            Some(e) if e.addrs == addrs => return,
-            Some(e) => {
-                e.stamp = stamp.max(e.stamp + 1);
-                e.addrs = addrs;
-            }
-            None => {
-                self.book.insert(
-                    me,
-                    AddrEntry {
-                        node: me,
-                        stamp,
-                        addrs,
-                    },
-                );
-            }
+    /// Where this node can be reached now, signed by `signer` (this node's key; any other is
+    /// ignored) and stamped `stamp`: a later start must pass a larger one (the daemon uses its
+    /// incarnation, which every start raises, shifted left 24 bits); a change within one start
+    /// raises the stamp by one.
+    pub fn set_own_addrs(&mut self, signer: &Signer, stamp: u64, mut addrs: Vec<SocketAddr>) {
+        if signer.id() != self.me {
+            return;
         }
-        self.hot.insert(me, HOT_ROUNDS);
+        addrs.truncate(MAX_ADDRS);
+        let stamp = match self.book.get(&self.me) {
+            Some(e) if e.addrs == addrs => return,
+            Some(e) => stamp.max(e.stamp + 1),
+            None => stamp,
+        };
+        self.book
+            .insert(self.me, AddrEntry::signed(signer, stamp, addrs));
+        self.hot.insert(self.me, HOT_ROUNDS);
     }
 
-    /// `node` was seen connecting from `addr`: kept beside what it announced (a device behind
-    /// NAT knows its own addresses less well than its peers do).
+    /// `node` was seen connecting from `addr`: a local hint beside what it announced (a device
+    /// behind NAT knows its own addresses less well than its peers do), never relayed.
     pub fn observed(&mut self, node: NodeId, addr: SocketAddr) {
         if node == self.me || !self.members.contains(&node) {
             return;
         }
-        let e = self.book.entry(node).or_insert_with(|| AddrEntry {
-            node,
-            stamp: 0,
-            addrs: Vec::new(),
-        });
-        // Behind what it announced: an observed address may be a NAT's or loopback's view.
-        if !e.addrs.contains(&addr) && e.addrs.len() < MAX_ADDRS {
-            e.addrs.push(addr);
+        let seen = self.seen.entry(node).or_default();
+        if !seen.contains(&addr) {
+            seen.insert(0, addr);
+            seen.truncate(MAX_ADDRS);
         }
+    }
+
+    /// The addresses known for `node`: what it announced (newest first), then where it was
+    /// seen.
+    pub fn addrs(&self, node: &NodeId) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.book.get(node).map_or(Vec::new(), |e| e.addrs.clone());
+        for a in self.seen.get(node).into_iter().flatten() {
+            if !out.contains(a) {
+                out.push(*a);
+            }
+        }
+        out
     }
 
     /// Sizes digests sent from now on to `max` bytes (tag included), kept within
     /// 576..=MAX_DATAGRAM.
     pub fn set_max_packet(&mut self, max: usize) {
         self.cfg.max_packet = max.clamp(576, crate::proto::MAX_DATAGRAM);
-    }
-
-    /// The addresses known for `node` (announced, relayed or observed).
-    pub fn addrs(&self, node: &NodeId) -> &[SocketAddr] {
-        self.book.get(node).map_or(&[], |e| &e.addrs)
     }
 
     /// Digest datagrams dropped so far, by reason.
@@ -376,7 +416,7 @@ impl Entropy {
         let mut book: Vec<AddrEntry> = Vec::new();
         let hot: Vec<NodeId> = self.hot.keys().copied().take(per_round).collect();
         for node in hot {
-            if let Some(e) = self.book.get(&node).filter(|e| e.stamp > 0) {
+            if let Some(e) = self.book.get(&node) {
                 book.push(e.clone());
             }
             match self.hot.get_mut(&node) {
@@ -389,7 +429,7 @@ impl Entropy {
         let rest: Vec<&AddrEntry> = self
             .book
             .values()
-            .filter(|e| e.stamp > 0 && !book.iter().any(|b| b.node == e.node))
+            .filter(|e| !book.iter().any(|b| b.node == e.node))
             .collect();
         let room = per_round.saturating_sub(book.len()).min(rest.len());
         let picked: Vec<AddrEntry> = (0..room)
@@ -446,6 +486,18 @@ impl Entropy {
             msg.book.len() <= BOOK_PER_ROUND && msg.book.iter().all(|e| e.addrs.len() <= MAX_ADDRS);
         if !rest.is_empty() || !sorted || !fits || !book_ok {
             return Err(Dropped::Malformed);
+        }
+        // An entry that would replace ours must be its owner's word: one forged, the datagram
+        // is dropped whole (its sender lies). Entries no newer than ours are not checked.
+        let forged = msg.book.iter().any(|e| {
+            let newer = self
+                .book
+                .get(&e.node)
+                .is_none_or(|ours| e.stamp > ours.stamp);
+            newer && self.members.contains(&e.node) && !e.is_authentic()
+        });
+        if forged {
+            return Err(Dropped::Forged);
         }
         Ok(msg)
     }
@@ -595,46 +647,23 @@ impl Entropy {
         self.out.push_back(EntropyOutput::Exchange { with });
     }
 
-    /// An address entry heard from a member: kept if newer (or, at the same stamp, merged).
+    /// An address entry heard from a member (authentic, checked with the datagram): kept if
+    /// newer than ours.
     fn learn(&mut self, entry: AddrEntry) {
         if entry.node == self.me || !self.members.contains(&entry.node) {
             return;
         }
         let node = entry.node;
-        let newer = self.book.get(&node).is_none_or(|e| entry.stamp > e.stamp);
-        if newer {
-            self.hot.insert(node, HOT_ROUNDS);
+        if self.book.get(&node).is_some_and(|e| entry.stamp <= e.stamp) {
+            return;
         }
-        let changed = match self.book.get_mut(&node) {
-            Some(e) if entry.stamp > e.stamp => {
-                // The owner's newer word first; what was observed stays behind it.
-                let mut addrs = entry.addrs;
-                for a in &e.addrs {
-                    if !addrs.contains(a) {
-                        addrs.push(*a);
-                    }
-                }
-                addrs.truncate(MAX_ADDRS);
-                e.stamp = entry.stamp;
-                let changed = e.addrs.first() != addrs.first() || e.addrs.len() != addrs.len();
-                e.addrs = addrs;
-                changed
-            }
-            Some(_) => false,
-            None => {
-                let mut e = entry;
-                e.addrs.truncate(MAX_ADDRS);
-                self.book.insert(node, e);
-                true
-            }
-        };
-        if changed
-            && !self.links.contains_key(&node)
-            && let Some(e) = self.book.get(&node)
-        {
+        let moved = self.book.get(&node).is_none_or(|e| e.addrs != entry.addrs);
+        self.book.insert(node, entry);
+        self.hot.insert(node, HOT_ROUNDS);
+        if moved && !self.links.contains_key(&node) {
             self.out.push_back(EntropyOutput::Addresses {
                 node,
-                addrs: e.addrs.clone(),
+                addrs: self.addrs(&node),
             });
         }
     }
@@ -644,8 +673,12 @@ impl Entropy {
 mod tests {
     use super::*;
 
+    fn key(i: u8) -> Signer {
+        Signer::from_seed([i; 32])
+    }
+
     fn id(i: u8) -> NodeId {
-        NodeId::from_bytes([i; 32])
+        key(i).id()
     }
 
     fn vv(parts: &[(u8, u64)]) -> VersionVector {
@@ -860,7 +893,7 @@ mod tests {
             digest: [0; 16],
             origins: 2,
             first: 0,
-            tops: vec![(id(2), 1), (id(1), 1)],
+            tops: vec![(id(1).max(id(2)), 1), (id(1).min(id(2)), 1)],
             book: vec![],
             ask: false,
         });
@@ -879,8 +912,8 @@ mod tests {
         let (mut a, mut b, mut z) = (node(1, t, &c), node(2, t, &c), node(3, t, &c));
         let old: SocketAddr = "10.0.0.1:4000".parse().unwrap();
         let new: SocketAddr = "10.9.9.9:5000".parse().unwrap();
-        a.set_own_addrs(100, vec![old]);
-        a.set_own_addrs(200, vec![new]);
+        a.set_own_addrs(&key(1), 100, vec![old]);
+        a.set_own_addrs(&key(1), 100, vec![new]);
         // Node 3 is not connected to node 1: it hears of it only through node 2.
         z.set_links([(
             id(2),
@@ -890,25 +923,56 @@ mod tests {
                 in_sync: false,
             },
         )]);
-        b.learn(AddrEntry {
-            node: id(1),
-            stamp: 100,
-            addrs: vec![old],
-        });
+        b.learn(AddrEntry::signed(&key(1), 100, vec![old]));
         rounds(&mut a, &mut b, t, t + Duration::from_secs(3));
-        assert_eq!(b.addrs(&id(1)).first(), Some(&new));
+        assert_eq!(
+            b.addrs(&id(1)).first(),
+            Some(&new),
+            "the change raised the stamp"
+        );
         let asked = rounds(&mut b, &mut z, t, t + Duration::from_secs(10));
         assert!(
             asked.iter().any(|o| matches!(o, EntropyOutput::Addresses { node, addrs } if *node == id(1) && addrs[0] == new)),
             "{asked:?}"
         );
         // An older stamp changes nothing.
-        z.learn(AddrEntry {
-            node: id(1),
-            stamp: 50,
-            addrs: vec![old],
-        });
+        z.learn(AddrEntry::signed(&key(1), 50, vec![old]));
         assert_eq!(z.addrs(&id(1)).first(), Some(&new));
+        // Observed addresses stay local: behind the announced ones here, never relayed.
+        let seen: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        b.observed(id(1), seen);
+        assert_eq!(b.addrs(&id(1)), vec![new, seen]);
+    }
+
+    #[test]
+    fn a_member_cannot_forge_or_alter_another_members_addresses() {
+        let t = Instant::now();
+        let c = VersionVector::new();
+        let mut b = node(2, t, &c);
+        let real: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let evil: SocketAddr = "203.0.113.66:1".parse().unwrap();
+        b.learn(AddrEntry::signed(&key(1), 100, vec![real]));
+        // Node 3 relays an entry for node 1 it made up (signed by itself), and one it altered.
+        let mut made_up = AddrEntry::signed(&key(3), u64::MAX, vec![evil]);
+        made_up.node = id(1);
+        let mut altered = AddrEntry::signed(&key(1), 100, vec![real]);
+        altered.stamp = u64::MAX;
+        altered.addrs = vec![evil];
+        for bad in [made_up, altered] {
+            let msg = DigestFrame::V1(DigestMsg {
+                digest: [0; 16],
+                origins: 0,
+                first: 0,
+                tops: vec![],
+                book: vec![bad],
+                ask: false,
+            });
+            let mut p = vec![DatagramKind::Digest as u8];
+            p.extend(postcard::to_stdvec(&msg).unwrap());
+            b.handle_datagram(t, id(3), &p);
+        }
+        assert_eq!(b.dropped().get(&Dropped::Forged), Some(&2));
+        assert_eq!(b.addrs(&id(1)), vec![real]);
     }
 
     #[test]

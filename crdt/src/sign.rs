@@ -152,6 +152,13 @@ impl Signer {
         self.id
     }
 
+    /// Signs a 32-byte hash (of something this node vouches for, under its own domain tag).
+    pub fn sign_hash(&self, hash: &[u8; 32]) -> Signature {
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(self.pair.sign(hash).as_ref());
+        Signature(sig)
+    }
+
     /// Links `d` after the delta whose chain hash is `prev`, signs it, and returns its chain
     /// hash (the next delta's `prev`).
     pub fn sign(&self, d: &mut Delta, prev: [u8; 32]) -> [u8; 32] {

@@ -105,18 +105,19 @@ fn without_digests_lost_pushes_stay_lost() {
 #[test]
 fn idle_digest_cost() {
     use std::time::{Duration, Instant};
-    use tandem_crdt::NodeId;
     use tandem_crdt::VersionVector;
     use tandem_crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
+    use tandem_crdt::{NodeId, Signer};
     for n in [3usize, 10, 50] {
         let t = Instant::now();
-        let ids: Vec<NodeId> = (0..n)
+        let keys: Vec<Signer> = (0..n)
             .map(|i| {
                 let mut b = [0u8; 32];
                 b[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-                NodeId::from_bytes(b)
+                Signer::from_seed(b)
             })
             .collect();
+        let ids: Vec<NodeId> = keys.iter().map(Signer::id).collect();
         let mut clock = VersionVector::new();
         for id in &ids {
             clock.insert_range(*id, 1, 1_000);
@@ -127,6 +128,7 @@ fn idle_digest_cost() {
                 e.set_members(ids.iter().copied());
                 e.set_clock(&clock);
                 e.set_own_addrs(
+                    &keys[i],
                     1,
                     vec![
                         format!("10.0.{}.{}:7000", i / 250, i % 250 + 1)

@@ -722,7 +722,10 @@ fn fuzz_digest_packets() {
     use tandem::crdt::VersionVector;
     use tandem::crdt::entropy::{Entropy, EntropyConfig, EntropyOutput, Link};
     let t = Instant::now();
-    let ids: Vec<NodeId> = (1..=3).map(|i| NodeId::from_bytes([i; 32])).collect();
+    let keys: Vec<tandem::crdt::Signer> = (1..=3)
+        .map(|i| tandem::crdt::Signer::from_seed([i; 32]))
+        .collect();
+    let ids: Vec<NodeId> = keys.iter().map(|k| k.id()).collect();
     let make = |i: usize, clock: &VersionVector| {
         let mut e = Entropy::new(ids[i], EntropyConfig::default(), i as u64, t);
         e.set_members(ids.iter().copied());
@@ -745,7 +748,8 @@ fn fuzz_digest_packets() {
     }
     let mut a = make(0, &clock);
     a.set_own_addrs(
-        1,
+        &keys[0],
+        1 << 24,
         vec![
             "10.0.0.1:4000".parse().unwrap(),
             "[::1]:4000".parse().unwrap(),

@@ -106,7 +106,7 @@ pub(crate) async fn run(
                 .iter()
                 .filter_map(|a| a.parse().ok())
                 .collect();
-            entropy.set_own_addrs(me.incarnation << 24, addrs);
+            entropy.set_own_addrs(&shared.signer, me.incarnation << 24, addrs);
         }
         gossip.handle_timeout(now);
         entropy.handle_timeout(now);

@@ -194,6 +194,8 @@ pub(crate) struct Shared {
     pub(crate) gossip_view: gossip::SharedView,
     /// Every health change, for whoever listens.
     pub(crate) health_tx: tokio::sync::broadcast::Sender<gossip::HealthChange>,
+    /// This node's key: it signs the address entry gossip relays.
+    pub(crate) signer: Arc<tandem_crdt::Signer>,
     /// What anti-entropy tells the session with a member.
     pub(crate) session_ctl: tokio::sync::broadcast::Sender<(NodeId, SessionCtl)>,
 }
@@ -300,6 +302,7 @@ pub(crate) fn start(
         gossip_view: Default::default(),
         health_tx: tokio::sync::broadcast::channel(256).0,
         session_ctl: tokio::sync::broadcast::channel(256).0,
+        signer: identity.signer(),
     });
     let nearby: Nearby = Arc::new(Mutex::new(BTreeMap::new()));
     let net = Net {
