@@ -196,6 +196,8 @@ pub struct Entropy {
     members: BTreeSet<NodeId>,
     clock: VersionVector,
     digest: [u8; 16],
+    /// The clock changed since the gaps were last derived from it.
+    clock_moved: bool,
     peers: BTreeMap<NodeId, PeerView>,
     links: BTreeMap<NodeId, Link>,
     /// Owner-signed entries (relayed).
@@ -222,6 +224,7 @@ impl Entropy {
             members: BTreeSet::new(),
             digest: clock.digest(),
             clock,
+            clock_moved: false,
             peers: BTreeMap::new(),
             links: BTreeMap::new(),
             book: BTreeMap::new(),
@@ -253,6 +256,7 @@ impl Entropy {
         if *clock != self.clock {
             self.clock = clock.clone();
             self.digest = clock.digest();
+            self.clock_moved = true;
         }
     }
 
@@ -469,17 +473,14 @@ impl Entropy {
     }
 
     fn check(&self, from: NodeId, packet: &[u8]) -> Result<DigestMsg, Dropped> {
-        if packet.len() < 2
-            || packet.len() > crate::proto::MAX_DATAGRAM
-            || packet[0] != DatagramKind::Digest as u8
-        {
-            return Err(Dropped::Malformed);
-        }
+        let body = DatagramKind::Digest
+            .body(packet)
+            .ok_or(Dropped::Malformed)?;
         if !self.members.contains(&from) {
             return Err(Dropped::NotMember);
         }
-        let (DigestFrame::V1(msg), rest) = postcard::take_from_bytes::<DigestFrame>(&packet[1..])
-            .map_err(|_| Dropped::Malformed)?;
+        let (DigestFrame::V1(msg), rest) =
+            postcard::take_from_bytes::<DigestFrame>(body).map_err(|_| Dropped::Malformed)?;
         let sorted = msg.tops.windows(2).all(|w| w[0].0 < w[1].0);
         let fits = (msg.first as u64 + msg.tops.len() as u64) <= msg.origins as u64;
         let book_ok =
@@ -584,10 +585,13 @@ impl Entropy {
     /// (later) pushes to a member that still lacks what we hold.
     fn decide(&mut self, now: Instant) {
         let grace = self.cfg.grace;
-        // Our clock may have moved since a gap was seen.
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
-        for p in &peers {
-            self.gaps(now, *p);
+        // Gaps follow from a member's tops (re-derived when heard) and our clock: re-derive
+        // them all only when our clock moved.
+        if std::mem::take(&mut self.clock_moved) {
+            for p in &peers {
+                self.gaps(now, *p);
+            }
         }
         let cooled = |v: &PeerView| v.exchanged.is_none_or(|t| now >= t + grace);
         let mut pulled: BTreeSet<DeltaId> = BTreeSet::new();
@@ -672,6 +676,21 @@ impl Entropy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A digest datagram made by hand (what a lying or broken member could send).
+    fn raw(origins: u32, tops: Vec<(NodeId, u64)>, book: Vec<AddrEntry>) -> Vec<u8> {
+        let msg = DigestFrame::V1(DigestMsg {
+            digest: [0; 16],
+            origins,
+            first: 0,
+            tops,
+            book,
+            ask: false,
+        });
+        let mut p = vec![DatagramKind::Digest as u8];
+        p.extend(postcard::to_stdvec(&msg).unwrap());
+        p
+    }
 
     fn key(i: u8) -> Signer {
         Signer::from_seed([i; 32])
@@ -889,17 +908,8 @@ mod tests {
         big.resize(2_000, 0);
         b.handle_datagram(t, id(1), &big);
         // Unsorted tops.
-        let msg = DigestFrame::V1(DigestMsg {
-            digest: [0; 16],
-            origins: 2,
-            first: 0,
-            tops: vec![(id(1).max(id(2)), 1), (id(1).min(id(2)), 1)],
-            book: vec![],
-            ask: false,
-        });
-        let mut p = vec![DatagramKind::Digest as u8];
-        p.extend(postcard::to_stdvec(&msg).unwrap());
-        b.handle_datagram(t, id(1), &p);
+        let tops = vec![(id(1).max(id(2)), 1), (id(1).min(id(2)), 1)];
+        b.handle_datagram(t, id(1), &raw(2, tops, vec![]));
         assert_eq!(b.dropped().get(&Dropped::NotMember), Some(&1));
         assert_eq!(b.dropped().get(&Dropped::Malformed), Some(&4));
         assert!(!b.agrees(&id(1)), "nothing was taken from them");
@@ -959,17 +969,7 @@ mod tests {
         altered.stamp = u64::MAX;
         altered.addrs = vec![evil];
         for bad in [made_up, altered] {
-            let msg = DigestFrame::V1(DigestMsg {
-                digest: [0; 16],
-                origins: 0,
-                first: 0,
-                tops: vec![],
-                book: vec![bad],
-                ask: false,
-            });
-            let mut p = vec![DatagramKind::Digest as u8];
-            p.extend(postcard::to_stdvec(&msg).unwrap());
-            b.handle_datagram(t, id(3), &p);
+            b.handle_datagram(t, id(3), &raw(0, vec![], vec![bad]));
         }
         assert_eq!(b.dropped().get(&Dropped::Forged), Some(&2));
         assert_eq!(b.addrs(&id(1)), vec![real]);

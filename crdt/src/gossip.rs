@@ -330,16 +330,12 @@ impl Gossip {
     }
 
     fn check(&self, from: NodeId, packet: &[u8]) -> Result<(), Dropped> {
-        if packet.len() < 2
-            || packet.len() > crate::proto::MAX_DATAGRAM
-            || packet[0] != DatagramKind::Gossip as u8
-        {
-            return Err(Dropped::Malformed);
-        }
+        let mut rest = DatagramKind::Gossip
+            .body(packet)
+            .ok_or(Dropped::Malformed)?;
         if !self.members.contains(&from) {
             return Err(Dropped::NotMember);
         }
-        let mut rest = &packet[1..];
         let header: foca::Header<GossipId> =
             foca::Codec::decode_header(&mut PostcardCodec, &mut rest)
                 .map_err(|_| Dropped::Malformed)?;

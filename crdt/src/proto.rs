@@ -69,6 +69,19 @@ pub enum DatagramKind {
     Digest = 2,
 }
 
+impl DatagramKind {
+    /// The body of `packet` if it is a datagram of this kind: tagged so, not empty after the
+    /// tag, and at most [`MAX_DATAGRAM`] bytes in all.
+    pub fn body(self, packet: &[u8]) -> Option<&[u8]> {
+        match packet {
+            [tag, body @ ..] if *tag == self as u8 && !body.is_empty() => {
+                (packet.len() <= MAX_DATAGRAM).then_some(body)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A message on the sync stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SyncMsg {
