@@ -804,15 +804,19 @@ impl Sim {
         }
     }
 
-    /// Sends a datagram from node `n` to member `to` on their connection, if there is one
-    /// (lost at random, like any datagram).
-    fn send_datagram(&mut self, n: usize, to: NodeId, packet: Vec<u8>) {
-        let Some((conn, peer)) = self.nodes[n]
+    /// Node `n`'s connection to member `to`, if any: its id and the peer's index.
+    fn conn_to(&self, n: usize, to: NodeId) -> Option<(ConnId, usize)> {
+        self.nodes[n]
             .ends
             .iter()
             .find(|(_, e)| self.nodes[e.peer].id == to)
             .map(|(c, e)| (*c, e.peer))
-        else {
+    }
+
+    /// Sends a datagram from node `n` to member `to` on their connection, if there is one
+    /// (lost at random, like any datagram).
+    fn send_datagram(&mut self, n: usize, to: NodeId, packet: Vec<u8>) {
+        let Some((conn, peer)) = self.conn_to(n, to) else {
             return;
         };
         if self.rng.chance(self.datagram_loss) {
@@ -839,11 +843,7 @@ impl Sim {
             match out {
                 GossipOutput::Send { to, packet } => self.send_datagram(n, to, packet),
                 GossipOutput::Health { node, health } => {
-                    let connected = self.nodes[n]
-                        .ends
-                        .values()
-                        .any(|e| self.nodes[e.peer].id == node);
-                    if health == Health::Alive && !connected {
+                    if health == Health::Alive && self.conn_to(n, node).is_none() {
                         self.nodes[n].dialer.learn(node, &[], now);
                     }
                 }
@@ -888,17 +888,10 @@ impl Sim {
         node.entropy.set_links(links);
         node.entropy.handle_timeout(now);
         while let Some(out) = self.nodes[n].entropy.poll_output() {
-            let target = |id: NodeId| {
-                self.nodes[n]
-                    .ends
-                    .iter()
-                    .find(|(_, e)| self.nodes[e.peer].id == id)
-                    .map(|(c, e)| (*c, e.peer))
-            };
             match out {
                 EntropyOutput::Send { to, packet } => self.send_datagram(n, to, packet),
                 EntropyOutput::Exchange { with } => {
-                    let Some((conn, peer)) = target(with) else {
+                    let Some((conn, peer)) = self.conn_to(n, with) else {
                         continue;
                     };
                     self.log(|| format!("node {n} asks {peer} for an exchange"));
@@ -909,7 +902,7 @@ impl Sim {
                     self.pump(n, conn);
                 }
                 EntropyOutput::Agrees { with, clock } => {
-                    if let Some((conn, _)) = target(with) {
+                    if let Some((conn, _)) = self.conn_to(n, with) {
                         if let Some(end) = self.nodes[n].ends.get_mut(&conn) {
                             end.session.handle_peer_clock(now, &clock);
                         }

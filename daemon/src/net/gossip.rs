@@ -90,9 +90,7 @@ pub(crate) async fn run(
         let now = clock.now();
         if now >= upkeep_at {
             upkeep_at = now + UPKEEP_EVERY;
-            let members: Vec<NodeId> = shared.host.members().into_iter().map(|m| m.id).collect();
-            gossip.set_members(now, members.iter().copied());
-            entropy.set_members(members);
+            follow_members(&shared, now, &mut gossip, &mut entropy);
             if let Some(max) = tell_entropy(&shared, &mut entropy) {
                 // Packets sized to the smallest path, so none is too big for its connection.
                 gossip.set_max_packet(max);
@@ -179,10 +177,7 @@ pub(crate) async fn run(
                     if !gossip.is_member(&from) && shared.host.is_member(&from) {
                         // Admitted since the last upkeep (a joiner's first datagrams): follow
                         // the member list now rather than drop them as a non-member's.
-                        let members: Vec<NodeId> =
-                            shared.host.members().into_iter().map(|m| m.id).collect();
-                        gossip.set_members(now, members.iter().copied());
-                        entropy.set_members(members);
+                        follow_members(&shared, now, &mut gossip, &mut entropy);
                     }
                     if data.first() == Some(&(DatagramKind::Digest as u8)) {
                         entropy.handle_datagram(now, from, &data)
@@ -206,6 +201,18 @@ fn coalesce(wait: Duration) -> Duration {
     let grid = GRID.as_millis().max(1);
     let ms = wait.as_millis().div_ceil(grid) * grid;
     Duration::from_millis(ms.min(u64::MAX as u128) as u64)
+}
+
+/// Gives both state machines the host's member list.
+fn follow_members(
+    shared: &Shared,
+    now: std::time::Instant,
+    gossip: &mut Gossip,
+    entropy: &mut Entropy,
+) {
+    let members: Vec<NodeId> = shared.host.members().into_iter().map(|m| m.id).collect();
+    gossip.set_members(now, members.iter().copied());
+    entropy.set_members(members);
 }
 
 /// Sends a datagram to member `to` on its connection, if there is one. Too big for this path,
