@@ -114,9 +114,9 @@ pub(crate) struct Consensus {
 fn raft_config() -> Result<Arc<Config>, ConsensusError> {
     let cfg = Config {
         cluster_name: "tandem".into(),
-        heartbeat_interval: 1000,
-        election_timeout_min: 3000,
-        election_timeout_max: 6000,
+        heartbeat_interval: 500,
+        election_timeout_min: 1500,
+        election_timeout_max: 3000,
         install_snapshot_timeout: 3000,
         max_in_snapshot_log_to_keep: 100,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
