@@ -514,6 +514,18 @@ impl RaftLink for RaftStreams {
     fn connected(&self, to: &NodeId) -> bool {
         self.link(to).is_some()
     }
+
+    fn alive(&self, to: &NodeId) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        self.connected(to)
+            && gossip::read_view(&shared.gossip_view, |v| {
+                v.health
+                    .get(to)
+                    .is_none_or(|p| p.health == tandem_crdt::gossip::Health::Alive)
+            })
+    }
 }
 
 /// Why joining failed.

@@ -7,7 +7,8 @@
 //! - here: the running consensus ([`Consensus`]): founding a one-member cluster on first
 //!   start, proposals (forwarded to the leader), starting over as a joiner or in a new epoch,
 //!   the leader's reconciliation of Raft's configuration with the list (new members become
-//!   learners, removed ones leave, voters follow [`choose_voters`]), and the status.
+//!   learners, removed ones leave, voters follow [`choose_voters`]), leadership driven by
+//!   gossip instead of Raft's heartbeat timers ([`LeaderWatch`]), and the status.
 
 mod network;
 mod storage;
@@ -114,8 +115,16 @@ pub(crate) struct Consensus {
 fn raft_config() -> Result<Arc<Config>, ConsensusError> {
     let cfg = Config {
         cluster_name: "tandem".into(),
-        heartbeat_interval: 500,
-        election_timeout_min: 1500,
+        // No timer-driven heartbeats or elections: an idle cluster sends nothing for Raft.
+        // Gossip tells whether the leader lives ([`LeaderWatch`]); the leader catches up a
+        // lagging member when it needs to. What `heartbeat_interval` still sets: the timeout of
+        // one append, and openraft's tick (1.5x: a wake-up of its core, now for little but a
+        // removed leader stepping down). The election timeout is the leader lease a vote
+        // respects after an append (its maximum), and must exceed the heartbeat.
+        enable_heartbeat: false,
+        enable_elect: false,
+        heartbeat_interval: 2000,
+        election_timeout_min: 2500,
         election_timeout_max: 3000,
         install_snapshot_timeout: 3000,
         max_in_snapshot_log_to_keep: 100,
@@ -820,6 +829,7 @@ fn text(e: impl std::fmt::Display) -> String {
 async fn maintain(shared: std::sync::Weak<Shared>) {
     let mut seen = HashMap::new();
     let mut view: Option<(String, Option<NodeId>, u64)> = None;
+    let mut watch = LeaderWatch::default();
     loop {
         if let Some(s) = shared.upgrade() {
             let st = s.status();
@@ -843,6 +853,86 @@ async fn maintain(shared: std::sync::Weak<Shared>) {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let Some(s) = shared.upgrade() else { break };
         s.found_if_needed().await;
+        s.watch_leader(&mut watch).await;
         s.reconcile(&mut seen).await;
+    }
+}
+
+/// Leadership without Raft's timers. Openraft's heartbeats (an append to every member twice a
+/// second) were most of what an idle cluster cost, and gossip already knows who is alive:
+///
+/// - A voter whose leader is unknown, itself (a leader that restarted as a follower), not
+///   connected, or suspect or down in gossip calls an election after a random 1-3 s (split
+///   votes retry the same way). A leader's lease (3 s after its last append) can refuse it;
+///   the next try wins.
+/// - The leader sends an append (openraft's heartbeat) when a connected member's replication
+///   lags its log (one that was away, or a deposed leader back from a partition: the append's
+///   higher term makes it step down; openraft also retries entries on its own, with backoff),
+///   and every [`SAFETY_BEAT`] anyway, so a member that missed a commit notice learns it.
+#[derive(Default)]
+struct LeaderWatch {
+    /// When this voter calls an election if the leader is still missing.
+    elect_at: Option<Instant>,
+    /// When the leader last sent appends on its own.
+    beat_at: Option<Instant>,
+}
+
+/// How often an idle leader sends appends anyway.
+const SAFETY_BEAT: Duration = Duration::from_secs(15);
+
+impl Shared {
+    async fn watch_leader(&self, w: &mut LeaderWatch) {
+        let Some(raft) = self.raft() else { return };
+        let m = raft.metrics().borrow().clone();
+        let me = self.raft_id.load(Ordering::SeqCst);
+        let now = Instant::now();
+        if m.state == ServerState::Leader {
+            w.elect_at = None;
+            // Behind and reachable (openraft retries one that is not on its own).
+            let membership = m.membership_config.membership();
+            let lagging = m.replication.as_ref().is_some_and(|r| {
+                r.iter().any(|(id, matched)| {
+                    *id != me
+                        && matched.map(|l| l.index) < m.last_log_index
+                        && node_ids(membership, [*id].into_iter())
+                            .first()
+                            .is_some_and(|n| self.connected(n))
+                })
+            });
+            let due = w.beat_at.is_none_or(|t| now >= t + SAFETY_BEAT);
+            if lagging || due {
+                tracing::trace!(lagging, "raft: appends to the members");
+                let _ = raft.trigger().heartbeat().await;
+                w.beat_at = Some(now);
+            }
+            return;
+        }
+        w.beat_at = None;
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me)
+        {
+            w.elect_at = None;
+            return;
+        }
+        let leader_alive = m
+            .current_leader
+            .filter(|l| *l != me)
+            .and_then(|l| m.membership_config.membership().get_node(&l))
+            .and_then(|n| n.addr.parse::<NodeId>().ok())
+            .is_some_and(|l| self.link.get().is_some_and(|link| link.alive(&l)));
+        if leader_alive {
+            w.elect_at = None;
+            return;
+        }
+        let jitter = Duration::from_millis(rand::random_range(1000..3000));
+        let at = *w.elect_at.get_or_insert(now + jitter);
+        if now >= at {
+            tracing::debug!(term = m.current_term, leader = ?m.current_leader, "raft: the leader is missing; calling an election");
+            let _ = raft.trigger().elect().await;
+            w.elect_at = Some(now + jitter);
+        }
     }
 }
