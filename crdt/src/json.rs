@@ -6,6 +6,8 @@ use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value};
 use serde_json::{Map, Number, Value as Json};
 
+use crate::typed;
+
 /// The deepest nesting of objects and arrays a document may have, its root included. Writes
 /// that would go deeper are refused; a document that arrives deeper (from a peer) cannot be
 /// read as JSON (an error for that document, never a crash: every walk here is bounded).
@@ -92,12 +94,16 @@ pub fn json_depth(value: &Json) -> usize {
     deepest
 }
 
-/// Converts a scalar. Counters and timestamps become numbers, bytes an array of numbers,
+/// Converts a scalar. Timestamps become ISO 8601 text as automerge-js's JSON shows a `Date`
+/// (a number outside JavaScript's date range), counters numbers, bytes an array of numbers,
 /// non-finite floats and values from future versions `null`.
 pub fn scalar_to_json(s: &ScalarValue) -> Json {
     match s {
         ScalarValue::Str(s) => Json::String(s.to_string()),
-        ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Json::Number((*i).into()),
+        ScalarValue::Timestamp(ms) => {
+            typed::format_timestamp(*ms).map_or(Json::Number((*ms).into()), Json::String)
+        }
+        ScalarValue::Int(i) => Json::Number((*i).into()),
         ScalarValue::Uint(u) => Json::Number((*u).into()),
         ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
         ScalarValue::Counter(c) => Json::Number(i64::from(c).into()),
@@ -117,6 +123,57 @@ pub fn json_type(v: &Json) -> &'static str {
         Json::Array(_) => "array",
         Json::Object(_) => "object",
     }
+}
+
+/// Why a JSON value could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Automerge(#[from] automerge::AutomergeError),
+    /// A typed value (`{"$timestamp": ...}`) whose value is not one of its type.
+    #[error("{0}")]
+    BadValue(String),
+    /// `{"$increment": n}` where no counter is.
+    #[error("only a counter can be incremented; this is {0}")]
+    NotCounter(&'static str),
+}
+
+/// A value JSON has no type for, written as an object with one `$` key:
+/// `{"$timestamp": "2026-12-06T05:17:45.123Z"}` (or unix milliseconds), `{"$counter": 0}`,
+/// `{"$bytes": "aGkh"}` (base64), and `{"$increment": 1}` to add to the counter already there.
+/// Any other object, `$` keys or not, is an ordinary map.
+#[derive(Debug, Clone, PartialEq)]
+enum Typed {
+    Scalar(ScalarValue),
+    Increment(i64),
+}
+
+fn typed(value: &Json) -> Result<Option<Typed>, WriteError> {
+    let Json::Object(map) = value else {
+        return Ok(None);
+    };
+    let Some((key, v)) = map.iter().next().filter(|_| map.len() == 1) else {
+        return Ok(None);
+    };
+    let bad = |want: &str| WriteError::BadValue(format!("{key}: expected {want}, found {v}"));
+    let int = || v.as_i64().ok_or_else(|| bad("an integer"));
+    Ok(Some(match key.as_str() {
+        "$timestamp" => Typed::Scalar(ScalarValue::Timestamp(match v {
+            Json::String(t) => typed::parse_timestamp(t)
+                .ok_or_else(|| bad("an ISO 8601 date-time such as 2026-12-06T05:17:45.123Z"))?,
+            _ => v
+                .as_i64()
+                .ok_or_else(|| bad("ISO 8601 text or unix milliseconds"))?,
+        })),
+        "$counter" => Typed::Scalar(ScalarValue::counter(int()?)),
+        "$bytes" => Typed::Scalar(ScalarValue::Bytes(
+            v.as_str()
+                .and_then(typed::decode_base64)
+                .ok_or_else(|| bad("base64 text"))?,
+        )),
+        "$increment" => Typed::Increment(int()?),
+        _ => return Ok(None),
+    }))
 }
 
 fn scalar_of(value: &Json) -> Option<ScalarValue> {
@@ -145,20 +202,159 @@ fn obj_type_of(value: &Json) -> Option<ObjType> {
     }
 }
 
+/// The name of what a value read from a document is, for errors.
+fn kind_of(value: Option<&Value<'_>>) -> &'static str {
+    match value {
+        None => "nothing",
+        Some(Value::Object(ObjType::Map | ObjType::Table)) => "an object",
+        Some(Value::Object(ObjType::List)) => "an array",
+        Some(Value::Object(ObjType::Text)) => "text",
+        Some(Value::Scalar(s)) => match s.as_ref() {
+            ScalarValue::Timestamp(_) => "a timestamp",
+            ScalarValue::Bytes(_) => "bytes",
+            ScalarValue::Null => "null",
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Str(_) => "a string",
+            _ => "a number",
+        },
+    }
+}
+
+/// The scalar a plain JSON value means where a timestamp, counter or bytes already is (so a
+/// read-modify-write keeps the type): ISO 8601 text or milliseconds for a timestamp, an
+/// integer for a counter (see [`put_json`]), an array of byte values for bytes.
+fn keep_type(old: &ScalarValue, value: &Json) -> Option<ScalarValue> {
+    match (old, value) {
+        (ScalarValue::Timestamp(_), Json::String(t)) => {
+            typed::parse_timestamp(t).map(ScalarValue::Timestamp)
+        }
+        (ScalarValue::Timestamp(_), Json::Number(n)) => n.as_i64().map(ScalarValue::Timestamp),
+        (ScalarValue::Counter(_), Json::Number(n)) => n.as_i64().map(ScalarValue::counter),
+        (ScalarValue::Bytes(_), Json::Array(items)) => items
+            .iter()
+            .map(|i| i.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .map(ScalarValue::Bytes),
+        _ => None,
+    }
+}
+
 /// Writes `value` at `prop` of `parent` (a map key, or an existing list index to overwrite).
+///
+/// What is there already is updated in place where the shapes agree, so writing back what was
+/// read changes nothing, and concurrent edits inside merge: an object's keys are written one
+/// by one (keys the value lacks are deleted), an array's items index by index; text that
+/// differs is replaced by a new text object (as a string assignment in automerge-js; to merge
+/// an edit into text, use the text edits), text that is the same is left alone. A timestamp, counter or bytes keeps its type when written as JSON reads it
+/// ([`keep_type`]); a counter written a new number is incremented by the difference, so
+/// concurrent increments add up. Typed values (`{"$counter": 0}`, see [`Typed`]) write those
+/// types explicitly.
 pub fn put_json<T: Transactable>(
     tx: &mut T,
     parent: &ObjId,
     prop: Prop,
     value: &Json,
-) -> Result<(), automerge::AutomergeError> {
+) -> Result<(), WriteError> {
+    let old = tx.get(parent, prop.clone())?;
+    match (typed(value)?, old) {
+        (Some(Typed::Increment(by)), Some((Value::Scalar(s), _)))
+            if matches!(s.as_ref(), ScalarValue::Counter(_)) =>
+        {
+            Ok(tx.increment(parent, prop, by)?)
+        }
+        (Some(Typed::Increment(_)), old) => {
+            Err(WriteError::NotCounter(kind_of(old.as_ref().map(|o| &o.0))))
+        }
+        (Some(Typed::Scalar(s)), _) => Ok(tx.put(parent, prop, s)?),
+        (None, Some((Value::Object(ObjType::Map | ObjType::Table), obj))) if value.is_object() => {
+            update_map(tx, &obj, value)
+        }
+        (None, Some((Value::Object(ObjType::List), obj))) if value.is_array() => {
+            update_list(tx, &obj, value)
+        }
+        // Text is replaced by a new text object, as assigning a string does in automerge-js
+        // (edits merge through the text edits instead), unless it is unchanged.
+        (None, Some((Value::Object(ObjType::Text), obj)))
+            if value.as_str() == Some(tx.text(&obj)?.as_str()) =>
+        {
+            Ok(())
+        }
+        (None, Some((Value::Scalar(old), _))) => match keep_type(&old, value) {
+            Some(ScalarValue::Counter(c)) => {
+                let (new, was) = (i64::from(&c), counter_value(&old));
+                if new != was {
+                    tx.increment(parent, prop, new.wrapping_sub(was))?;
+                }
+                Ok(())
+            }
+            Some(s) => Ok(tx.put(parent, prop, s)?),
+            None => put_fresh(tx, parent, prop, value),
+        },
+        (None, _) => put_fresh(tx, parent, prop, value),
+    }
+}
+
+fn counter_value(s: &ScalarValue) -> i64 {
+    match s {
+        ScalarValue::Counter(c) => i64::from(c),
+        _ => 0,
+    }
+}
+
+/// Replaces whatever is at `prop` with a new object or scalar made from `value`.
+fn put_fresh<T: Transactable>(
+    tx: &mut T,
+    parent: &ObjId,
+    prop: Prop,
+    value: &Json,
+) -> Result<(), WriteError> {
     match obj_type_of(value) {
-        None => tx.put(parent, prop, scalar_of(value).unwrap_or(ScalarValue::Null)),
+        None => Ok(tx.put(parent, prop, scalar_of(value).unwrap_or(ScalarValue::Null))?),
         Some(t) => {
             let obj = tx.put_object(parent, prop, t)?;
             fill(tx, &obj, value)
         }
     }
+}
+
+/// Makes the map `obj` hold exactly the keys of the JSON object `value`, each written with
+/// [`put_json`] (the whole document is replaced this way, at the root).
+pub fn update_map<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    value: &Json,
+) -> Result<(), WriteError> {
+    let Json::Object(map) = value else {
+        return Ok(());
+    };
+    let old: Vec<String> = tx.keys(obj).collect();
+    for k in old.iter().filter(|k| !map.contains_key(*k)) {
+        tx.delete(obj, k.as_str())?;
+    }
+    for (k, v) in map {
+        put_json(tx, obj, Prop::Map(k.clone()), v)?;
+    }
+    Ok(())
+}
+
+/// Makes the list `obj` hold the JSON array `value`: items updated index by index, the rest
+/// inserted or deleted at the end.
+fn update_list<T: Transactable>(tx: &mut T, obj: &ObjId, value: &Json) -> Result<(), WriteError> {
+    let Json::Array(items) = value else {
+        return Ok(());
+    };
+    let len = tx.length(obj);
+    for (i, item) in items.iter().enumerate() {
+        if i < len {
+            put_json(tx, obj, Prop::Seq(i), item)?;
+        } else {
+            insert_json(tx, obj, i, item)?;
+        }
+    }
+    for i in (items.len()..len).rev() {
+        tx.delete(obj, i)?;
+    }
+    Ok(())
 }
 
 /// Inserts `value` into the list `list` at `index`.
@@ -167,9 +363,14 @@ pub fn insert_json<T: Transactable>(
     list: &ObjId,
     index: usize,
     value: &Json,
-) -> Result<(), automerge::AutomergeError> {
+) -> Result<(), WriteError> {
+    match typed(value)? {
+        Some(Typed::Scalar(s)) => return Ok(tx.insert(list, index, s)?),
+        Some(Typed::Increment(_)) => return Err(WriteError::NotCounter("nothing")),
+        None => {}
+    }
     match obj_type_of(value) {
-        None => tx.insert(list, index, scalar_of(value).unwrap_or(ScalarValue::Null)),
+        None => Ok(tx.insert(list, index, scalar_of(value).unwrap_or(ScalarValue::Null))?),
         Some(t) => {
             let obj = tx.insert_object(list, index, t)?;
             fill(tx, &obj, value)
@@ -178,13 +379,9 @@ pub fn insert_json<T: Transactable>(
 }
 
 /// Fills a freshly made object with the contents of a JSON string, array or object.
-fn fill<T: Transactable>(
-    tx: &mut T,
-    obj: &ObjId,
-    value: &Json,
-) -> Result<(), automerge::AutomergeError> {
+fn fill<T: Transactable>(tx: &mut T, obj: &ObjId, value: &Json) -> Result<(), WriteError> {
     match value {
-        Json::String(s) => tx.splice_text(obj, 0, 0, s),
+        Json::String(s) => Ok(tx.splice_text(obj, 0, 0, s)?),
         Json::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 insert_json(tx, obj, i, item)?;
@@ -216,7 +413,7 @@ mod tests {
             "nested": {"empty": {}, "list": []}
         });
         let mut doc = Automerge::new();
-        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        doc.transact::<_, _, WriteError>(|tx| {
             for (k, v) in value.as_object().unwrap() {
                 put_json(tx, &ROOT, Prop::Map(k.clone()), v)?;
             }
@@ -226,5 +423,106 @@ mod tests {
         assert_eq!(object_to_json(&doc, &ROOT).unwrap(), value);
         let title = doc.get(ROOT, "title").unwrap().unwrap();
         assert!(matches!(title.0, Value::Object(ObjType::Text)));
+    }
+
+    fn put_at(doc: &mut Automerge, key: &str, value: Json) -> Result<(), WriteError> {
+        let mut tx = doc.transaction();
+        put_json(&mut tx, &ROOT, Prop::Map(key.into()), &value)?;
+        tx.commit();
+        Ok(())
+    }
+
+    #[test]
+    fn typed_values_write_automerge_types_and_read_as_automerge_js_shows_them() {
+        let mut doc = Automerge::new();
+        put_at(
+            &mut doc,
+            "t",
+            json!({"at": {"$timestamp": "2026-12-06T06:17:45.123+01:00"},
+                   "ms": {"$timestamp": 0},
+                   "likes": {"$counter": 5},
+                   "raw": {"$bytes": "aGkh"},
+                   "list": [{"$timestamp": 1000}],
+                   "plain": {"$other": 1}}),
+        )
+        .unwrap();
+        let t = doc.get(ROOT, "t").unwrap().unwrap().1;
+        let scalar = |key: &str| match doc.get(&t, key).unwrap().unwrap().0 {
+            Value::Scalar(s) => s.into_owned(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(scalar("at"), ScalarValue::Timestamp(1_796_534_265_123));
+        assert_eq!(scalar("likes"), ScalarValue::counter(5));
+        assert_eq!(scalar("raw"), ScalarValue::Bytes(b"hi!".to_vec()));
+        assert_eq!(
+            object_to_json(&doc, &t).unwrap(),
+            json!({"at": "2026-12-06T05:17:45.123Z", "ms": "1970-01-01T00:00:00.000Z",
+                   "likes": 5, "raw": [104, 105, 33], "list": ["1970-01-01T00:00:01.000Z"],
+                   "plain": {"$other": 1}})
+        );
+        // Bad typed values are refused, naming what was wrong.
+        for bad in [
+            json!({"$timestamp": "yesterday"}),
+            json!({"$timestamp": true}),
+            json!({"$counter": 1.5}),
+            json!({"$bytes": "not base64!"}),
+        ] {
+            let e = put_at(&mut doc, "x", bad.clone()).unwrap_err();
+            assert!(matches!(e, WriteError::BadValue(_)), "{bad}: {e}");
+        }
+        assert!(matches!(
+            put_at(&mut doc, "t", json!({"$increment": 1})),
+            Err(WriteError::NotCounter("an object"))
+        ));
+    }
+
+    #[test]
+    fn writing_back_what_was_read_keeps_types_and_changes_nothing() {
+        let mut doc = Automerge::new();
+        put_at(
+            &mut doc,
+            "d",
+            json!({"at": {"$timestamp": 5}, "n": {"$counter": 1}, "b": {"$bytes": "AAE="},
+                   "s": "text", "items": [1, {"k": "v"}]}),
+        )
+        .unwrap();
+        let read = object_to_json(&doc, &ROOT).unwrap();
+        let heads = doc.get_heads();
+        put_at(&mut doc, "d", read["d"].clone()).unwrap();
+        assert_eq!(
+            doc.get_heads(),
+            heads,
+            "writing the same JSON back is no change"
+        );
+        // A read-modify-write: new time, counter to 4, one more item; types kept.
+        let mut edited = read["d"].clone();
+        edited["at"] = json!("2000-01-01T00:00:00.000Z");
+        edited["n"] = json!(4);
+        edited["items"] = json!([1, {"k": "w"}, 3]);
+        put_at(&mut doc, "d", edited.clone()).unwrap();
+        assert_eq!(object_to_json(&doc, &ROOT).unwrap()["d"], edited);
+        let d = doc.get(ROOT, "d").unwrap().unwrap().1;
+        let at = doc.get(&d, "at").unwrap().unwrap().0;
+        assert!(
+            matches!(at, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Timestamp(946_684_800_000)))
+        );
+        // The counter moved by an increment, so a concurrent one adds up.
+        let mut other = doc.fork();
+        put_at(&mut other, "d", json!({"$increment": 10}))
+            .expect_err("d is an object, not a counter");
+        let mut tx = other.transaction();
+        put_json(
+            &mut tx,
+            &d,
+            Prop::Map("n".into()),
+            &json!({"$increment": 10}),
+        )
+        .unwrap();
+        tx.commit();
+        let mut edited2 = edited.clone();
+        edited2["n"] = json!(6);
+        put_at(&mut doc, "d", edited2).unwrap();
+        doc.merge(&mut other).unwrap();
+        assert_eq!(object_to_json(&doc, &d).unwrap()["n"], json!(16));
     }
 }

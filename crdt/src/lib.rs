@@ -25,6 +25,7 @@ pub mod proto;
 pub mod rng;
 pub mod session;
 pub mod sign;
+pub mod typed;
 
 pub use automerge;
 pub use clock::{Causality, LamportClock, VersionVector};

@@ -7,7 +7,8 @@ use automerge::{ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
 use serde_json::Value as Json;
 
 use crate::json::{
-    MAX_DEPTH, insert_json, json_depth, json_type, object_to_json, put_json, scalar_to_json,
+    MAX_DEPTH, WriteError, insert_json, json_depth, json_type, object_to_json, put_json,
+    scalar_to_json, update_map,
 };
 
 /// Why a path or an edit at a path was refused.
@@ -31,6 +32,9 @@ pub enum PathError {
     },
     #[error("automerge refused the edit at {path:?}: {why}")]
     Automerge { path: String, why: String },
+    /// A typed value that is not of its type (`{"$timestamp": "yesterday"}`).
+    #[error("bad value at {path:?}: {why}")]
+    BadValue { path: String, why: String },
     #[error(
         "{path:?} would nest deeper than {limit} objects and arrays (the limit for a document)"
     )]
@@ -244,8 +248,26 @@ fn am_err(path: &Pointer) -> impl Fn(automerge::AutomergeError) -> PathError + '
     }
 }
 
+fn write_err(path: &Pointer) -> impl Fn(WriteError) -> PathError + '_ {
+    move |e| match e {
+        WriteError::Automerge(e) => am_err(path)(e),
+        WriteError::BadValue(why) => PathError::BadValue {
+            path: path.text.clone(),
+            why,
+        },
+        WriteError::NotCounter(found) => PathError::TypeMismatch {
+            path: path.text.clone(),
+            expected: "counter",
+            found,
+        },
+    }
+}
+
 /// Sets the value at `path`: a map key is created or replaced; an array index is replaced, and
-/// `-` (or the array's length) appends. The root can only be replaced by an object.
+/// `-` (or the array's length) appends. The root can only be replaced by an object. What is
+/// there is updated in place where the shapes agree, and typed values (`{"$timestamp": ..}`,
+/// `{"$counter": n}`, `{"$bytes": ..}`, `{"$increment": n}`) write the types JSON lacks: see
+/// [`put_json`].
 pub fn put<T: Transactable + ReadDoc>(
     tx: &mut T,
     path: &Pointer,
@@ -253,21 +275,14 @@ pub fn put<T: Transactable + ReadDoc>(
 ) -> Result<(), PathError> {
     check_depth(path, value)?;
     let Some((parent, last)) = path.split_last() else {
-        let Json::Object(map) = value else {
+        let Json::Object(_) = value else {
             return Err(PathError::TypeMismatch {
                 path: String::new(),
                 expected: "object",
                 found: json_type(value),
             });
         };
-        let old: Vec<String> = tx.keys(ROOT).collect();
-        for k in old.iter().filter(|k| !map.contains_key(*k)) {
-            tx.delete(ROOT, k.as_str()).map_err(am_err(path))?;
-        }
-        for (k, v) in map {
-            put_json(tx, &ROOT, Prop::Map(k.clone()), v).map_err(am_err(path))?;
-        }
-        return Ok(());
+        return update_map(tx, &ROOT, value).map_err(write_err(path));
     };
     let (obj, ty) = container(tx, parent)?;
     match ty {
@@ -292,7 +307,7 @@ pub fn put<T: Transactable + ReadDoc>(
         }
         _ => put_json(tx, &obj, Prop::Map(last.to_string()), value),
     }
-    .map_err(am_err(path))
+    .map_err(write_err(path))
 }
 
 /// Inserts `value` into an array before index `path`'s last token (`-` appends), shifting the
@@ -331,7 +346,7 @@ pub fn insert<T: Transactable + ReadDoc>(
             len,
         });
     }
-    insert_json(tx, &obj, idx, value).map_err(am_err(path))
+    insert_json(tx, &obj, idx, value).map_err(write_err(path))
 }
 
 /// Deletes the map key or array element at `path`. The root cannot be deleted.

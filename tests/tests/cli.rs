@@ -1084,6 +1084,71 @@ fn rough_edges_a_new_user_hits() {
     assert!(d.contains("wire protocol"), "{d}");
 }
 
+/// Timestamps, counters and bytes through the CLI (the API's typed values): written as one-key
+/// objects, read as automerge-js's JSON shows them, kept across a read-modify-write, and the
+/// same on a peer; a counter's increments from two nodes add up.
+#[test]
+fn typed_values_keep_their_types_through_the_cli_and_across_peers() {
+    let a = Daemon::start();
+    let b = Daemon::start();
+    b.ok(&["join", &a.ok(&["invite"])]);
+    let doc = a.ok(&[
+        "doc",
+        "new",
+        r#"{"at":{"$timestamp":"2026-12-06T06:17:45.5+01:00"},"likes":{"$counter":1},"raw":{"$bytes":"aGkh"}}"#,
+    ]);
+    let expected =
+        serde_json::json!({"at": "2026-12-06T05:17:45.500Z", "likes": 1, "raw": [104, 105, 33]});
+    assert_eq!(json(&a.ok(&["doc", "get", &doc, "--json"])), expected);
+    // Writing back what was read changes nothing.
+    let heads = a.ok(&["doc", "history", &doc, "--json"]);
+    a.ok(&["doc", "put", &doc, "", &expected.to_string()]);
+    assert_eq!(a.ok(&["doc", "history", &doc, "--json"]), heads);
+    // Both nodes increment the counter; both increments count.
+    let start = Instant::now();
+    while b.tandem(&["doc", "get", &doc, "/likes"]).stdout != b"1\n" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "B did not get the doc"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.ok(&["doc", "put", &doc, "/likes", r#"{"$increment":2}"#]);
+    b.ok(&["doc", "put", &doc, "/likes", r#"{"$increment":10}"#]);
+    // A new time written as text stays a timestamp (it reads back normalised).
+    b.ok(&["doc", "put", &doc, "/at", r#""2030-01-01T00:00:00Z""#]);
+    let want =
+        serde_json::json!({"at": "2030-01-01T00:00:00.000Z", "likes": 13, "raw": [104, 105, 33]});
+    let start = Instant::now();
+    while json(&a.ok(&["doc", "get", &doc, "--json"])) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "A did not converge"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(json(&b.ok(&["doc", "get", &doc, "--json"])), want);
+    // Bad typed values are refused and write nothing.
+    for (value, says) in [
+        (r#"{"$timestamp":"tomorrow"}"#, "ISO 8601"),
+        (r#"{"$bytes":"***"}"#, "base64"),
+    ] {
+        let out = a.tandem(&["doc", "put", &doc, "/x", value]);
+        assert_eq!(out.status.code(), Some(1), "{value}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{value}"
+        );
+    }
+    let out = a.tandem(&["doc", "put", &doc, "/raw", r#"{"$increment":1}"#]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected counter"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&a.ok(&["doc", "get", &doc, "--json"])), want);
+}
+
 /// The status page: a one-time code from `tandem open` logs a browser in with an HttpOnly,
 /// SameSite=Strict cookie; the cookie reads (GET) from this listener's own origin only.
 #[test]

@@ -78,6 +78,7 @@ impl From<Error> for ApiError {
                     PathError::TypeMismatch { .. } => (S::CONFLICT, "type_mismatch"),
                     PathError::OutOfRange { .. } => (S::BAD_REQUEST, "out_of_range"),
                     PathError::Automerge { .. } => (S::BAD_REQUEST, "bad_edit"),
+                    PathError::BadValue { .. } => (S::BAD_REQUEST, "bad_value"),
                     PathError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "too_deep"),
                 },
                 DocError::Id(_) => (S::BAD_REQUEST, "bad_id"),
