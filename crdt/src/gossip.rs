@@ -109,12 +109,12 @@ pub struct GossipConfig {
 impl Default for GossipConfig {
     fn default() -> Self {
         Self {
-            probe_period: Duration::from_secs(1),
+            probe_period: Duration::from_secs(2),
             probe_rtt: Duration::from_millis(400),
             indirect_probes: 3,
             suspect_to_down: Duration::from_secs(10),
             max_packet: 1100,
-            gossip_every: Duration::from_millis(500),
+            gossip_every: Duration::from_secs(1),
             announce_every: Duration::from_secs(5),
         }
     }

@@ -82,6 +82,7 @@ pub(crate) async fn run(
     );
     let mut shutdown = shared.shutdown.clone();
     let (mut upkeep_at, mut own_at) = (clock.now(), clock.now());
+    let grid_from = clock.now();
     // Published when something shown changed (a health, the members, a drop), not on every
     // datagram.
     let mut stale = true;
@@ -166,10 +167,10 @@ pub(crate) async fn run(
             .into_iter()
             .flatten()
             .fold(upkeep_at, |a, t| a.min(t));
-        // Timers are coalesced on a grid (the state machines' deadlines are not urgent to the
-        // millisecond): several due at about the same time cost one wake-up, which is most of
-        // what an idle daemon spends.
-        let wait = coalesce(next.saturating_duration_since(clock.now()));
+        // Timers are coalesced on a grid fixed from the task's start (the state machines'
+        // deadlines are not urgent to the millisecond): all due within one step cost one
+        // wake-up, which is most of what an idle daemon spends.
+        let wait = coalesce(grid_from, clock.now(), next);
         tokio::select! {
             got = rx.recv() => match got {
                 Some((from, data)) => {
@@ -196,11 +197,21 @@ pub(crate) async fn run(
 /// Timer grid of the gossip task.
 const GRID: Duration = Duration::from_millis(250);
 
-/// `wait` rounded up to the next multiple of [`GRID`].
-fn coalesce(wait: Duration) -> Duration {
+/// How long to wait from `now` for the first point of the grid (every [`GRID`] from `from`)
+/// at or after `next`.
+fn coalesce(
+    from: std::time::Instant,
+    now: std::time::Instant,
+    next: std::time::Instant,
+) -> Duration {
     let grid = GRID.as_millis().max(1);
-    let ms = wait.as_millis().div_ceil(grid) * grid;
-    Duration::from_millis(ms.min(u64::MAX as u128) as u64)
+    let at = next
+        .saturating_duration_since(from)
+        .as_millis()
+        .div_ceil(grid)
+        * grid;
+    let at = from + Duration::from_millis(at.min(u64::MAX as u128) as u64);
+    at.saturating_duration_since(now)
 }
 
 /// Gives both state machines the host's member list.
@@ -299,4 +310,22 @@ fn publish(
         *v.dropped.entry(*why).or_default() += n;
     }
     v.exchanges = entropy.exchanges();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timers_wake_on_one_grid_fixed_from_the_start() {
+        let from = std::time::Instant::now();
+        let ms = |n: u64| from + Duration::from_millis(n);
+        // Deadlines within one step share its end, whenever they are asked for.
+        assert_eq!(coalesce(from, ms(10), ms(260)), Duration::from_millis(490));
+        assert_eq!(coalesce(from, ms(300), ms(499)), Duration::from_millis(200));
+        assert_eq!(coalesce(from, ms(300), ms(500)), Duration::from_millis(200));
+        // On a grid point: no extra step; overdue: at once.
+        assert_eq!(coalesce(from, ms(0), ms(0)), Duration::ZERO);
+        assert_eq!(coalesce(from, ms(900), ms(100)), Duration::ZERO);
+    }
 }

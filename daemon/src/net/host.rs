@@ -82,7 +82,7 @@ pub(crate) trait RaftLink: Send + Sync + 'static {
     fn call(&self, to: NodeId, msg: RaftMsg) -> BoxFuture<Result<RaftMsg, String>>;
     /// Whether a connection to `to` is up now.
     fn connected(&self, to: &NodeId) -> bool;
-    /// Whether `to` looks alive: connected, and gossip does not hold it suspect or down (a
-    /// stopped process keeps its connection open until the idle timeout; SWIM notices sooner).
+    /// Whether `to` looks alive: connected, and gossip does not suspect it (a stopped process
+    /// keeps its connection open until the idle timeout; SWIM notices sooner).
     fn alive(&self, to: &NodeId) -> bool;
 }

@@ -519,11 +519,14 @@ impl RaftLink for RaftStreams {
         let Some(shared) = self.shared.upgrade() else {
             return false;
         };
+        // Only a fresh suspicion counts against a connected member: `down` outlives a partition
+        // (it is renewed a while after the heal), and one really gone loses its connection
+        // to the idle timeout (30 s).
         self.connected(to)
             && gossip::read_view(&shared.gossip_view, |v| {
                 v.health
                     .get(to)
-                    .is_none_or(|p| p.health == tandem_crdt::gossip::Health::Alive)
+                    .is_none_or(|p| p.health != tandem_crdt::gossip::Health::Suspect)
             })
     }
 }

@@ -848,9 +848,14 @@ async fn maintain(shared: std::sync::Weak<Shared>) {
         let founding = shared
             .upgrade()
             .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
-        // Quickly while founding (an invite waits for it), then at an easy pace.
-        let pause = if founding { 30 } else { 1000 };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        // Quickly while founding (an invite waits for it), then at an easy pace; an election
+        // due sooner is called on time (voters whose timers fell in the same second split
+        // their votes again and again).
+        let pause = Duration::from_millis(if founding { 30 } else { 1000 });
+        let until_elect = watch
+            .elect_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))).await;
         let Some(s) = shared.upgrade() else { break };
         s.found_if_needed().await;
         s.watch_leader(&mut watch).await;
@@ -862,9 +867,10 @@ async fn maintain(shared: std::sync::Weak<Shared>) {
 /// second) were most of what an idle cluster cost, and gossip already knows who is alive:
 ///
 /// - A voter whose leader is unknown, itself (a leader that restarted as a follower), not
-///   connected, or suspect or down in gossip calls an election after a random 1-3 s (split
-///   votes retry the same way). A leader's lease (3 s after its last append) can refuse it;
-///   the next try wins.
+///   connected, or suspected by gossip calls an election after a random 0.5-2.5 s, timed to
+///   the millisecond (split votes retry the same way). A leader's lease (3 s after its last
+///   append) can refuse it; the next try wins. A connected leader gossip holds `down` is not
+///   missing: that state outlives a partition's heal, and a dead leader's connection ends.
 /// - The leader sends an append (openraft's heartbeat) when a connected member's replication
 ///   lags its log (one that was away, or a deposed leader back from a partition: the append's
 ///   higher term makes it step down; openraft also retries entries on its own, with backoff),
@@ -927,7 +933,7 @@ impl Shared {
             w.elect_at = None;
             return;
         }
-        let jitter = Duration::from_millis(rand::random_range(1000..3000));
+        let jitter = Duration::from_millis(rand::random_range(500..2500));
         let at = *w.elect_at.get_or_insert(now + jitter);
         if now >= at {
             tracing::debug!(term = m.current_term, leader = ?m.current_leader, "raft: the leader is missing; calling an election");
