@@ -203,13 +203,12 @@ fn obj_type_of(value: &Json) -> Option<ObjType> {
 }
 
 /// The name of what a value read from a document is, for errors.
-fn kind_of(value: Option<&Value<'_>>) -> &'static str {
+fn kind_of(value: &Value<'_>) -> &'static str {
     match value {
-        None => "nothing",
-        Some(Value::Object(ObjType::Map | ObjType::Table)) => "an object",
-        Some(Value::Object(ObjType::List)) => "an array",
-        Some(Value::Object(ObjType::Text)) => "text",
-        Some(Value::Scalar(s)) => match s.as_ref() {
+        Value::Object(ObjType::Map | ObjType::Table) => "an object",
+        Value::Object(ObjType::List) => "an array",
+        Value::Object(ObjType::Text) => "text",
+        Value::Scalar(s) => match s.as_ref() {
             ScalarValue::Timestamp(_) => "a timestamp",
             ScalarValue::Bytes(_) => "bytes",
             ScalarValue::Null => "null",
@@ -220,16 +219,15 @@ fn kind_of(value: Option<&Value<'_>>) -> &'static str {
     }
 }
 
-/// The scalar a plain JSON value means where a timestamp, counter or bytes already is (so a
-/// read-modify-write keeps the type): ISO 8601 text or milliseconds for a timestamp, an
-/// integer for a counter (see [`put_json`]), an array of byte values for bytes.
+/// The scalar a plain JSON value means where a timestamp or bytes already is (so a
+/// read-modify-write keeps the type): ISO 8601 text or milliseconds for a timestamp, an array
+/// of byte values for bytes. (A counter is moved by an increment instead: [`put_json`].)
 fn keep_type(old: &ScalarValue, value: &Json) -> Option<ScalarValue> {
     match (old, value) {
         (ScalarValue::Timestamp(_), Json::String(t)) => {
             typed::parse_timestamp(t).map(ScalarValue::Timestamp)
         }
         (ScalarValue::Timestamp(_), Json::Number(n)) => n.as_i64().map(ScalarValue::Timestamp),
-        (ScalarValue::Counter(_), Json::Number(n)) => n.as_i64().map(ScalarValue::counter),
         (ScalarValue::Bytes(_), Json::Array(items)) => items
             .iter()
             .map(|i| i.as_u64().and_then(|b| u8::try_from(b).ok()))
@@ -245,63 +243,68 @@ fn keep_type(old: &ScalarValue, value: &Json) -> Option<ScalarValue> {
 /// read changes nothing, and concurrent edits inside merge: an object's keys are written one
 /// by one (keys the value lacks are deleted), an array's items index by index; text that
 /// differs is replaced by a new text object (as a string assignment in automerge-js; to merge
-/// an edit into text, use the text edits), text that is the same is left alone. A timestamp, counter or bytes keeps its type when written as JSON reads it
-/// ([`keep_type`]); a counter written a new number is incremented by the difference, so
-/// concurrent increments add up. Typed values (`{"$counter": 0}`, see [`Typed`]) write those
-/// types explicitly.
+/// an edit into text, use the text edits), text that is the same is left alone. A timestamp
+/// or bytes keeps its type when written as JSON reads it ([`keep_type`]); a counter written a
+/// new integer is incremented by the difference, so concurrent increments add up. Typed
+/// values (`{"$counter": 0}`, see [`Typed`]) write those types explicitly.
 pub fn put_json<T: Transactable>(
     tx: &mut T,
     parent: &ObjId,
     prop: Prop,
     value: &Json,
 ) -> Result<(), WriteError> {
-    let old = tx.get(parent, prop.clone())?;
-    match (typed(value)?, old) {
-        (Some(Typed::Increment(by)), Some((Value::Scalar(s), _)))
+    let Some((old, obj)) = tx.get(parent, prop.clone())? else {
+        return put_new(tx, parent, prop, value);
+    };
+    match (typed(value)?, old, value) {
+        (Some(Typed::Increment(by)), Value::Scalar(s), _)
             if matches!(s.as_ref(), ScalarValue::Counter(_)) =>
         {
             Ok(tx.increment(parent, prop, by)?)
         }
-        (Some(Typed::Increment(_)), old) => {
-            Err(WriteError::NotCounter(kind_of(old.as_ref().map(|o| &o.0))))
+        (Some(Typed::Increment(_)), old, _) => Err(WriteError::NotCounter(kind_of(&old))),
+        (Some(Typed::Scalar(s)), _, _) => Ok(tx.put(parent, prop, s)?),
+        (None, Value::Object(ObjType::Map | ObjType::Table), Json::Object(map)) => {
+            update_map(tx, &obj, map)
         }
-        (Some(Typed::Scalar(s)), _) => Ok(tx.put(parent, prop, s)?),
-        (None, Some((Value::Object(ObjType::Map | ObjType::Table), obj))) if value.is_object() => {
-            update_map(tx, &obj, value)
-        }
-        (None, Some((Value::Object(ObjType::List), obj))) if value.is_array() => {
-            update_list(tx, &obj, value)
-        }
+        (None, Value::Object(ObjType::List), Json::Array(items)) => update_list(tx, &obj, items),
         // Text is replaced by a new text object, as assigning a string does in automerge-js
         // (edits merge through the text edits instead), unless it is unchanged.
-        (None, Some((Value::Object(ObjType::Text), obj)))
-            if value.as_str() == Some(tx.text(&obj)?.as_str()) =>
-        {
-            Ok(())
-        }
-        (None, Some((Value::Scalar(old), _))) => match keep_type(&old, value) {
-            Some(ScalarValue::Counter(c)) => {
-                let (new, was) = (i64::from(&c), counter_value(&old));
-                if new != was {
-                    tx.increment(parent, prop, new.wrapping_sub(was))?;
+        (None, Value::Object(ObjType::Text), Json::String(new)) if tx.text(&obj)? == *new => Ok(()),
+        (None, Value::Scalar(old), _) => {
+            if let (ScalarValue::Counter(c), Some(new)) = (old.as_ref(), value.as_i64()) {
+                let by = new.wrapping_sub(i64::from(c));
+                if by != 0 {
+                    tx.increment(parent, prop, by)?;
                 }
-                Ok(())
+                return Ok(());
             }
-            Some(s) => Ok(tx.put(parent, prop, s)?),
-            None => put_fresh(tx, parent, prop, value),
-        },
-        (None, _) => put_fresh(tx, parent, prop, value),
+            match keep_type(&old, value) {
+                Some(s) => Ok(tx.put(parent, prop, s)?),
+                None => put_fresh(tx, parent, prop, value),
+            }
+        }
+        (None, _, _) => put_fresh(tx, parent, prop, value),
     }
 }
 
-fn counter_value(s: &ScalarValue) -> i64 {
-    match s {
-        ScalarValue::Counter(c) => i64::from(c),
-        _ => 0,
+/// Writes `value` where nothing is (a new key, a fresh object's contents): nothing to keep,
+/// nothing to increment.
+fn put_new<T: Transactable>(
+    tx: &mut T,
+    parent: &ObjId,
+    prop: Prop,
+    value: &Json,
+) -> Result<(), WriteError> {
+    match typed(value)? {
+        Some(Typed::Scalar(s)) => Ok(tx.put(parent, prop, s)?),
+        Some(Typed::Increment(_)) => Err(WriteError::NotCounter("nothing")),
+        None => put_fresh(tx, parent, prop, value),
     }
 }
 
-/// Replaces whatever is at `prop` with a new object or scalar made from `value`.
+/// Replaces whatever is at `prop` with a new object or scalar made from the plain JSON
+/// `value`.
 fn put_fresh<T: Transactable>(
     tx: &mut T,
     parent: &ObjId,
@@ -317,16 +320,13 @@ fn put_fresh<T: Transactable>(
     }
 }
 
-/// Makes the map `obj` hold exactly the keys of the JSON object `value`, each written with
-/// [`put_json`] (the whole document is replaced this way, at the root).
+/// Makes the map `obj` hold exactly the keys of `map`, each written with [`put_json`] (the
+/// whole document is replaced this way, at the root).
 pub fn update_map<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
-    value: &Json,
+    map: &Map<String, Json>,
 ) -> Result<(), WriteError> {
-    let Json::Object(map) = value else {
-        return Ok(());
-    };
     let old: Vec<String> = tx.keys(obj).collect();
     for k in old.iter().filter(|k| !map.contains_key(*k)) {
         tx.delete(obj, k.as_str())?;
@@ -337,12 +337,9 @@ pub fn update_map<T: Transactable>(
     Ok(())
 }
 
-/// Makes the list `obj` hold the JSON array `value`: items updated index by index, the rest
-/// inserted or deleted at the end.
-fn update_list<T: Transactable>(tx: &mut T, obj: &ObjId, value: &Json) -> Result<(), WriteError> {
-    let Json::Array(items) = value else {
-        return Ok(());
-    };
+/// Makes the list `obj` hold `items`: updated index by index, the rest inserted or deleted at
+/// the end.
+fn update_list<T: Transactable>(tx: &mut T, obj: &ObjId, items: &[Json]) -> Result<(), WriteError> {
     let len = tx.length(obj);
     for (i, item) in items.iter().enumerate() {
         if i < len {
@@ -390,7 +387,7 @@ fn fill<T: Transactable>(tx: &mut T, obj: &ObjId, value: &Json) -> Result<(), Wr
         }
         Json::Object(map) => {
             for (k, v) in map {
-                put_json(tx, obj, Prop::Map(k.clone()), v)?;
+                put_new(tx, obj, Prop::Map(k.clone()), v)?;
             }
             Ok(())
         }

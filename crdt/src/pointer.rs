@@ -275,14 +275,14 @@ pub fn put<T: Transactable + ReadDoc>(
 ) -> Result<(), PathError> {
     check_depth(path, value)?;
     let Some((parent, last)) = path.split_last() else {
-        let Json::Object(_) = value else {
+        let Json::Object(map) = value else {
             return Err(PathError::TypeMismatch {
                 path: String::new(),
                 expected: "object",
                 found: json_type(value),
             });
         };
-        return update_map(tx, &ROOT, value).map_err(write_err(path));
+        return update_map(tx, &ROOT, map).map_err(write_err(path));
     };
     let (obj, ty) = container(tx, parent)?;
     match ty {

@@ -811,14 +811,17 @@ impl Shared {
     }
 }
 
-/// The NodeIds of the Raft ids `ids` in `membership` (a Raft node's data is its NodeId).
+/// The NodeIds of the Raft ids `ids` in `membership`.
 fn node_ids(
     membership: &openraft::Membership<u64, BasicNode>,
     ids: impl Iterator<Item = u64>,
 ) -> Vec<NodeId> {
-    ids.filter_map(|id| membership.get_node(&id))
-        .filter_map(|n| n.addr.parse().ok())
-        .collect()
+    ids.filter_map(|id| node_id(membership, id)).collect()
+}
+
+/// The NodeId of Raft id `id` in `membership` (a Raft node's data is its NodeId).
+fn node_id(membership: &openraft::Membership<u64, BasicNode>, id: u64) -> Option<NodeId> {
+    membership.get_node(&id)?.addr.parse().ok()
 }
 
 fn text(e: impl std::fmt::Display) -> String {
@@ -900,9 +903,7 @@ impl Shared {
                 r.iter().any(|(id, matched)| {
                     *id != me
                         && matched.map(|l| l.index) < m.last_log_index
-                        && node_ids(membership, [*id].into_iter())
-                            .first()
-                            .is_some_and(|n| self.connected(n))
+                        && node_id(membership, *id).is_some_and(|n| self.connected(&n))
                 })
             });
             let due = w.beat_at.is_none_or(|t| now >= t + SAFETY_BEAT);
@@ -926,8 +927,7 @@ impl Shared {
         let leader_alive = m
             .current_leader
             .filter(|l| *l != me)
-            .and_then(|l| m.membership_config.membership().get_node(&l))
-            .and_then(|n| n.addr.parse::<NodeId>().ok())
+            .and_then(|l| node_id(m.membership_config.membership(), l))
             .is_some_and(|l| self.link.get().is_some_and(|link| link.alive(&l)));
         if leader_alive {
             w.elect_at = None;
