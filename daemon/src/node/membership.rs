@@ -62,17 +62,25 @@ impl Node {
 
     /// Makes a one-time invite token valid for `ttl`. Admitting needs a majority of the
     /// voters: if they are not reachable (within 3 s) this fails, naming the voters needed.
+    /// If they are but the leader was just lost, it waits for the election (as a proposal
+    /// would).
     pub async fn invite(&self, ttl: Duration) -> Result<String, Error> {
         let net = self.net().ok_or(NetError::Disabled)?;
         self.check_not_removed()?;
         let consensus = self.consensus()?;
-        let deadline = self.inner.clock.now() + Duration::from_secs(3);
+        let started = self.inner.clock.now();
         loop {
             let status = consensus.status().await;
             if status.changes_possible {
                 break;
             }
-            if self.inner.clock.now() > deadline {
+            let waited = self.inner.clock.now().saturating_duration_since(started);
+            let patience = if status.quorum_reachable() {
+                crate::raft::PROPOSE_TIMEOUT
+            } else {
+                Duration::from_secs(3)
+            };
+            if waited > patience {
                 return Err(MembershipError::NoQuorum(status.why_not.unwrap_or_default()).into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -40,8 +40,9 @@ openraft::declare_raft_types!(
         R = Applied,
 );
 
-/// How long a proposal waits for a commit before it is reported as impossible now.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long a proposal waits for a commit before it is reported as impossible now (it
+/// covers an election after the leader is lost: see `LeaderWatch`).
+pub(crate) const PROPOSE_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long one forwarded proposal waits for the leader before asking again.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A member disconnected for less than this still counts as online for the voter policy
@@ -81,6 +82,14 @@ pub struct ConsensusStatus {
     pub removed: Option<Removal>,
     /// Log entries refused because they arrived out of log order (must stay 0).
     pub out_of_order_applies: u64,
+}
+
+impl ConsensusStatus {
+    /// A majority of the voters is reachable from here (a change can commit once a leader
+    /// is elected, if there is none now).
+    pub fn quorum_reachable(&self) -> bool {
+        !self.voters.is_empty() && self.reachable_voters > self.voters.len() / 2
+    }
 }
 
 /// What is shared by the consensus handle, its network and its tasks.
@@ -199,6 +208,7 @@ impl Consensus {
             *shared.raft.lock().unwrap_or_else(|p| p.into_inner()) = Some(raft);
         }
         tokio::spawn(maintain(Arc::downgrade(&shared)));
+        tokio::spawn(watch_leadership(Arc::downgrade(&shared)));
         Ok(Consensus { shared })
     }
 
@@ -746,9 +756,7 @@ impl Shared {
             if let Some((&raft_id, &node)) = members.iter().find(|(id, _)| !nodes.contains(id)) {
                 // A new member: a learner first (non-blocking: it may be offline).
                 tracing::debug!(raft_id, node = %node.short(), "raft: adding a learner");
-                raft.add_learner(raft_id, BasicNode::new(node), false)
-                    .await
-                    .map(|_| ())
+                bounded(raft.add_learner(raft_id, BasicNode::new(node), false)).await
             } else if let Some(gone) = nodes.iter().find(|id| !members.contains_key(id)) {
                 tracing::debug!(raft_id = gone, "raft: removing a removed member");
                 let change = if voters.contains(gone) {
@@ -756,7 +764,7 @@ impl Shared {
                 } else {
                     ChangeMembers::RemoveNodes([*gone].into())
                 };
-                raft.change_membership(change, false).await.map(|_| ())
+                bounded(raft.change_membership(change, false)).await
             } else {
                 let me = self.raft_id.load(Ordering::SeqCst);
                 let cands: Vec<Candidate> = list
@@ -778,9 +786,7 @@ impl Shared {
                     return;
                 }
                 tracing::info!(?want, was = ?voters, "raft: changing voters");
-                raft.change_membership(ChangeMembers::ReplaceAllVoters(want), true)
-                    .await
-                    .map(|_| ())
+                bounded(raft.change_membership(ChangeMembers::ReplaceAllVoters(want), true)).await
             };
         if let Err(e) = step {
             tracing::debug!(error = %e, "raft: configuration change not made; retrying");
@@ -811,6 +817,18 @@ impl Shared {
     }
 }
 
+/// A configuration change, given up after [`PROPOSE_TIMEOUT`]: a leader deposed while it
+/// waits may never hear of the commit.
+async fn bounded<T, E: std::fmt::Display>(
+    change: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(PROPOSE_TIMEOUT, change).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no commit in time".into()),
+    }
+}
+
 /// The NodeIds of the Raft ids `ids` in `membership`.
 fn node_ids(
     membership: &openraft::Membership<u64, BasicNode>,
@@ -828,41 +846,50 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The upkeep task: founding (quickly), then the leader's reconciliation once a second.
+/// The upkeep task: founding (quickly), then the leader's reconciliation once a second. A
+/// configuration change can wait for a commit that needs an election: elections are called
+/// by [`watch_leadership`], never behind this loop.
 async fn maintain(shared: std::sync::Weak<Shared>) {
     let mut seen = HashMap::new();
-    let mut view: Option<(String, Option<NodeId>, u64)> = None;
-    let mut watch = LeaderWatch::default();
     loop {
-        if let Some(s) = shared.upgrade() {
-            let st = s.status();
-            let now = (st.role.clone(), st.leader, st.term);
-            if view.as_ref() != Some(&now) {
-                tracing::info!(
-                    role = %st.role,
-                    leader = ?st.leader.map(|l| l.short()),
-                    term = st.term,
-                    voters = st.voters.len(),
-                    "membership consensus"
-                );
-                view = Some(now);
-            }
-        }
         let founding = shared
             .upgrade()
             .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
-        // Quickly while founding (an invite waits for it), then at an easy pace; an election
-        // due sooner is called on time (voters whose timers fell in the same second split
-        // their votes again and again).
+        // Quickly while founding (an invite waits for it), then at an easy pace.
         let pause = Duration::from_millis(if founding { 30 } else { 1000 });
+        tokio::time::sleep(pause).await;
+        let Some(s) = shared.upgrade() else { break };
+        s.found_if_needed().await;
+        s.reconcile(&mut seen).await;
+    }
+}
+
+/// The leadership task: logs role changes and runs [`LeaderWatch`] once a second, or sooner
+/// when an election is due (voters whose timers fell in the same second split their votes
+/// again and again).
+async fn watch_leadership(shared: std::sync::Weak<Shared>) {
+    let mut view: Option<(String, Option<NodeId>, u64)> = None;
+    let mut watch = LeaderWatch::default();
+    loop {
         let until_elect = watch
             .elect_at
             .map(|t| t.saturating_duration_since(Instant::now()));
+        let pause = Duration::from_secs(1);
         tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))).await;
         let Some(s) = shared.upgrade() else { break };
-        s.found_if_needed().await;
+        let st = s.status();
+        let now = (st.role.clone(), st.leader, st.term);
+        if view.as_ref() != Some(&now) {
+            tracing::info!(
+                role = %st.role,
+                leader = ?st.leader.map(|l| l.short()),
+                term = st.term,
+                voters = st.voters.len(),
+                "membership consensus"
+            );
+            view = Some(now);
+        }
         s.watch_leader(&mut watch).await;
-        s.reconcile(&mut seen).await;
     }
 }
 
