@@ -107,10 +107,12 @@ impl FromStr for DocId {
             text: text.chars().take(80).collect(),
             why,
         };
-        if text.len() > 64 {
+        // automerge-repo's URL form (`automerge:<id>`) names the same document.
+        let id = text.strip_prefix("automerge:").unwrap_or(text);
+        if id.len() > 64 {
             return Err(err("too long"));
         }
-        let bytes = bs58::decode(text)
+        let bytes = bs58::decode(id)
             .with_check(None)
             .into_vec()
             .map_err(|_| err("not bs58check"))?;
@@ -265,6 +267,13 @@ mod tests {
         let raw = bs58::decode(&text).into_vec().unwrap();
         assert_eq!(raw.len(), 20, "16 bytes payload + 4 bytes checksum");
         assert_eq!(&raw[..16], id.as_bytes());
+        let url = format!("automerge:{text}");
+        assert_eq!(
+            url.parse::<DocId>().unwrap(),
+            id,
+            "the URL form names it too"
+        );
+        assert!("automerge:".parse::<DocId>().is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod members;
 pub mod peer;
 pub mod pointer;
 pub mod proto;
+pub mod repo;
 pub mod rng;
 pub mod session;
 pub mod sign;

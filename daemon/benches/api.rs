@@ -37,6 +37,7 @@ async fn main() {
         node.clone(),
         "127.0.0.1:0".parse().unwrap(),
         token.clone(),
+        Vec::new(),
         std::future::pending(),
     )
     .await

@@ -15,6 +15,7 @@
 //! log = "info"                      # a tracing filter; RUST_LOG wins over it
 //! name = "work laptop"              # shown to peers; default: the host name
 //! voter = "prefer"                  # or "auto": prefer this node as a member-list voter
+//! app_origins = ["http://localhost:5173"]  # web pages that may open the automerge-repo socket
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -40,6 +41,8 @@ pub struct FileConfig {
     pub name: Option<String>,
     /// `"prefer"`: ask to be a voter of the member list whenever possible (a home server).
     pub prefer_voter: Option<bool>,
+    /// Origins (`scheme://host[:port]`) of web pages that may open `/v1/automerge-repo`.
+    pub app_origins: Vec<String>,
 }
 
 /// A config file that cannot be used.
@@ -67,7 +70,8 @@ pub enum ConfigError {
     },
 }
 
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 13] = [
+    "app_origins",
     "name",
     "voter",
     "version",
@@ -81,6 +85,17 @@ const KEYS: [&str; 12] = [
     "log_format",
     "log",
 ];
+
+/// Whether `o` is a web origin: `http://` or `https://`, a host, an optional port, no path.
+fn origin_ok(o: &str) -> bool {
+    let rest = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let r = r.trim_end_matches('/');
+        !r.is_empty() && !r.contains(['/', '?', '#', '@', ' '])
+    })
+}
 
 /// The default config file: `$XDG_CONFIG_HOME/tandem/config.toml` (or the platform's
 /// equivalent).
@@ -247,6 +262,17 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                 cfg.log = Some(f);
             }
             "name" => cfg.name = Some(string()?),
+            "app_origins" => {
+                cfg.app_origins = strings()?;
+                if let Some(o) = cfg.app_origins.iter().find(|o| !origin_ok(o)) {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "{o:?} is not an origin like \"http://localhost:5173\" (scheme, host, optional port; no path)"
+                        ),
+                    ));
+                }
+            }
             "voter" => {
                 cfg.prefer_voter = Some(match string()?.as_str() {
                     "prefer" => true,
@@ -304,7 +330,8 @@ mod tests {
         let cfg = p(&format!(
             "version = 1\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:0\"\napi = \"127.0.0.1:9\"\n\
              peers = [\"{id}@127.0.0.1:7373\"]\nmdns = false\ninterfaces = [\"lo\"]\n\
-             offline = true\nlog_format = \"json\"\nlog = \"debug\"\n"
+             offline = true\nlog_format = \"json\"\nlog = \"debug\"\n\
+             app_origins = [\"http://localhost:5173\", \"https://app.example\"]\n"
         ))
         .unwrap();
         assert_eq!(cfg.data_dir, Some(PathBuf::from("/d")));
@@ -316,6 +343,10 @@ mod tests {
         assert_eq!(cfg.offline, Some(true));
         assert_eq!(cfg.log_format.as_deref(), Some("json"));
         assert_eq!(cfg.log.as_deref(), Some("debug"));
+        assert_eq!(
+            cfg.app_origins,
+            vec!["http://localhost:5173", "https://app.example"]
+        );
         assert_eq!(p("").unwrap(), FileConfig::default());
     }
 
@@ -359,6 +390,14 @@ mod tests {
                 "key `log`: \"tandem=loud\" is not a log filter",
             ),
             ("name = 5", "key `name`: expected a string"),
+            (
+                "app_origins = [\"localhost:5173\"]",
+                "key `app_origins`: \"localhost:5173\" is not an origin",
+            ),
+            (
+                "app_origins = [\"http://a.example/path\"]",
+                "is not an origin",
+            ),
         ];
         for (text, want) in cases {
             let err = p(text).unwrap_err().to_string();

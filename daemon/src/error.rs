@@ -65,6 +65,8 @@ pub enum DocError {
     TextReplaced(String),
     #[error("a peer sent an invalid delta: {0}")]
     InvalidDelta(String),
+    #[error("an app sent a sync message that cannot be used: {0}")]
+    BadSyncMessage(String),
 }
 
 /// What went wrong with the member list or an invite.

@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod repo;
 mod server;
 pub mod ui;
 
@@ -87,6 +88,7 @@ impl From<Error> for ApiError {
                 DocError::BadBase(_) => (S::CONFLICT, "bad_base"),
                 DocError::TextReplaced(_) => (S::CONFLICT, "text_replaced"),
                 DocError::InvalidDelta(_) => (S::BAD_REQUEST, "invalid_delta"),
+                DocError::BadSyncMessage(_) => (S::BAD_REQUEST, "bad_sync_message"),
                 // A stored document that cannot be loaded, or Automerge refusing a change we
                 // made: damage on this node, not a fault of the request.
                 DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_doc"),
@@ -150,6 +152,7 @@ struct Api {
     token: String,
     journal: Arc<events::Journal>,
     ui: Arc<ui::Ui>,
+    hub: Arc<repo::Hub>,
 }
 
 /// The bearer token, or else the status page's session cookie (which may only read, and only
@@ -640,18 +643,21 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
 }
 
-/// The API's routes for `node`, guarded by `token`, with `journal` behind `/v1/events`.
+/// The API's routes for `node`, guarded by `token`, with `journal` behind `/v1/events`;
+/// pages from `app_origins` may open the automerge-repo socket.
 pub fn router(
     node: Node,
     token: String,
     journal: Arc<events::Journal>,
     addr: SocketAddr,
+    app_origins: Vec<String>,
 ) -> Router {
     let api = Api {
         node,
         token,
         journal,
         ui: Arc::new(ui::Ui::new(addr)),
+        hub: Arc::new(repo::Hub::new(app_origins)),
     };
     let guarded = Router::new()
         .route("/v1/status", get(status))
@@ -680,6 +686,8 @@ pub fn router(
         .route("/v1/openapi.json", get(openapi))
         .route("/ui/login", get(ui_login))
         .route("/ui/", get(ui_page))
+        // Checks the token itself: a browser cannot send `Authorization` on a WebSocket.
+        .route("/v1/automerge-repo", get(repo::upgrade))
         .merge(guarded)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -691,13 +699,14 @@ pub async fn serve(
     node: Node,
     addr: SocketAddr,
     token: String,
+    app_origins: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let journal = events::Journal::start(&node, events::JOURNAL_EVENTS)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let app = router(node, token, journal.clone(), bound);
+    let app = router(node, token, journal.clone(), bound, app_origins);
     let task = tokio::spawn(server::run(listener, app, async move {
         shutdown.await;
         // Event streams never end by themselves; a graceful stop waits for them.

@@ -147,7 +147,9 @@ pub async fn run(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
+                .serve_connection(TokioIo::new(tcp), service)
+                // The automerge-repo endpoint upgrades to a WebSocket.
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { let _ = r; }

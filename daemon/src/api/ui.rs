@@ -119,7 +119,7 @@ impl Ui {
     }
 
     /// Whether `host` (`name:port`) is this listener, by address or as localhost.
-    fn is_ours(&self, host: &str) -> bool {
+    pub fn is_ours(&self, host: &str) -> bool {
         let port = self.addr.port();
         [
             self.addr.to_string(),

@@ -39,6 +39,10 @@ struct Args {
     /// Config file (TOML). Default: $XDG_CONFIG_HOME/tandem/config.toml, if it exists.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// A web page origin allowed to open the automerge-repo socket, e.g.
+    /// http://localhost:5173 (repeatable; adds to the config file's `app_origins`).
+    #[arg(long, value_name = "ORIGIN")]
+    app_origin: Vec<String>,
     /// Log format: `human` (default) or `json`.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -155,7 +159,9 @@ async fn run() -> anyhow::Result<()> {
     );
     let token = tandem::api::load_or_create_token(&dir)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (api_addr, api_task) = tandem::api::serve(node.clone(), api, token, async {
+    let mut app_origins = file.app_origins.clone();
+    app_origins.extend(args.app_origin.iter().cloned());
+    let (api_addr, api_task) = tandem::api::serve(node.clone(), api, token, app_origins, async {
         let _ = stop_rx.await;
     })
     .await

@@ -14,6 +14,7 @@ mod datadir;
 mod docs;
 mod events;
 mod membership;
+mod repo;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use tokio::sync::broadcast;
 
 pub use docs::HistoryEntry;
 pub use events::{Event, Subscription, SubscriptionError};
+pub use repo::AppSync;
 
 use crate::cache::DocCache;
 use crate::clock::Clock;
