@@ -113,6 +113,91 @@ pub fn scalar_to_json(s: &ScalarValue) -> Json {
     }
 }
 
+/// A patch as JSON, in automerge-js's patch format: `{"action", "path", ...}` with `action`
+/// one of `put`, `insert`, `splice`, `inc`, `del`, `mark`, `conflict`, and `path` the keys
+/// and indexes down to what changed. A new object is shown empty (`{}`, `[]`, or `""` for
+/// text); the patches that fill it follow.
+pub fn patch_to_json(patch: &automerge::Patch) -> Json {
+    use automerge::PatchAction as A;
+    let prop = |p: &Prop| match p {
+        Prop::Map(k) => Json::String(k.clone()),
+        Prop::Seq(i) => Json::Number((*i as u64).into()),
+    };
+    let mut path: Vec<Json> = patch.path.iter().map(|(_, p)| prop(p)).collect();
+    let value = |v: &Value<'_>| match v {
+        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(Map::new()),
+        Value::Object(ObjType::List) => Json::Array(Vec::new()),
+        Value::Object(ObjType::Text) => Json::String(String::new()),
+        Value::Scalar(s) => scalar_to_json(s),
+    };
+    let mut out = Map::new();
+    let action = match &patch.action {
+        A::PutMap { key, value: v, .. } => {
+            path.push(Json::String(key.clone()));
+            out.insert("value".into(), value(&v.0));
+            "put"
+        }
+        A::PutSeq {
+            index, value: v, ..
+        } => {
+            path.push(prop(&Prop::Seq(*index)));
+            out.insert("value".into(), value(&v.0));
+            "put"
+        }
+        A::Insert { index, values } => {
+            path.push(prop(&Prop::Seq(*index)));
+            let vals = values.iter().map(|(v, _, _)| value(v)).collect();
+            out.insert("values".into(), Json::Array(vals));
+            "insert"
+        }
+        A::SpliceText {
+            index, value: v, ..
+        } => {
+            path.push(prop(&Prop::Seq(*index)));
+            out.insert("value".into(), Json::String(v.make_string()));
+            "splice"
+        }
+        A::Increment { prop: p, value: n } => {
+            path.push(prop(p));
+            out.insert("value".into(), Json::Number((*n).into()));
+            "inc"
+        }
+        A::Conflict { prop: p } => {
+            path.push(prop(p));
+            "conflict"
+        }
+        A::DeleteMap { key } => {
+            path.push(Json::String(key.clone()));
+            "del"
+        }
+        A::DeleteSeq { index, length } => {
+            path.push(prop(&Prop::Seq(*index)));
+            if *length > 1 {
+                out.insert("length".into(), Json::Number((*length as u64).into()));
+            }
+            "del"
+        }
+        A::Mark { marks } => {
+            let marks = marks
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "name": m.name(),
+                        "value": scalar_to_json(m.value()),
+                        "start": m.start,
+                        "end": m.end,
+                    })
+                })
+                .collect();
+            out.insert("marks".into(), Json::Array(marks));
+            "mark"
+        }
+    };
+    out.insert("action".into(), Json::String(action.into()));
+    out.insert("path".into(), Json::Array(path));
+    Json::Object(out)
+}
+
 /// The JSON type name of a value, for error messages.
 pub fn json_type(v: &Json) -> &'static str {
     match v {
@@ -400,6 +485,49 @@ mod tests {
     use super::*;
     use automerge::{Automerge, ROOT};
     use serde_json::json;
+
+    #[test]
+    fn patches_read_as_automerge_js_shows_them() {
+        use automerge::transaction::Transactable as _;
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let items = tx.put_object(ROOT, "items", ObjType::List)?;
+            tx.insert(&items, 0, "a")?;
+            tx.put_object(ROOT, "title", ObjType::Text)?;
+            tx.put(ROOT, "n", ScalarValue::counter(1))?;
+            Ok(())
+        })
+        .unwrap();
+        let before = doc.get_heads();
+        let items = doc.get(ROOT, "items").unwrap().unwrap().1;
+        let title = doc.get(ROOT, "title").unwrap().unwrap().1;
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.insert(&items, 1, "b")?;
+            tx.delete(&items, 0)?;
+            tx.splice_text(&title, 0, 0, "hi")?;
+            tx.increment(ROOT, "n", 4)?;
+            tx.put(ROOT, "when", ScalarValue::Timestamp(0))?;
+            tx.put_object(ROOT, "meta", ObjType::Map)?;
+            Ok(())
+        })
+        .unwrap();
+        let after = doc.get_heads();
+        let patches: Vec<Json> = doc
+            .diff(&before, &after)
+            .iter()
+            .map(patch_to_json)
+            .collect();
+        for want in [
+            json!({"action": "del", "path": ["items", 0]}),
+            json!({"action": "insert", "path": ["items", 0], "values": ["b"]}),
+            json!({"action": "splice", "path": ["title", 0], "value": "hi"}),
+            json!({"action": "inc", "path": ["n"], "value": 4}),
+            json!({"action": "put", "path": ["when"], "value": "1970-01-01T00:00:00.000Z"}),
+            json!({"action": "put", "path": ["meta"], "value": {}}),
+        ] {
+            assert!(patches.contains(&want), "{want} not in {patches:?}");
+        }
+    }
 
     #[test]
     fn json_round_trips_through_a_document() {

@@ -1,6 +1,6 @@
 // automerge-repo apps against real tandemd processes: the JavaScript client (@automerge/
 // automerge-repo 2.x with its WebSocket adapter) on daemon A, the CLI on daemon B, and QUIC
-// between them. Run: `cargo build --bins && cd tests/js && npm ci && npm test`
+// between them. Run: `cargo build --bins && cd tests/js && npm install && npm test`
 // (`cargo test` runs it too: tests/tests/apps.rs).
 
 import { after, before, describe, test } from "node:test"

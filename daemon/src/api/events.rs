@@ -6,9 +6,16 @@
 //! ring still holds; if the ring has moved past it, or the daemon restarted, it first gets a
 //! `lagged` event saying so, never a silent gap. Slow clients read from the shared ring at
 //! their own pace, so one slow client holds no one else up.
+//!
+//! `?patches=true` adds each change's patches (automerge-js's format, `tandem_crdt::json::
+//! patch_to_json`), so an app can update its view without re-reading. They are journaled
+//! only while such a stream is open, and the ring keeps at most [`PATCH_BUDGET`] bytes of
+//! them (the oldest lose theirs first): an event whose patches are unknown says
+//! `"patches": null`, and the app re-reads that document.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use automerge::{PatchAction, Prop};
@@ -25,12 +32,14 @@ use crate::{Event, Node, SubscriptionError};
 pub const JOURNAL_EVENTS: usize = 10_000;
 /// Paths listed per event at most; more are summarised by `"more": true`.
 const MAX_PATHS: usize = 64;
+/// Bytes of patch JSON the ring keeps at most.
+pub const PATCH_BUDGET: usize = 8 << 20;
 
 enum Entry {
     /// What the stream sends for an event, made once when it is journaled: the ring holds
     /// paths and heads, not the event's patches (a bulk import's patch lists kept memory
-    /// growing with every document).
-    Change(Arc<Sent>),
+    /// growing with every document); their JSON, while a stream wants it, within the budget.
+    Change(Arc<Sent>, Option<Arc<String>>),
     /// The journal itself fell behind the node and lost this many events.
     Gap(u64),
     /// A member's health changed: (event name, its JSON).
@@ -42,12 +51,42 @@ struct Ring {
     first: u64,
     entries: VecDeque<Entry>,
     cap: usize,
+    /// Bytes of patch JSON held, and the id before which no entry holds any.
+    patch_bytes: usize,
+    patched_from: u64,
 }
 
 impl Ring {
     /// The id the next entry will get.
     fn end(&self) -> u64 {
         self.first + self.entries.len() as u64
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if self.entries.len() == self.cap {
+            if let Some(Entry::Change(_, Some(p))) = self.entries.pop_front() {
+                self.patch_bytes -= p.len();
+            }
+            self.first += 1;
+        }
+        if let Entry::Change(_, Some(p)) = &entry {
+            self.patch_bytes += p.len();
+        }
+        self.entries.push_back(entry);
+        // Over the budget: the oldest entries lose their patches first.
+        while self.patch_bytes > PATCH_BUDGET {
+            self.patched_from = self.patched_from.max(self.first);
+            let at = (self.patched_from - self.first) as usize;
+            let Some(entry) = self.entries.get_mut(at) else {
+                break;
+            };
+            if let Entry::Change(_, p @ Some(_)) = entry
+                && let Some(p) = p.take()
+            {
+                self.patch_bytes -= p.len();
+            }
+            self.patched_from += 1;
+        }
     }
 }
 
@@ -57,6 +96,17 @@ pub struct Journal {
     ring: Mutex<Ring>,
     /// The ring's end, bumped on every append; `None` once the journal is closed.
     tick: watch::Sender<Option<u64>>,
+    /// Streams open that want patches (patches are journaled only while there are any).
+    patch_streams: Arc<AtomicUsize>,
+}
+
+/// Counts a stream that wants patches while it lives.
+struct PatchStream(Arc<AtomicUsize>);
+
+impl Drop for PatchStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Journal {
@@ -68,9 +118,13 @@ impl Journal {
                 first: 1,
                 entries: VecDeque::new(),
                 cap: cap.max(1),
+                patch_bytes: 0,
+                patched_from: 1,
             }),
             tick: watch::channel(Some(1)).0,
+            patch_streams: Arc::new(AtomicUsize::new(0)),
         });
+        let wanted = journal.patch_streams.clone();
         let mut sub = node.subscribe(None)?;
         let mut health = node.subscribe_health();
         let weak = Arc::downgrade(&journal);
@@ -84,7 +138,11 @@ impl Journal {
                 };
                 let entry = tokio::select! {
                     got = sub.recv() => match got {
-                        Ok(e) => Entry::Change(Arc::new(Sent::of(&e))),
+                        Ok(e) => {
+                            let patches = (e.patched && wanted.load(Ordering::Relaxed) > 0)
+                                .then(|| Arc::new(patches_json(&e)));
+                            Entry::Change(Arc::new(Sent::of(&e)), patches)
+                        }
                         Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
                         Err(SubscriptionError::Closed) => break,
                     },
@@ -110,11 +168,7 @@ impl Journal {
     fn push(&self, entry: Entry) {
         let end = {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-            if ring.entries.len() == ring.cap {
-                ring.entries.pop_front();
-                ring.first += 1;
-            }
-            ring.entries.push_back(entry);
+            ring.push(entry);
             ring.end()
         };
         self.tick.send_if_modified(|t| {
@@ -148,11 +202,12 @@ impl Journal {
     }
 
     /// The SSE response for one client: events for `doc` (or all) after `last_event_id`, or
-    /// from now on.
+    /// from now on; with each change's patches if `patches`.
     pub fn stream(
         self: &Arc<Self>,
         doc: Option<DocId>,
         last_event_id: Option<&str>,
+        patches: bool,
     ) -> Result<Response, String> {
         let end = self.ring.lock().unwrap_or_else(|p| p.into_inner()).end();
         let (mut next, notice) = match last_event_id {
@@ -165,7 +220,12 @@ impl Journal {
         let (tx, rx) = mpsc::channel(64);
         let journal = self.clone();
         let mut tick = self.tick.subscribe();
+        let counted = patches.then(|| {
+            self.patch_streams.fetch_add(1, Ordering::Relaxed);
+            PatchStream(self.patch_streams.clone())
+        });
         tokio::spawn(async move {
+            let _counted = counted;
             if let Some(why) = notice {
                 let item = Item::Lagged {
                     next,
@@ -173,14 +233,14 @@ impl Journal {
                     code: "restarted",
                     why,
                 };
-                if tx.send(Ok(journal.sse(item))).await.is_err() {
+                if tx.send(Ok(journal.sse(item, patches))).await.is_err() {
                     return;
                 }
             }
             loop {
                 let batch = journal.read(&mut next, doc);
                 for item in batch {
-                    if tx.send(Ok(journal.sse(item))).await.is_err() {
+                    if tx.send(Ok(journal.sse(item, patches))).await.is_err() {
                         return; // the client went away
                     }
                 }
@@ -223,10 +283,10 @@ impl Journal {
             let id = *next;
             *next += 1;
             match entry {
-                Entry::Change(e) if doc.is_none_or(|d| d == e.doc) => {
-                    out.push(Item::Change(id, e.clone()));
+                Entry::Change(e, p) if doc.is_none_or(|d| d == e.doc) => {
+                    out.push(Item::Change(id, e.clone(), p.clone()));
                 }
-                Entry::Change(_) => {}
+                Entry::Change(..) => {}
                 Entry::Member(name, data) if doc.is_none() => {
                     out.push(Item::Member(id, name, data.clone()));
                 }
@@ -244,13 +304,23 @@ impl Journal {
         out
     }
 
-    /// The SSE form of an item; a `lagged` event's id makes a reconnect resume where it points.
-    fn sse(&self, item: Item) -> SseEvent {
+    /// The SSE form of an item (with its patches, `null` if unknown, if `patches`); a
+    /// `lagged` event's id makes a reconnect resume where it points.
+    fn sse(&self, item: Item, patches: bool) -> SseEvent {
         match item {
-            Item::Change(id, sent) => SseEvent::default()
-                .event(if sent.damaged { "damaged" } else { "change" })
-                .id(format!("{}-{id}", self.epoch))
-                .data(sent.data.as_str()),
+            Item::Change(id, sent, p) => {
+                let ev = SseEvent::default()
+                    .event(if sent.damaged { "damaged" } else { "change" })
+                    .id(format!("{}-{id}", self.epoch));
+                match sent.data.strip_suffix('}') {
+                    Some(open) if patches => {
+                        let p = p.as_deref().map_or("null", String::as_str);
+                        let comma = if open.ends_with('{') { "" } else { "," };
+                        ev.data(format!("{open}{comma}\"patches\":{p}}}"))
+                    }
+                    _ => ev.data(sent.data.as_str()),
+                }
+            }
             Item::Member(id, name, data) => SseEvent::default()
                 .event(name)
                 .id(format!("{}-{id}", self.epoch))
@@ -303,8 +373,8 @@ fn member_entry(c: &crate::net::gossip::HealthChange) -> Entry {
 /// What a client is sent.
 #[derive(Debug, PartialEq)]
 enum Item {
-    /// An event and its number.
-    Change(u64, Arc<Sent>),
+    /// An event, its number, and its patches' JSON if journaled.
+    Change(u64, Arc<Sent>, Option<Arc<String>>),
     /// A member's health changed: its number, the event name, its JSON.
     Member(u64, &'static str, Arc<String>),
     /// Events were lost to this client (`missed` of them, if known); it resumes at `next`.
@@ -315,6 +385,17 @@ enum Item {
         code: &'static str,
         why: String,
     },
+}
+
+/// An event's patches as a JSON array (automerge-js's patch format).
+fn patches_json(e: &Event) -> String {
+    Value::Array(
+        e.patches
+            .iter()
+            .map(tandem_crdt::json::patch_to_json)
+            .collect(),
+    )
+    .to_string()
 }
 
 /// An event as JSON: the document, where it came from, its heads after, whether it was deleted,
@@ -379,6 +460,73 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[tokio::test]
+    async fn patches_are_journaled_while_a_stream_wants_them_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(Config::new(dir.path())).await.unwrap();
+        let journal = Journal::start(&node, 100).unwrap();
+        let doc = node.create(None).await.unwrap();
+        node.put(doc, "/before", json!(1)).await.unwrap();
+        let journaled = |n: u64| {
+            let journal = journal.clone();
+            async move {
+                let start = Instant::now();
+                while journal.ring.lock().unwrap().end() < n {
+                    assert!(start.elapsed() < Duration::from_secs(5));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        journaled(3).await;
+        let stream = journal.stream(None, None, true).unwrap();
+        node.put(doc, "/n", json!(5)).await.unwrap();
+        journaled(4).await;
+        let mut next = 1;
+        let patches: Vec<Option<Value>> = journal
+            .read(&mut next, Some(doc))
+            .into_iter()
+            .map(|i| match i {
+                Item::Change(_, _, p) => p.map(|p| serde_json::from_str(&p).unwrap()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(patches.len(), 3);
+        assert_eq!(patches[..2], [None, None], "nobody wanted them then");
+        assert_eq!(
+            patches[2],
+            Some(json!([{"action": "put", "path": ["n"], "value": 5}]))
+        );
+        drop(stream);
+        // The budget: the oldest entries lose their patches first.
+        let mut ring = Ring {
+            first: 1,
+            entries: VecDeque::new(),
+            cap: 100,
+            patch_bytes: 0,
+            patched_from: 1,
+        };
+        let sent = Arc::new(Sent {
+            doc,
+            damaged: false,
+            data: "{}".into(),
+        });
+        let big = Arc::new("x".repeat(PATCH_BUDGET / 3));
+        for _ in 0..5 {
+            ring.push(Entry::Change(sent.clone(), Some(big.clone())));
+        }
+        let kept: Vec<bool> = ring
+            .entries
+            .iter()
+            .map(|e| matches!(e, Entry::Change(_, Some(_))))
+            .collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert_eq!(ring.patch_bytes, 3 * big.len());
+        let item = Item::Change(1, sent.clone(), None);
+        let ev = format!("{:?}", journal.sse(item, true));
+        assert!(ev.contains(r#"{\"patches\":null}"#), "{ev}");
+        node.close().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_client_that_falls_behind_is_told() {
         let dir = tempfile::tempdir().unwrap();
         let node = Node::open(Config::new(dir.path())).await.unwrap();
@@ -409,7 +557,7 @@ mod tests {
         let ids: Vec<u64> = items[1..]
             .iter()
             .map(|i| match i {
-                Item::Change(id, sent) => {
+                Item::Change(id, sent, _) => {
                     assert_eq!(sent.doc, doc);
                     let v: Value = serde_json::from_str(&sent.data).unwrap();
                     assert_eq!(v["doc"], json!(doc));

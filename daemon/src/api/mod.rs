@@ -352,6 +352,9 @@ async fn history(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Js
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     doc: Option<String>,
+    /// Include each change's patches.
+    #[serde(default)]
+    patches: bool,
 }
 
 async fn events(
@@ -377,7 +380,7 @@ async fn events(
         })?;
     let sse = api
         .journal
-        .stream(doc, last)
+        .stream(doc, last, q.patches)
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "bad_event_id", why))?;
     Ok(sse)
 }

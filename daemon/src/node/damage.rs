@@ -81,6 +81,7 @@ impl Node {
                     source: Source::Local,
                     heads: Vec::new(),
                     patches: Vec::new(),
+                    patched: false,
                     deleted: false,
                     damaged: Some(why.to_string()),
                 }));

@@ -21,6 +21,9 @@ pub struct Event {
     pub heads: Vec<ChangeHash>,
     /// What changed, as Automerge patches (empty for a deletion).
     pub patches: Vec<Patch>,
+    /// `patches` says everything that changed. False when changes were stored without
+    /// loading the document (a catch-up batch for a document nobody had open): re-read it.
+    pub patched: bool,
     /// The document was deleted.
     pub deleted: bool,
     /// Damage was found in the stored document (why): it is unreadable until members send a
@@ -125,6 +128,7 @@ impl Node {
             doc,
             source: Source::Local,
             patches: if deleted { Vec::new() } else { patches() },
+            patched: true,
             heads: am.get_heads(),
             deleted,
             damaged: None,
