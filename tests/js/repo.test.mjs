@@ -243,6 +243,23 @@ describe("the automerge-repo endpoint refuses what it must", () => {
     notJoined.send(cbor.encode({ type: "sync", senderId: "x", targetId: "y", documentId: handle.documentId, data: new Uint8Array([1]) }))
     assert.match((await notJoinedClosed).reason, /join/)
 
+    // A joined app that sends a huge ephemeral message (each relayed copy is held in memory).
+    const noisy = (await open(url)).ws
+    const noisyClosed = closed(noisy)
+    noisy.send(cbor.encode({ type: "join", senderId: "noisy", peerMetadata: {}, supportedProtocolVersions: ["1"] }))
+    noisy.send(
+      cbor.encode({
+        type: "ephemeral",
+        senderId: "noisy",
+        targetId: "tandemd",
+        documentId: handle.documentId,
+        count: 1,
+        sessionId: "s",
+        data: new Uint8Array(100 * 1024),
+      }),
+    )
+    assert.match((await noisyClosed).reason, /ephemeral/)
+
     const big = (await open(url)).ws
     const bigClosed = closed(big)
     big.send(Buffer.alloc(65 * 1024 * 1024, 0x41))

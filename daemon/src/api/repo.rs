@@ -38,6 +38,14 @@ use crate::{Error, Node};
 /// App sockets open at once.
 pub const MAX_SOCKETS: usize = 64;
 
+/// Documents one socket may follow or ask for (each costs a sync state, and an empty
+/// stand-in for one this node lacks): an app that names more is closed, not served forever.
+pub const MAX_DOCS: usize = 100_000;
+
+/// The largest `ephemeral` payload relayed (presence and cursors are a few hundred bytes;
+/// each relayed copy is held until every socket has read it).
+pub const MAX_EPHEMERAL: usize = 64 << 10;
+
 /// The subprotocol prefix that carries the token from a browser.
 pub const TOKEN_PROTOCOL: &str = "tandem-token.";
 
@@ -277,13 +285,17 @@ impl Conversation {
         };
         match msg {
             RepoMsg::Request { doc, data, .. } => {
+                self.room_for(doc)?;
                 if !self.docs.contains_key(&doc) && !self.node.has(doc).await.map_err(closing)? {
                     self.wanted.insert(doc);
                     return Ok(vec![self.unavailable(&app, doc)]);
                 }
                 self.sync(&app, doc, &data).await
             }
-            RepoMsg::Sync { doc, data, .. } => self.sync(&app, doc, &data).await,
+            RepoMsg::Sync { doc, data, .. } => {
+                self.room_for(doc)?;
+                self.sync(&app, doc, &data).await
+            }
             RepoMsg::Ephemeral {
                 doc,
                 count,
@@ -291,6 +303,12 @@ impl Conversation {
                 data,
                 ..
             } => {
+                if data.len() > MAX_EPHEMERAL {
+                    return Err(Closing(format!(
+                        "ephemeral message of {} bytes (at most {MAX_EPHEMERAL})",
+                        data.len()
+                    )));
+                }
                 // Relayed under the app's own peer id, as automerge-repo's server does.
                 let _ = self.relay.send(Relay {
                     from: self.id,
@@ -312,6 +330,17 @@ impl Conversation {
                 Err(Closing("`join` or `peer` after the handshake".into()))
             }
         }
+    }
+
+    /// Refuses a document beyond [`MAX_DOCS`] for this socket.
+    fn room_for(&self, doc: DocId) -> Result<(), Closing> {
+        let known = self.docs.contains_key(&doc) || self.wanted.contains(&doc);
+        if !known && self.docs.len() + self.wanted.len() >= MAX_DOCS {
+            return Err(Closing(format!(
+                "more than {MAX_DOCS} documents on one socket"
+            )));
+        }
+        Ok(())
     }
 
     fn unavailable(&self, app: &str, doc: DocId) -> RepoMsg {

@@ -207,8 +207,7 @@ impl Consensus {
         } else {
             *shared.raft.lock().unwrap_or_else(|p| p.into_inner()) = Some(raft);
         }
-        tokio::spawn(maintain(Arc::downgrade(&shared)));
-        tokio::spawn(watch_leadership(Arc::downgrade(&shared)));
+        tokio::spawn(upkeep(Arc::downgrade(&shared)));
         Ok(Consensus { shared })
     }
 
@@ -846,35 +845,25 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The upkeep task: founding (quickly), then the leader's reconciliation once a second. A
-/// configuration change can wait for a commit that needs an election: elections are called
-/// by [`watch_leadership`], never behind this loop.
-async fn maintain(shared: std::sync::Weak<Shared>) {
+/// The upkeep task, on one timer (an idle daemon's every wake-up counts): once a second, or
+/// sooner when an election is due (voters whose timers fell in the same second split their
+/// votes again and again) and every 30 ms while founding (an invite waits for it), it logs
+/// role changes, runs [`LeaderWatch`], and starts founding and the leader's reconciliation in
+/// a task of their own unless the last one is still running. A configuration change can wait
+/// for a commit that needs an election, and elections must not wait behind it.
+async fn upkeep(shared: std::sync::Weak<Shared>) {
+    let mut view: Option<(String, Option<NodeId>, u64)> = None;
+    let mut watch = LeaderWatch::default();
     let mut seen = HashMap::new();
+    let mut step: Option<tokio::task::JoinHandle<HashMap<NodeId, Instant>>> = None;
     loop {
         let founding = shared
             .upgrade()
             .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
-        // Quickly while founding (an invite waits for it), then at an easy pace.
         let pause = Duration::from_millis(if founding { 30 } else { 1000 });
-        tokio::time::sleep(pause).await;
-        let Some(s) = shared.upgrade() else { break };
-        s.found_if_needed().await;
-        s.reconcile(&mut seen).await;
-    }
-}
-
-/// The leadership task: logs role changes and runs [`LeaderWatch`] once a second, or sooner
-/// when an election is due (voters whose timers fell in the same second split their votes
-/// again and again).
-async fn watch_leadership(shared: std::sync::Weak<Shared>) {
-    let mut view: Option<(String, Option<NodeId>, u64)> = None;
-    let mut watch = LeaderWatch::default();
-    loop {
         let until_elect = watch
             .elect_at
             .map(|t| t.saturating_duration_since(Instant::now()));
-        let pause = Duration::from_secs(1);
         tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))).await;
         let Some(s) = shared.upgrade() else { break };
         let st = s.status();
@@ -890,6 +879,19 @@ async fn watch_leadership(shared: std::sync::Weak<Shared>) {
             view = Some(now);
         }
         s.watch_leader(&mut watch).await;
+        if step.as_ref().is_none_or(|h| h.is_finished()) {
+            if let Some(done) = step.take()
+                && let Ok(kept) = done.await
+            {
+                seen = kept;
+            }
+            let mut kept = std::mem::take(&mut seen);
+            step = Some(tokio::spawn(async move {
+                s.found_if_needed().await;
+                s.reconcile(&mut kept).await;
+                kept
+            }));
+        }
     }
 }
 
