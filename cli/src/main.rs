@@ -398,6 +398,11 @@ fn run(cli: &Cli) -> Res<()> {
                         ms["reachable_voters"],
                         ms["voters"].as_array().map_or(0, |v| v.len())
                     );
+                    if ms["joint"].as_bool() == Some(true) {
+                        println!(
+                            "voters      changing (until it completes, changes need a majority of the old voters and of the new)"
+                        );
+                    }
                     match ms["why_not"].as_str() {
                         Some(why) => println!("changes     not possible now: {why}"),
                         None => println!("changes     possible (invite, join, members rm)"),

@@ -65,6 +65,11 @@ pub async fn render(node: &Node) -> Result<String, Error> {
         raft.voters.len() as u64,
     );
     gauge(
+        "tandem_raft_voters_changing",
+        "1 while a change of voters is under way (joint consensus: majorities of old and new).",
+        u64::from(raft.joint),
+    );
+    gauge(
         "tandem_raft_voters_reachable",
         "Voters reachable from here (this node counts if it is one).",
         raft.reachable_voters as u64,

@@ -75,6 +75,9 @@ pub struct ConsensusStatus {
     pub epoch: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// A change of voters is under way (Raft's joint consensus): until it completes, a
+    /// change (and an election) needs a majority of the old voters and of the new ones.
+    pub joint: bool,
     pub reachable_voters: usize,
     /// Whether a membership change could commit now, and if not, why.
     pub changes_possible: bool,
@@ -679,6 +682,7 @@ impl Shared {
                 epoch: list.epoch,
                 voters: vec![],
                 learners: vec![],
+                joint: false,
                 reachable_voters: 0,
                 changes_possible: false,
                 why_not: Some(if removed.is_some() {
@@ -716,6 +720,7 @@ impl Shared {
             epoch: list.epoch,
             voters,
             learners,
+            joint: membership.get_joint_config().len() > 1,
             reachable_voters: reachable,
             changes_possible,
             why_not: (!changes_possible).then(|| {
