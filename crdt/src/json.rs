@@ -113,6 +113,22 @@ pub fn scalar_to_json(s: &ScalarValue) -> Json {
     }
 }
 
+/// The key or index a patch's action names below its path: the key put or deleted, the index
+/// put, inserted, deleted or spliced at, the counter incremented. `None` for marks (they name
+/// the text itself).
+pub fn patch_prop(action: &automerge::PatchAction) -> Option<Prop> {
+    use automerge::PatchAction as A;
+    match action {
+        A::PutMap { key, .. } | A::DeleteMap { key } => Some(Prop::Map(key.clone())),
+        A::PutSeq { index, .. }
+        | A::Insert { index, .. }
+        | A::DeleteSeq { index, .. }
+        | A::SpliceText { index, .. } => Some(Prop::Seq(*index)),
+        A::Increment { prop, .. } | A::Conflict { prop } => Some(prop.clone()),
+        A::Mark { .. } => None,
+    }
+}
+
 /// A patch as JSON, in automerge-js's patch format: `{"action", "path", ...}` with `action`
 /// one of `put`, `insert`, `splice`, `inc`, `del`, `mark`, `conflict`, and `path` the keys
 /// and indexes down to what changed. A new object is shown empty (`{}`, `[]`, or `""` for
@@ -130,48 +146,29 @@ pub fn patch_to_json(patch: &automerge::Patch) -> Json {
         Value::Object(ObjType::Text) => Json::String(String::new()),
         Value::Scalar(s) => scalar_to_json(s),
     };
+    path.extend(patch_prop(&patch.action).as_ref().map(prop));
     let mut out = Map::new();
     let action = match &patch.action {
-        A::PutMap { key, value: v, .. } => {
-            path.push(Json::String(key.clone()));
+        A::PutMap { value: v, .. } | A::PutSeq { value: v, .. } => {
             out.insert("value".into(), value(&v.0));
             "put"
         }
-        A::PutSeq {
-            index, value: v, ..
-        } => {
-            path.push(prop(&Prop::Seq(*index)));
-            out.insert("value".into(), value(&v.0));
-            "put"
-        }
-        A::Insert { index, values } => {
-            path.push(prop(&Prop::Seq(*index)));
+        A::Insert { values, .. } => {
             let vals = values.iter().map(|(v, _, _)| value(v)).collect();
             out.insert("values".into(), Json::Array(vals));
             "insert"
         }
-        A::SpliceText {
-            index, value: v, ..
-        } => {
-            path.push(prop(&Prop::Seq(*index)));
+        A::SpliceText { value: v, .. } => {
             out.insert("value".into(), Json::String(v.make_string()));
             "splice"
         }
-        A::Increment { prop: p, value: n } => {
-            path.push(prop(p));
+        A::Increment { value: n, .. } => {
             out.insert("value".into(), Json::Number((*n).into()));
             "inc"
         }
-        A::Conflict { prop: p } => {
-            path.push(prop(p));
-            "conflict"
-        }
-        A::DeleteMap { key } => {
-            path.push(Json::String(key.clone()));
-            "del"
-        }
-        A::DeleteSeq { index, length } => {
-            path.push(prop(&Prop::Seq(*index)));
+        A::Conflict { .. } => "conflict",
+        A::DeleteMap { .. } => "del",
+        A::DeleteSeq { length, .. } => {
             if *length > 1 {
                 out.insert("length".into(), Json::Number((*length as u64).into()));
             }

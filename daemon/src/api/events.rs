@@ -412,18 +412,11 @@ pub fn event_json(e: &Event) -> Value {
         for (_, prop) in &p.path {
             push_prop(&mut path, prop);
         }
-        match &p.action {
-            PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
-                push_prop(&mut path, &Prop::Map(key.clone()))
-            }
-            PatchAction::PutSeq { index, .. }
-            | PatchAction::Insert { index, .. }
-            | PatchAction::DeleteSeq { index, .. } => push_prop(&mut path, &Prop::Seq(*index)),
-            PatchAction::Increment { prop, .. } | PatchAction::Conflict { prop } => {
-                push_prop(&mut path, prop)
-            }
-            // Text splices and marks name the text itself.
-            PatchAction::SpliceText { .. } | PatchAction::Mark { .. } => {}
+        // A text splice names the text itself here, not the index spliced at.
+        if !matches!(p.action, PatchAction::SpliceText { .. })
+            && let Some(prop) = tandem_crdt::json::patch_prop(&p.action)
+        {
+            push_prop(&mut path, &prop);
         }
         if !paths.contains(&path) {
             if paths.len() == MAX_PATHS {

@@ -101,10 +101,7 @@ pub(super) async fn upgrade(
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("").to_ascii_lowercase();
-        let own = origin
-            .strip_prefix("http://")
-            .is_some_and(|h| api.ui.is_ours(h));
-        if !own && !api.hub.origins.contains(&origin) {
+        if !api.ui.origin_is_ours(&origin) && !api.hub.origins.contains(&origin) {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "foreign_origin",

@@ -119,7 +119,7 @@ impl Ui {
     }
 
     /// Whether `host` (`name:port`) is this listener, by address or as localhost.
-    pub fn is_ours(&self, host: &str) -> bool {
+    fn is_ours(&self, host: &str) -> bool {
         let port = self.addr.port();
         [
             self.addr.to_string(),
@@ -129,6 +129,13 @@ impl Ui {
         ]
         .iter()
         .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    /// Whether `origin` (an `Origin` header) is this listener's own page.
+    pub fn origin_is_ours(&self, origin: &str) -> bool {
+        origin
+            .strip_prefix("http://")
+            .is_some_and(|h| self.is_ours(h))
     }
 
     /// Checks a request that carries no bearer token: a valid session cookie, this listener
@@ -156,11 +163,10 @@ impl Ui {
         if !self.host_ok(headers) {
             return Err(Refusal::Foreign("Host"));
         }
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let ours = |o: &str| o.strip_prefix("http://").is_some_and(|h| self.is_ours(h));
-            if !origin.to_str().is_ok_and(ours) {
-                return Err(Refusal::Foreign("Origin"));
-            }
+        if let Some(origin) = headers.get(header::ORIGIN)
+            && !origin.to_str().is_ok_and(|o| self.origin_is_ours(o))
+        {
+            return Err(Refusal::Foreign("Origin"));
         }
         if method != Method::GET && method != Method::HEAD {
             return Err(Refusal::ReadOnly);

@@ -34,6 +34,16 @@ pub struct HistoryEntry {
     pub deps: Vec<ChangeHash>,
 }
 
+/// Changes as the bodies of this node's deltas.
+pub(super) fn change_bodies<'a>(
+    changes: impl IntoIterator<Item = &'a automerge::Change>,
+) -> Vec<DeltaBody> {
+    changes
+        .into_iter()
+        .map(|c| DeltaBody::Change(c.raw_bytes().to_vec()))
+        .collect()
+}
+
 impl Node {
     /// Commit options for a local change: stamped with the wall-clock time in Unix seconds, as
     /// automerge-js does.
@@ -420,10 +430,7 @@ impl Node {
                 "the file lacks changes that others depend on".into(),
             )));
         }
-        let bodies: Vec<DeltaBody> = changes
-            .iter()
-            .map(|c| DeltaBody::Change(c.raw_bytes().to_vec()))
-            .collect();
+        let bodies = change_bodies(&changes);
         am.set_actor(self.inner.actor.clone());
         let doc = DocId::from_bytes(rand::random());
         self.commit_new(doc, am, bodies).await?;

@@ -5,10 +5,11 @@
 
 use automerge::sync::{Message, State, SyncDoc};
 use automerge::{Automerge, AutomergeError, Change, PatchLog};
+use tandem_crdt::DocId;
 use tandem_crdt::delta::contain;
-use tandem_crdt::{DeltaBody, DocId};
 
 use super::Node;
+use super::docs::change_bodies;
 use crate::Error;
 use crate::error::DocError;
 
@@ -106,10 +107,7 @@ impl Node {
                 .absorb(doc, |am, log| am.apply_changes_log_patches(changes, log))
                 .await;
         }
-        let bodies: Vec<DeltaBody> = changes
-            .iter()
-            .map(|c| DeltaBody::Change(c.raw_bytes().to_vec()))
-            .collect();
+        let bodies = change_bodies(&changes);
         let mut am = Automerge::new();
         contain(|| am.apply_changes(changes))
             .map_err(bad)?
@@ -143,12 +141,7 @@ impl Node {
             if st.am.get_heads() == before {
                 return Ok(());
             }
-            let bodies: Vec<DeltaBody> = st
-                .am
-                .get_changes(&before)
-                .iter()
-                .map(|c| DeltaBody::Change(c.raw_bytes().to_vec()))
-                .collect();
+            let bodies = change_bodies(&st.am.get_changes(&before));
             let event = self.local_event(doc, &st.am, false, || st.am.make_patches(&mut log));
             self.commit_local(doc, bodies, st.am.get_heads(), event, entry.clone())
         };

@@ -91,8 +91,13 @@ impl ConsensusStatus {
     /// A majority of the voters is reachable from here (a change can commit once a leader
     /// is elected, if there is none now).
     pub fn quorum_reachable(&self) -> bool {
-        !self.voters.is_empty() && self.reachable_voters > self.voters.len() / 2
+        majority(self.reachable_voters, self.voters.len())
     }
+}
+
+/// Whether `reachable` of `voters` voters are a majority (none of none is not).
+fn majority(reachable: usize, voters: usize) -> bool {
+    voters > 0 && reachable > voters / 2
 }
 
 /// What is shared by the consensus handle, its network and its tasks.
@@ -646,7 +651,7 @@ impl Shared {
                 _ => v.short(),
             })
             .collect();
-        if reachable.len() >= need {
+        if majority(reachable.len(), voters.len()) {
             format!(
                 "{} of {} voters reachable, but no leader answered in time",
                 reachable.len(),
@@ -700,7 +705,7 @@ impl Shared {
         let learners = node_ids(membership, membership.learner_ids());
         let leader = node_ids(membership, m.current_leader.into_iter()).pop();
         let reachable = voters.iter().filter(|v| self.connected(v)).count();
-        let quorum = !voters.is_empty() && reachable > voters.len() / 2;
+        let quorum = majority(reachable, voters.len());
         let leader_reachable = leader.is_some_and(|l| self.connected(&l));
         let changes_possible = quorum && leader_reachable && list.founded();
         let role = match m.state {
