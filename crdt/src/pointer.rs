@@ -21,8 +21,8 @@ pub enum PathError {
     #[error("wrong type at {path:?}: expected {expected}, found {found}")]
     TypeMismatch {
         path: String,
-        expected: &'static str,
-        found: &'static str,
+        expected: String,
+        found: String,
     },
     #[error("index {index} out of range at {path:?} (length {len})")]
     OutOfRange {
@@ -39,6 +39,16 @@ pub enum PathError {
         "{path:?} would nest deeper than {limit} objects and arrays (the limit for a document)"
     )]
     TooDeep { path: String, limit: usize },
+}
+
+impl PathError {
+    /// Deleting at `""`: the document root cannot be deleted.
+    pub fn root_delete() -> PathError {
+        PathError::Syntax {
+            path: String::new(),
+            why: "the document root cannot be deleted (delete the document instead)",
+        }
+    }
 }
 
 /// A parsed JSON Pointer: `""` is the whole document, `"/a/0/b~1c"` is `["a", "0", "b/c"]`.
@@ -162,8 +172,8 @@ fn resolve<R: ReadDoc>(doc: &R, tokens: &[String]) -> Result<Target, PathError> 
         let Target::Object(obj, ty) = &cur else {
             return Err(PathError::TypeMismatch {
                 path: prefix_text(&tokens[..i]),
-                expected: "object or array",
-                found: type_name(&cur),
+                expected: "object or array".into(),
+                found: type_name(&cur).into(),
             });
         };
         let prop: Prop = match ty {
@@ -181,8 +191,8 @@ fn resolve<R: ReadDoc>(doc: &R, tokens: &[String]) -> Result<Target, PathError> 
             ObjType::Text => {
                 return Err(PathError::TypeMismatch {
                     path: prefix_text(&tokens[..i]),
-                    expected: "object or array",
-                    found: "text",
+                    expected: "object or array".into(),
+                    found: "text".into(),
                 });
             }
         };
@@ -235,8 +245,8 @@ fn container<R: ReadDoc>(doc: &R, parent: &[String]) -> Result<(ObjId, ObjType),
         Target::Object(id, t @ (ObjType::Map | ObjType::Table | ObjType::List)) => Ok((id, t)),
         other => Err(PathError::TypeMismatch {
             path: prefix_text(parent),
-            expected: "object or array",
-            found: type_name(&other),
+            expected: "object or array".into(),
+            found: type_name(&other).into(),
         }),
     }
 }
@@ -257,8 +267,8 @@ fn write_err(path: &Pointer) -> impl Fn(WriteError) -> PathError + '_ {
         },
         WriteError::NotCounter(found) => PathError::TypeMismatch {
             path: path.text.clone(),
-            expected: "counter",
-            found,
+            expected: "counter".into(),
+            found: found.into(),
         },
     }
 }
@@ -278,8 +288,8 @@ pub fn put<T: Transactable + ReadDoc>(
         let Json::Object(map) = value else {
             return Err(PathError::TypeMismatch {
                 path: String::new(),
-                expected: "object",
-                found: json_type(value),
+                expected: "object".into(),
+                found: json_type(value).into(),
             });
         };
         return update_map(tx, &ROOT, map).map_err(write_err(path));
@@ -321,16 +331,16 @@ pub fn insert<T: Transactable + ReadDoc>(
     let Some((parent, last)) = path.split_last() else {
         return Err(PathError::TypeMismatch {
             path: String::new(),
-            expected: "array element",
-            found: "object",
+            expected: "array element".into(),
+            found: "object".into(),
         });
     };
     let (obj, ty) = container(tx, parent)?;
     if ty != ObjType::List {
         return Err(PathError::TypeMismatch {
             path: prefix_text(parent),
-            expected: "array",
-            found: "object",
+            expected: "array".into(),
+            found: "object".into(),
         });
     }
     let len = tx.length(&obj);
@@ -352,10 +362,7 @@ pub fn insert<T: Transactable + ReadDoc>(
 /// Deletes the map key or array element at `path`. The root cannot be deleted.
 pub fn delete<T: Transactable + ReadDoc>(tx: &mut T, path: &Pointer) -> Result<(), PathError> {
     let Some((parent, last)) = path.split_last() else {
-        return Err(PathError::Syntax {
-            path: String::new(),
-            why: "the document root cannot be deleted (delete the document instead)",
-        });
+        return Err(PathError::root_delete());
     };
     // Resolving the full path proves the key or index exists.
     resolve(tx, &path.tokens)?;
@@ -373,8 +380,8 @@ pub fn text_at<R: ReadDoc>(doc: &R, path: &Pointer) -> Result<ObjId, PathError> 
         Target::Object(id, ObjType::Text) => Ok(id),
         other => Err(PathError::TypeMismatch {
             path: path.text.clone(),
-            expected: "text",
-            found: type_name(&other),
+            expected: "text".into(),
+            found: type_name(&other).into(),
         }),
     }
 }

@@ -30,6 +30,10 @@ pub enum Error {
     App(Box<dyn std::error::Error + Send + Sync>),
     #[error("the node is closed")]
     Closed,
+    /// From [`crate::client::Daemon`]: the daemon could not be reached, or answered with an
+    /// error that has no variant above.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
 }
 
 /// What went wrong with a document or an edit.

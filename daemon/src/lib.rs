@@ -36,6 +36,7 @@
 
 pub mod api;
 mod cache;
+pub mod client;
 pub mod clock;
 pub mod config;
 mod error;

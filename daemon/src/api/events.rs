@@ -4,7 +4,8 @@
 //! `<epoch>-<n>` (the epoch is the node's incarnation, so ids from before a restart are told
 //! apart). A client that reconnects with `Last-Event-ID` gets everything after that id that the
 //! ring still holds; if the ring has moved past it, or the daemon restarted, it first gets a
-//! `lagged` event saying so, never a silent gap. Slow clients read from the shared ring at
+//! `lagged` event saying so, never a silent gap (after a restart, then every event since the
+//! restart that the ring holds). Slow clients read from the shared ring at
 //! their own pace, so one slow client holds no one else up.
 //!
 //! `?patches=true` adds each change's patches (automerge-js's format, `tandem_crdt::json::
@@ -144,7 +145,8 @@ impl Journal {
                             Entry::Change(Arc::new(Sent::of(&e)), patches)
                         }
                         Err(SubscriptionError::Lagged(n)) => Entry::Gap(n),
-                        Err(SubscriptionError::Closed) => break,
+                        // A node's own subscription is never `Restarted`.
+                        Err(SubscriptionError::Closed | SubscriptionError::Restarted) => break,
                     },
                     got = member => match got {
                         Ok(c) => member_entry(&c),
@@ -195,7 +197,8 @@ impl Journal {
             .ok_or_else(|| format!("Last-Event-ID {last:?} is not an event id (EPOCH-N)"))?;
         if epoch != self.epoch {
             return Ok(Err(format!(
-                "the daemon restarted since event {last}; its events are gone, re-read the documents"
+                "the daemon restarted since event {last}; the events before the restart are gone \
+                 (re-read the documents), those since follow"
             )));
         }
         Ok(Ok(n.saturating_add(1)))
@@ -209,12 +212,17 @@ impl Journal {
         last_event_id: Option<&str>,
         patches: bool,
     ) -> Result<Response, String> {
-        let end = self.ring.lock().unwrap_or_else(|p| p.into_inner()).end();
+        let (first, end) = {
+            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            (ring.first, ring.end())
+        };
         let (mut next, notice) = match last_event_id {
             None => (end, None),
             Some(last) => match self.resume_from(last)? {
                 Ok(n) => (n.min(end), None),
-                Err(why) => (end, Some(why)),
+                // Events from before the restart are gone, but those since are all here
+                // (unless the ring has moved on): the client gets them after the notice.
+                Err(why) => (first, Some(why)),
             },
         };
         let (tx, rx) = mpsc::channel(64);

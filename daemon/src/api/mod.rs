@@ -3,12 +3,14 @@
 //! code and a 4xx status, never a 500 for user input. The routes are described by the OpenAPI
 //! document served at `/v1/openapi.json` (`openapi.json` beside this file).
 
+pub mod errors;
 pub mod events;
 pub mod metrics;
 pub mod repo;
 mod server;
 pub mod ui;
 
+pub use errors::ApiError;
 pub use server::{HEADER_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT};
 
 use std::net::SocketAddr;
@@ -25,10 +27,8 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tandem_crdt::{DocId, NodeId, PathError};
+use tandem_crdt::{DocId, NodeId};
 
-use crate::error::{DataDirError, DocError, MembershipError, NetError, StoreError};
-use crate::members::InviteError;
 use crate::{Error, Node};
 
 /// How long an invite made through the API may be valid, in seconds: 1 minute to 30 days.
@@ -36,113 +36,6 @@ pub const INVITE_TTL: std::ops::RangeInclusive<u64> = 60..=30 * 24 * 3600;
 
 /// Largest request body accepted (an import of a large document).
 pub const MAX_BODY: usize = 64 << 20;
-
-/// An error as the API reports it.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"code": self.code, "message": self.message})),
-        )
-            .into_response()
-    }
-}
-
-impl From<Error> for ApiError {
-    /// Every variant is named: a new one is a compile error here, never a silent 500.
-    fn from(e: Error) -> Self {
-        use StatusCode as S;
-        let (status, code) = match &e {
-            Error::Doc(d) => match d {
-                DocError::NotFound(_) => (S::NOT_FOUND, "doc_not_found"),
-                DocError::Deleted(_) => (S::GONE, "doc_deleted"),
-                DocError::Path(p) => match p {
-                    PathError::Syntax { .. } => (S::BAD_REQUEST, "bad_path"),
-                    PathError::NotFound { .. } => (S::NOT_FOUND, "path_not_found"),
-                    PathError::TypeMismatch { .. } => (S::CONFLICT, "type_mismatch"),
-                    PathError::OutOfRange { .. } => (S::BAD_REQUEST, "out_of_range"),
-                    PathError::Automerge { .. } => (S::BAD_REQUEST, "bad_edit"),
-                    PathError::BadValue { .. } => (S::BAD_REQUEST, "bad_value"),
-                    PathError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "too_deep"),
-                },
-                DocError::Id(_) => (S::BAD_REQUEST, "bad_id"),
-                DocError::NotAnObject(_) => (S::BAD_REQUEST, "not_an_object"),
-                DocError::CorruptImport(_) => (S::BAD_REQUEST, "corrupt_import"),
-                DocError::BadBase(_) => (S::CONFLICT, "bad_base"),
-                DocError::TextReplaced(_) => (S::CONFLICT, "text_replaced"),
-                DocError::InvalidDelta(_) => (S::BAD_REQUEST, "invalid_delta"),
-                DocError::BadSyncMessage(_) => (S::BAD_REQUEST, "bad_sync_message"),
-                // A stored document that cannot be loaded, or Automerge refusing a change we
-                // made: damage on this node, not a fault of the request.
-                DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_doc"),
-                // Being healed from members: try again later.
-                DocError::Damaged { .. } => (S::SERVICE_UNAVAILABLE, "damaged"),
-                DocError::Automerge(_) => (S::INTERNAL_SERVER_ERROR, "automerge"),
-            },
-            Error::Membership(MembershipError::OwnInvite) => (S::BAD_REQUEST, "own_invite"),
-            Error::Membership(MembershipError::NoQuorum(_)) => {
-                (S::SERVICE_UNAVAILABLE, "no_quorum")
-            }
-            Error::Membership(MembershipError::Removed(_)) => (S::FORBIDDEN, "removed"),
-            Error::Membership(MembershipError::AlreadyInCluster(_)) => {
-                (S::CONFLICT, "already_in_cluster")
-            }
-            Error::Membership(MembershipError::RemoveSelf) => (S::BAD_REQUEST, "remove_self"),
-            Error::Membership(MembershipError::Consensus(_)) => {
-                (S::INTERNAL_SERVER_ERROR, "membership")
-            }
-            Error::Membership(MembershipError::Invite(i)) => match i {
-                InviteError::Malformed(_) => (S::BAD_REQUEST, "bad_invite"),
-                InviteError::Unknown | InviteError::Expired | InviteError::Used => {
-                    (S::FORBIDDEN, "invite_refused")
-                }
-            },
-            Error::Net(n) => match n {
-                NetError::Refused(_) => (S::FORBIDDEN, "invite_refused"),
-                NetError::Unreachable(_) => (S::BAD_GATEWAY, "unreachable"),
-                NetError::Protocol(_) => (S::BAD_GATEWAY, "peer_protocol"),
-                NetError::Disabled => (S::CONFLICT, "offline"),
-                NetError::Tls(_) | NetError::Bind { .. } => (S::INTERNAL_SERVER_ERROR, "network"),
-            },
-            Error::Store(st) => match st {
-                StoreError::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
-                StoreError::DiskFull => (S::INSUFFICIENT_STORAGE, "disk_full"),
-                StoreError::Damaged(_) => (S::SERVICE_UNAVAILABLE, "damaged"),
-                StoreError::Sqlite(_)
-                | StoreError::TooNew { .. }
-                | StoreError::IdentityMismatch { .. }
-                | StoreError::CommitFailed(_)
-                | StoreError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "store"),
-            },
-            Error::DataDir(d) => match d {
-                DataDirError::Locked { .. } => (S::CONFLICT, "locked"),
-                DataDirError::Io { .. }
-                | DataDirError::Identity { .. }
-                | DataDirError::LostDatabase { .. } => (S::INTERNAL_SERVER_ERROR, "data_dir"),
-            },
-            Error::App(_) => (S::BAD_REQUEST, "app"),
-            Error::Closed => (S::SERVICE_UNAVAILABLE, "closed"),
-        };
-        ApiError::new(status, code, e.to_string())
-    }
-}
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -336,6 +229,48 @@ async fn put_text(
         }
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn insert(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let value = json_body(body)?;
+    api.node.insert(doc_id(&id)?, &q.path, value).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Splice {
+    pos: usize,
+    #[serde(default)]
+    delete: usize,
+    #[serde(default)]
+    text: String,
+}
+
+async fn splice(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let s: Splice = serde_json::from_value(json_body(body)?)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
+    api.node
+        .splice_text(doc_id(&id)?, &q.path, s.pos, s.delete, &s.text)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn heads(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let heads = api.node.heads(doc_id(&id)?).await?;
+    Ok(Json(json!({
+        "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    })))
 }
 
 async fn history(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -675,6 +610,9 @@ pub fn router(
         .route("/v1/docs/{id}/export", get(export_doc))
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/docs/{id}/text", put(put_text))
+        .route("/v1/docs/{id}/insert", post(insert))
+        .route("/v1/docs/{id}/splice", post(splice))
+        .route("/v1/docs/{id}/heads", get(heads))
         .route("/v1/peers", get(peers))
         .route("/v1/members", get(members))
         .route("/v1/members/{id}", delete(remove_member))

@@ -211,6 +211,8 @@ impl Conversation {
                         self.resync().await
                     }
                     Err(SubscriptionError::Closed) => break Ok("the node is closing".into()),
+                    // Only a client of a daemon sees this; resyncing would be right anyway.
+                    Err(SubscriptionError::Restarted) => self.resync().await,
                 },
                 r = relayed.recv() => match r {
                     Ok(r) => Ok(self.relayed(r)),

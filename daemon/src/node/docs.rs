@@ -16,7 +16,7 @@ use crate::error::DocError;
 use crate::store::{self, Damage, DocInfo};
 
 /// One change in a document's history.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HistoryEntry {
     /// The change's hash; the document's heads are the hashes no later change depends on.
     pub hash: ChangeHash,

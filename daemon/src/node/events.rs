@@ -40,6 +40,10 @@ pub enum SubscriptionError {
     /// The node closed.
     #[error("the node is closed")]
     Closed,
+    /// Only from [`crate::client::Daemon`]: the daemon restarted, and the events made before
+    /// the restart that this stream had not received are gone; re-read the documents.
+    #[error("the daemon restarted; events from before the restart are gone")]
+    Restarted,
 }
 
 /// A stream of change events, for one document or all.
