@@ -1,16 +1,18 @@
 //! `tandem doc ...`: documents, their history, watching them change, and editing text in
 //! `$EDITOR`.
 
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::client::{Body, Client, Failure, Res, enc};
+use tandem::client::DaemonEvent;
+use tandem::{DocId, Source, SubscriptionError};
+
+use crate::client::{Client, Failure, Res};
 use crate::progress::Progress;
-use crate::{flag, print, short, strs, utc};
+use crate::{print, short, utc};
 
 const DOC: &str = "The document: its id, or any unique prefix of it (as `doc ls` shows)";
 const PATH: &str =
@@ -88,10 +90,6 @@ pub enum DocAction {
     },
 }
 
-fn doc_path(doc: &str, path: &str) -> String {
-    format!("/v1/docs/{}?path={}", enc(doc), enc(path))
-}
-
 fn parse_json(s: &str) -> Res<Value> {
     serde_json::from_str(s).map_err(|e| {
         Failure::error(format!(
@@ -102,22 +100,25 @@ fn parse_json(s: &str) -> Res<Value> {
 
 /// A document id from what the user typed: the whole id, or any unique prefix of one (as
 /// `doc ls` and `doc watch` show them).
-pub fn resolve_doc(c: &Client, typed: &str) -> Res<String> {
-    resolve_id::<tandem::DocId>(c, typed, "/v1/docs", "document")
+pub fn resolve_doc(c: &Client, typed: &str) -> Res<DocId> {
+    if let Ok(id) = typed.parse() {
+        return Ok(id);
+    }
+    let docs = c.run(c.d().list())?;
+    let ids: Vec<Value> = docs.iter().map(|d| json!({"id": d.id})).collect();
+    resolve_id(&Value::Array(ids), typed, "document")
 }
 
 /// An id of type `T` from what the user typed: the whole id, or a unique prefix of one of the
-/// ids the list at `route` holds (its items' `id`); an ambiguous prefix lists the candidates.
-pub fn resolve_id<T: std::str::FromStr>(
-    c: &Client,
-    typed: &str,
-    route: &str,
-    what: &str,
-) -> Res<String> {
-    if typed.parse::<T>().is_ok() {
-        return Ok(typed.to_string());
+/// ids in `list` (its items' `id`); an ambiguous prefix lists the candidates.
+pub fn resolve_id<T: std::str::FromStr>(list: &Value, typed: &str, what: &str) -> Res<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let parse = |s: &str| s.parse::<T>().map_err(|e| Failure::error(e.to_string()));
+    if let Ok(id) = typed.parse::<T>() {
+        return Ok(id);
     }
-    let list = c.json("GET", route, None)?;
     let ids = list
         .as_array()
         .into_iter()
@@ -129,7 +130,7 @@ pub fn resolve_id<T: std::str::FromStr>(
         ids.filter(|id| id.starts_with(typed)).collect()
     };
     match found[..] {
-        [one] => Ok(one.to_string()),
+        [one] => parse(one),
         [] => Err(Failure::error(format!(
             "no {what} id starts with {typed:?}"
         ))),
@@ -144,82 +145,90 @@ pub fn resolve_id<T: std::str::FromStr>(
 pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
     match action {
         DocAction::New { value } => {
-            let body = match value {
-                Some(s) => Body::Json(parse_json(s)?),
-                None => Body::Bytes(Vec::new()),
-            };
-            let v = c.json("POST", "/v1/docs", Some(body))?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
+            let initial = value.as_deref().map(parse_json).transpose()?;
+            println!("{}", c.run(c.d().create(initial))?);
         }
         DocAction::Ls => {
-            let v = c.json("GET", "/v1/docs", None)?;
+            let docs = c.run(c.d().list())?;
             if j {
-                print(&v, true);
+                let v: Vec<Value> = docs
+                    .iter()
+                    .map(|d| {
+                        json!({"id": d.id, "heads": d.heads, "size": d.size, "updated_at": d.updated_at})
+                    })
+                    .collect();
+                print(&Value::Array(v), true);
             } else {
                 println!("{:<30} {:>10}  UPDATED (UTC)", "ID", "SIZE");
-                for d in v.as_array().into_iter().flatten() {
+                for d in docs {
                     println!(
                         "{:<30} {:>10}  {}",
-                        d["id"].as_str().unwrap_or(""),
-                        d["size"].as_u64().unwrap_or(0),
-                        utc(d["updated_at"].as_i64().unwrap_or(0) / 1000)
+                        d.id.to_string(),
+                        d.size,
+                        utc(d.updated_at / 1000)
                     );
                 }
             }
         }
         DocAction::Get { doc, path } => {
-            let doc = &resolve_doc(c, doc)?;
-            let v = c.json("GET", &doc_path(doc, path.as_deref().unwrap_or("")), None)?;
+            let doc = resolve_doc(c, doc)?;
+            let v = c.run(c.d().get(doc, path.as_deref().unwrap_or("")))?;
             print(&v, j);
         }
         DocAction::Put { doc, path, value } => {
-            let doc = &resolve_doc(c, doc)?;
+            let doc = resolve_doc(c, doc)?;
             let v = parse_json(value)?;
-            c.json("PUT", &doc_path(doc, path), Some(Body::Json(v)))?;
+            c.run(c.d().put(doc, path, v))?;
         }
         DocAction::Rm { doc, path } => {
-            let doc = &resolve_doc(c, doc)?;
+            let doc = resolve_doc(c, doc)?;
             if path.is_empty() {
                 return Err(Failure::error(
                     "PATH is empty; use `tandem doc del` to delete the document",
                 ));
             }
-            c.json("DELETE", &doc_path(doc, path), None)?;
+            c.run(c.d().delete_at(doc, path))?;
         }
         DocAction::Del { doc } => {
-            let doc = &resolve_doc(c, doc)?;
-            c.json("DELETE", &format!("/v1/docs/{}", enc(doc)), None)?;
+            let doc = resolve_doc(c, doc)?;
+            c.run(c.d().delete(doc))?;
         }
         DocAction::Watch { doc } => {
             let doc = doc.as_deref().map(|d| resolve_doc(c, d)).transpose()?;
-            watch(c, doc.as_deref(), j)?
+            watch(c, doc, j)?
         }
-        DocAction::Edit { doc, path } => edit(c, &resolve_doc(c, doc)?, path)?,
+        DocAction::Edit { doc, path } => edit(c, resolve_doc(c, doc)?, path)?,
         DocAction::History { doc } => {
-            let doc = &resolve_doc(c, doc)?;
-            let v = c.json("GET", &format!("/v1/docs/{}/history", enc(doc)), None)?;
+            let doc = resolve_doc(c, doc)?;
+            let changes = c.run(c.d().history(doc))?;
             if j {
-                print(&v, true);
+                let heads = c.run(c.d().heads(doc))?;
+                print(&json!({"heads": heads, "changes": changes}), true);
             } else {
                 println!(
                     "{:<10} {:<10} {:>5}  {:<19}  DEPS",
                     "CHANGE", "ORIGIN", "SEQ", "TIME (UTC)"
                 );
-                for ch in v["changes"].as_array().into_iter().flatten() {
-                    let deps: Vec<&str> = strs(&ch["deps"]).into_iter().map(short).collect();
-                    let origin = match ch["origin"].as_str() {
-                        Some(o) => short(o).to_string(),
-                        None => format!("actor:{}", short(ch["actor"].as_str().unwrap_or(""))),
+                for ch in changes {
+                    let deps: Vec<String> = ch
+                        .deps
+                        .iter()
+                        .map(|d| short(&d.to_string()).to_string())
+                        .collect();
+                    let origin = match ch.origin {
+                        Some(o) => o.short(),
+                        None => format!("actor:{}", short(&ch.actor)),
                     };
-                    let time = match ch["time"].as_i64() {
-                        Some(t) if t > 0 => utc(t),
-                        _ => "-".into(),
+                    let time = if ch.time > 0 {
+                        utc(ch.time)
+                    } else {
+                        "-".into()
                     };
                     println!(
                         "{:<10} {:<10} {:>5}  {:<19}  {}",
-                        short(ch["hash"].as_str().unwrap_or("")),
+                        short(&ch.hash.to_string()),
                         origin,
-                        ch["seq"].as_u64().unwrap_or(0),
+                        ch.seq,
                         time,
                         deps.join(",")
                     );
@@ -227,12 +236,8 @@ pub fn run(c: &Client, action: &DocAction, j: bool) -> Res<()> {
             }
         }
         DocAction::Export { doc, output } => {
-            let doc = &resolve_doc(c, doc)?;
-            let resp = c.call("GET", &format!("/v1/docs/{}/export", enc(doc)), None)?;
-            let mut bytes = Vec::new();
-            resp.into_reader()
-                .read_to_end(&mut bytes)
-                .map_err(|e| Failure::error(format!("reading export: {e}")))?;
+            let doc = resolve_doc(c, doc)?;
+            let bytes = c.run(c.d().export(doc))?;
             match output {
                 Some(f) => std::fs::write(f, &bytes)
                     .map_err(|e| Failure::error(format!("{}: {e}", f.display())))?,
@@ -255,8 +260,7 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
         std::io::stdin()
             .read_to_end(&mut b)
             .map_err(|e| Failure::error(e.to_string()))?;
-        let v = c.json("POST", "/v1/docs/import", Some(Body::Bytes(b)))?;
-        println!("{}", v["id"].as_str().unwrap_or(""));
+        println!("{}", c.run(c.d().import(&b))?);
         return Ok(());
     }
     let bar = Progress::new(files.len() as u64, "importing");
@@ -265,7 +269,7 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
     // daemon commits them in groups (one fsync for several) instead of one at a time; ids are
     // still printed in the order of the files.
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, Res<Value>)>();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Res<tandem::DocId>)>();
     let mut failed = Vec::new();
     let mut not_running = None;
     std::thread::scope(|scope| {
@@ -277,7 +281,7 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
                     let Some(f) = files.get(i) else { break };
                     let result = std::fs::read(f)
                         .map_err(|e| Failure::error(e.to_string()))
-                        .and_then(|b| c.json("POST", "/v1/docs/import", Some(Body::Bytes(b))));
+                        .and_then(|b| c.run(c.d().import(&b)));
                     let stop = matches!(result, Err(Failure::NotRunning(_)));
                     if tx.send((i, result)).is_err() || stop {
                         // Not running: the others will find the same; stop taking files.
@@ -295,7 +299,7 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
             while let Some(result) = done.remove(&printed) {
                 let f = &files[printed];
                 match result {
-                    Ok(v) => println!("{}", v["id"].as_str().unwrap_or("")),
+                    Ok(id) => println!("{id}"),
                     Err(Failure::NotRunning(m)) => not_running = Some(m),
                     Err(Failure::Error(m)) => failed.push(format!("{}: {m}", f.display())),
                 }
@@ -321,156 +325,122 @@ fn import(c: &Client, files: &[PathBuf]) -> Res<()> {
     }
 }
 
-/// One Server-Sent Event.
-#[derive(Default)]
-struct Sse {
-    event: String,
-    id: Option<String>,
-    data: String,
-}
-
-/// Follows `/v1/events` until Ctrl-C; reconnects with `Last-Event-ID` if the daemon goes away,
-/// so a restart shows up as a `lagged` notice rather than a silent gap.
-fn watch(c: &Client, doc: Option<&str>, j: bool) -> Res<()> {
-    let path = match doc {
-        Some(d) => format!("/v1/events?doc={}", enc(d)),
-        None => "/v1/events".to_string(),
-    };
-    let mut last: Option<String> = None;
-    let mut connected = false;
-    let mut c = c.clone();
+/// Follows the daemon's events until Ctrl-C. The stream reconnects by itself if the daemon
+/// goes away (following it to a new port), so a restart shows up as a `lagged` notice rather
+/// than a silent gap.
+fn watch(c: &Client, doc: Option<DocId>, j: bool) -> Res<()> {
+    let mut events = c.run(c.d().subscribe(doc))?;
+    if !j {
+        eprintln!(
+            "watching {} (times in UTC); Ctrl-C to stop",
+            doc.map_or("all documents".to_string(), |d| d.to_string())
+        );
+    }
     loop {
-        let headers: Vec<(&str, &str)> = last
-            .as_deref()
-            .map(|l| vec![("Last-Event-ID", l)])
-            .unwrap_or_default();
-        let resp = match c.get_with(&path, &headers) {
-            Ok(r) => r,
-            Err(Failure::NotRunning(_)) if connected => {
-                // The daemon restarted (or is restarting): it may listen on a new port.
-                std::thread::sleep(Duration::from_secs(1));
-                if let Some(found) = c.reload() {
-                    c = found;
-                }
-                continue;
+        match c.wait(events.recv()) {
+            Ok(ev) => show_event(&ev, j),
+            Err(SubscriptionError::Closed) => {
+                return Err(Failure::error("tandemd ended the event stream"));
             }
-            Err(e) => return Err(e),
-        };
-        if !connected && !j {
-            eprintln!(
-                "watching {} (times in UTC); Ctrl-C to stop",
-                doc.unwrap_or("all documents")
-            );
-        }
-        connected = true;
-        let mut ev = Sse::default();
-        for line in std::io::BufReader::new(resp.into_reader()).lines() {
-            let Ok(line) = line else { break };
-            if line.is_empty() {
-                if let Some(id) = &ev.id {
-                    last = Some(id.clone());
+            Err(lag) => {
+                let (code, missed) = match lag {
+                    SubscriptionError::Lagged(n) => ("fell_behind", Some(n)),
+                    _ => ("restarted", None),
+                };
+                let message = format!("{lag}; re-read the documents");
+                if j {
+                    let data = json!({"code": code, "missed": missed, "message": message});
+                    let id = events.last_event_id();
+                    println!("{}", json!({"event": "lagged", "id": id, "data": data}));
                 }
-                show_event(&std::mem::take(&mut ev), j);
-                continue;
-            }
-            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match field {
-                "event" => ev.event = value.to_string(),
-                "id" => ev.id = Some(value.to_string()),
-                "data" => {
-                    if !ev.data.is_empty() {
-                        ev.data.push('\n');
-                    }
-                    ev.data.push_str(value);
-                }
-                _ => {} // a comment (keep-alive) or an unknown field
+                eprintln!("warning: {message}");
             }
         }
-        eprintln!("lost the connection to tandemd; reconnecting");
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
-fn show_event(ev: &Sse, j: bool) {
-    if ev.data.is_empty() {
-        return;
-    }
-    let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::String(ev.data.clone()));
-    match ev.event.as_str() {
-        "lagged" => {
+fn show_event(ev: &DaemonEvent, j: bool) {
+    match ev {
+        DaemonEvent::Member(m) => {
             if j {
-                println!("{}", json!({"event": "lagged", "id": ev.id, "data": data}));
+                let name = format!(
+                    "member_{}",
+                    if m.health == "alive" { "up" } else { &m.health }
+                );
+                let data = json!({"member": m.member, "health": m.health, "at": m.at});
+                println!("{}", json!({"event": name, "id": m.id, "data": data}));
+            } else {
+                println!(
+                    "{}  member {} is {}",
+                    &utc(m.at / 1000)[11..],
+                    m.member.short(),
+                    m.health
+                );
             }
-            eprintln!(
-                "warning: {}",
-                data["message"].as_str().unwrap_or("events were missed")
-            );
         }
-        _ if j => println!("{}", json!({"event": ev.event, "id": ev.id, "data": data})),
-        name if name.starts_with("member_") => {
-            let at = data["at"].as_i64().unwrap_or(0) / 1000;
-            println!(
-                "{}  member {} is {}",
-                &utc(at)[11..],
-                short(data["member"].as_str().unwrap_or("")),
-                data["health"].as_str().unwrap_or("?")
-            );
+        DaemonEvent::Change(ch) if j => {
+            let source = match ch.source {
+                Source::Local => json!("local"),
+                Source::Remote(id) => json!(id),
+            };
+            let data = json!({
+                "doc": ch.doc,
+                "source": source,
+                "heads": ch.heads,
+                "deleted": ch.deleted,
+                "paths": ch.paths,
+                "more": ch.more_paths,
+                "damaged": ch.damaged,
+            });
+            let name = if ch.damaged.is_some() {
+                "damaged"
+            } else {
+                "change"
+            };
+            println!("{}", json!({"event": name, "id": ch.id, "data": data}));
         }
-        _ => {
+        DaemonEvent::Change(ch) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let source = match data["source"].as_str() {
-                Some("local") | None => "local".to_string(),
-                Some(id) => short(id).to_string(),
+            let source = match ch.source {
+                Source::Local => "local".to_string(),
+                Source::Remote(id) => id.short(),
             };
-            let what = if flag(&data, "deleted") {
+            let what = if ch.deleted {
                 "deleted".to_string()
+            } else if let Some(why) = &ch.damaged {
+                format!("DAMAGED: {why}")
             } else {
-                let paths: Vec<&str> = strs(&data["paths"])
-                    .into_iter()
-                    .map(|p| if p.is_empty() { "/" } else { p })
+                let paths: Vec<&str> = ch
+                    .paths
+                    .iter()
+                    .map(|p| if p.is_empty() { "/" } else { p.as_str() })
                     .collect();
                 if paths.is_empty() {
                     "changed".to_string()
-                } else if flag(&data, "more") {
+                } else if ch.more_paths {
                     format!("{} ...", paths.join(" "))
                 } else {
                     paths.join(" ")
                 }
             };
-            println!(
-                "{}  {}  {:<8}  {what}",
-                &utc(now)[11..],
-                data["doc"].as_str().unwrap_or(""),
-                source
-            );
+            println!("{}  {}  {:<8}  {what}", &utc(now)[11..], ch.doc, source);
         }
     }
 }
 
 /// Opens the text at `path` in the user's editor and saves the result as a diff against the
 /// text it started from.
-fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
-    let resp = c.call("GET", &doc_path(doc, path), None)?;
-    let heads: Vec<String> = resp
-        .header(tandem::api::HEADS_HEADER)
-        .unwrap_or("")
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
-        .collect();
-    let value: Value = resp
-        .into_json()
-        .map_err(|e| Failure::error(format!("bad reply from tandemd: {e}")))?;
+fn edit(c: &Client, doc: DocId, path: &str) -> Res<()> {
+    let (value, heads) = c.run(c.d().get_with_heads(doc, path))?;
     let Value::String(before) = value else {
         return Err(Failure::error(format!(
             "{path} holds a JSON {}, not text; `doc edit` edits text (use `doc put` for other values)",
             tandem::crdt::json::json_type(&value)
         )));
     };
-    let file = temp_file(doc)?;
+    let file = temp_file(&doc.to_string())?;
     let result = (|| {
         std::fs::write(&file, &before)
             .map_err(|e| (Failure::error(format!("{}: {e}", file.display())), false))?;
@@ -488,11 +458,7 @@ fn edit(c: &Client, doc: &str, path: &str) -> Res<()> {
             eprintln!("no change");
             return Ok(());
         }
-        if let Err(e) = c.json(
-            "PUT",
-            &format!("/v1/docs/{}/text?path={}", enc(doc), enc(path)),
-            Some(Body::Json(json!({"text": after, "base": heads}))),
-        ) {
+        if let Err(e) = c.run(c.d().update_text_from(doc, path, &heads, &after)) {
             // Never lose what the user typed: leave it where they can find it.
             let kept = match e {
                 Failure::Error(m) => {

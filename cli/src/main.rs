@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use serde_json::{Value, json};
 
-use client::{Body, Client, Failure, Res, enc};
+use client::{Client, Failure, Res};
 use doc::DocAction;
 use progress::Progress;
 
@@ -226,7 +226,7 @@ fn sync_wait(c: &Client, timeout: Duration, any: bool, j: bool) -> Res<()> {
     let mut bar = Progress::new(0, "syncing");
     let mut most_lacking = 0;
     loop {
-        let peers = c.json("GET", "/v1/peers", None)?;
+        let peers = c.run(c.d().peers())?;
         let members: Vec<&Value> = peers
             .as_array()
             .into_iter()
@@ -364,7 +364,7 @@ fn run(cli: &Cli) -> Res<()> {
     match &cli.command {
         Command::Id { .. } | Command::Completions { .. } => {}
         Command::Status => {
-            let v = c.json("GET", "/v1/status", None)?;
+            let v = c.run(c.d().status())?;
             if j {
                 print(&v, true);
             } else {
@@ -438,28 +438,19 @@ fn run(cli: &Cli) -> Res<()> {
             }
         }
         Command::Invite { ttl } => {
-            let v = c.json(
-                "POST",
-                "/v1/invite",
-                Some(Body::Json(json!({"ttl_secs": ttl}))),
-            )?;
-            println!("{}", v["token"].as_str().unwrap_or(""));
+            let token = c.run(c.d().invite(Duration::from_secs(*ttl)))?;
+            println!("{token}");
         }
         Command::Join { token } => {
-            c.json(
-                "POST",
-                "/v1/join",
-                Some(Body::Json(json!({"token": token}))),
-            )?;
+            c.run(c.d().join(token))?;
             if !j {
                 eprintln!("joined");
             }
         }
         Command::Open { browser } => {
-            let v = c.json("POST", "/v1/ui/code", None)?;
-            let url = v["url"].as_str().unwrap_or_default().to_string();
+            let url = c.run(c.d().login_url())?;
             if j {
-                print(&v, true);
+                print(&json!({ "url": url }), true);
             } else {
                 println!("{url}");
                 eprintln!("one-time link to the status page, valid 2 minutes");
@@ -471,8 +462,11 @@ fn run(cli: &Cli) -> Res<()> {
         Command::Members {
             action: Some(MembersAction::Rm { id }),
         } => {
-            let id = doc::resolve_id::<tandem::NodeId>(&c, id, "/v1/members", "member")?;
-            c.json("DELETE", &format!("/v1/members/{}", enc(&id)), None)?;
+            let members = c.run(c.d().members())?;
+            let id: tandem::NodeId = doc::resolve_id(&members, id, "member")?;
+            if !c.run(c.d().remove_member(id))? {
+                return Err(Failure::error(format!("{id} is not a member")));
+            }
         }
         Command::Members {
             action: Some(MembersAction::Recover { yes }),
@@ -483,18 +477,13 @@ fn run(cli: &Cli) -> Res<()> {
                      overriding the voters that are lost; run it on one survivor only, with --yes",
                 ));
             }
-            let v = c.json(
-                "POST",
-                "/v1/members/recover",
-                Some(Body::Json(json!({"confirm": true}))),
-            )?;
+            let epoch = c.run(c.d().recover_membership())?;
             println!(
-                "membership recovered: epoch {}; this node is the voter, members rejoin as they connect",
-                v["epoch"]
+                "membership recovered: epoch {epoch}; this node is the voter, members rejoin as they connect"
             );
         }
         Command::Members { action: None } => {
-            let v = c.json("GET", "/v1/members", None)?;
+            let v = c.run(c.d().members())?;
             if j {
                 print(&v, true);
             } else {
@@ -521,7 +510,7 @@ fn run(cli: &Cli) -> Res<()> {
             }
         }
         Command::Peers => {
-            let v = c.json("GET", "/v1/peers", None)?;
+            let v = c.run(c.d().peers())?;
             if j {
                 print(&v, true);
             } else {

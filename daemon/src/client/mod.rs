@@ -10,8 +10,8 @@
 //! use serde_json::json;
 //! use tandem::client::Daemon;
 //!
-//! // The daemon of the default data dir (`Daemon::find(dir)` for another one).
-//! let daemon = Daemon::find(tandem::Config::default_data_dir())?;
+//! // The daemon the CLI would talk to (`Daemon::find(dir)` for another data dir).
+//! let daemon = Daemon::local()?;
 //! let doc = daemon.create(Some(json!({"title": "groceries", "items": []}))).await?;
 //! daemon.insert(doc, "/items/-", json!("milk")).await?;
 //! assert_eq!(daemon.get(doc, "/items").await?, json!(["milk"]));
@@ -71,6 +71,9 @@ pub enum ClientError {
     /// A file the client reads to find the daemon.
     #[error("{}: {why}", path.display())]
     File { path: PathBuf, why: String },
+    /// The config file that names the data dir is broken.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl ClientError {
@@ -103,6 +106,13 @@ enum Body {
 }
 
 impl Daemon {
+    /// The daemon of the data dir tandemd and the CLI use when given none:
+    /// `$TANDEM_DATA_DIR`, else the config file's `data_dir`, else the default.
+    pub fn local() -> Result<Daemon, Error> {
+        let file = crate::config::find(None).map_err(|e| ClientError::Config(e.to_string()))?;
+        Daemon::find(crate::config::data_dir(None, &file))
+    }
+
     /// The daemon running on data dir `dir`, from the `api.json` and `api-token` it wrote there.
     pub fn find(dir: impl Into<PathBuf>) -> Result<Daemon, Error> {
         let dir = dir.into();
