@@ -105,6 +105,18 @@ async fn every_document_method_works_on_the_daemons_documents() {
         Err(Error::Membership(MembershipError::OwnInvite))
     ));
     assert!(c.login_url().await.unwrap().contains("/ui/login?code="));
+    let me: tandem::NodeId = status["id"].as_str().unwrap().parse().unwrap();
+    assert!(matches!(
+        c.remove_member(me).await,
+        Err(Error::Membership(MembershipError::RemoveSelf))
+    ));
+    let stranger: tandem::NodeId = "a".repeat(52).parse().unwrap();
+    assert!(!c.remove_member(stranger).await.unwrap());
+    let epoch = c.recover_membership().await.unwrap();
+    assert_eq!(
+        c.status().await.unwrap()["membership"]["epoch"],
+        json!(epoch)
+    );
 }
 
 /// The same mistakes made through an embedded `Node` and through the daemon client give the

@@ -18,7 +18,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The daemon is found the way the CLI finds it: `api.json` and `api-token` in its data dir.
+//! It runs on the caller's Tokio runtime (a task per open connection). The daemon is found the
+//! way the CLI finds it: `api.json` and `api-token` in its data dir.
 //! When a request cannot connect, those files are read again, so a daemon that restarted on a
 //! new port is followed. A request is never sent twice unless it surely did not arrive.
 
@@ -41,6 +42,10 @@ use crate::api::{API_FILE, HEADS_HEADER, TOKEN_FILE, errors::error_from_reply};
 use crate::error::DocError;
 use crate::{DocInfo, Error, HistoryEntry};
 use http::{Endpoint, SendError};
+
+/// Largest reply read whole (an export of a large document); a bigger one is refused, not
+/// buffered without end.
+const MAX_REPLY: usize = 1 << 30;
 
 /// Failures of the client itself, or replies with no typed twin in [`Error`].
 #[derive(Debug, thiserror::Error)]
@@ -540,9 +545,7 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = self
-            .resp
-            .into_body()
+        let body = http_body_util::Limited::new(self.resp.into_body(), MAX_REPLY)
             .collect()
             .await
             .map_err(|e| ClientError::Unreachable {
