@@ -104,6 +104,13 @@ pub struct GossipConfig {
     /// How often a member not heard from (never, or declared down) is asked to introduce
     /// itself again (an `Announce`), so one that comes back is found without a restart here.
     pub announce_every: Duration,
+    /// After this long with every member alive and nothing to spread (no health change, no
+    /// change of members, no update waiting), the cluster is calm: probes and the periodic
+    /// gossip slow to [`GossipConfig::calm_period`]. Anything that happens ends it at once.
+    pub calm_after: Duration,
+    /// The probe period while calm: an idle cluster of laptops wakes its members less often,
+    /// and a crash is still found (within about two periods more than when not calm).
+    pub calm_period: Duration,
 }
 
 impl Default for GossipConfig {
@@ -116,6 +123,8 @@ impl Default for GossipConfig {
             max_packet: 1100,
             gossip_every: Duration::from_secs(1),
             announce_every: Duration::from_secs(5),
+            calm_after: Duration::from_secs(30),
+            calm_period: Duration::from_secs(4),
         }
     }
 }
@@ -227,6 +236,8 @@ pub struct Gossip {
     foca_incarnation: u16,
     /// When to tell every member directly that this node is alive (after a refutation).
     refute_at: Vec<Instant>,
+    /// When something last happened (see [`GossipConfig::calm_after`]).
+    stirred_at: Instant,
 }
 
 impl Gossip {
@@ -253,6 +264,7 @@ impl Gossip {
             next_announce: now,
             foca_incarnation: 0,
             refute_at: Vec::new(),
+            stirred_at: now,
         };
         // foca starts probing once it knows a member; nothing to schedule yet.
         g.after_call(now);
@@ -273,6 +285,7 @@ impl Gossip {
             return;
         }
         let _ = self.foca.set_config(self.cfg.foca(members.len() + 1));
+        self.stir(now);
         let added: Vec<NodeId> = members.difference(&self.members).copied().collect();
         let removed: Vec<NodeId> = self.members.difference(&members).copied().collect();
         self.members = members;
@@ -423,11 +436,14 @@ impl Gossip {
     /// When to call [`Gossip::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let foca = self.timers.first_key_value().map(|((at, _), _)| *at);
-        let ours = self
-            .refute_at
-            .first()
-            .map_or(self.next_announce, |t| (*t).min(self.next_announce));
-        Some(foca.map_or(ours, |t| t.min(ours)))
+        [
+            foca,
+            Some(self.next_announce),
+            self.refute_at.first().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn poll_output(&mut self) -> Option<GossipOutput> {
@@ -442,6 +458,38 @@ impl Gossip {
     /// Datagrams dropped so far, by reason.
     pub fn dropped(&self) -> &BTreeMap<Dropped, u64> {
         &self.dropped
+    }
+
+    /// Whether the cluster is calm at `now` (see [`GossipConfig::calm_after`]).
+    pub fn is_calm(&self, now: Instant) -> bool {
+        now >= self.stirred_at + self.cfg.calm_after
+            && self.foca.updates_backlog() == 0
+            && self.refute_at.is_empty()
+            && self.health.values().all(|h| h.health == Health::Alive)
+    }
+
+    /// Something happened: not calm from now on, and the probes and gossip a calm spell had
+    /// put off are due at their normal pace again.
+    fn stir(&mut self, now: Instant) {
+        self.stirred_at = now;
+        let normal = |t: &Timer<GossipId>| match t {
+            Timer::ProbeRandomMember(_) => Some(self.cfg.probe_period),
+            Timer::PeriodicGossip(_) => Some(self.cfg.gossip_every),
+            _ => None,
+        };
+        let late: Vec<(Instant, u64)> = self
+            .timers
+            .iter()
+            .filter(|(at, t)| normal(t).is_some_and(|p| at.0 > now + p))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in late {
+            if let Some(t) = self.timers.remove(&key)
+                && let Some(p) = normal(&t)
+            {
+                self.timers.insert((now + p, key.1), t);
+            }
+        }
     }
 
     /// Moves what foca asked for into the outputs and timers, and turns its member states into
@@ -470,10 +518,19 @@ impl Gossip {
                 now + Duration::from_secs(3),
             ];
         }
+        let calm = self.is_calm(now);
         for (timer, after) in self.new_timers.drain(..) {
             self.timer_seq += 1;
+            // While calm, the next probe and the next round of gossip wait longer.
+            let after = match timer {
+                Timer::ProbeRandomMember(_) | Timer::PeriodicGossip(_) if calm => {
+                    after.max(self.cfg.calm_period)
+                }
+                _ => after,
+            };
             self.timers.insert((now + after, self.timer_seq), timer);
         }
+        let mut stirred = false;
         // The current identity of each member (the latest incarnation foca keeps).
         let mut states: BTreeMap<NodeId, (u64, Health)> = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
@@ -500,7 +557,11 @@ impl Gossip {
                 h.health = health;
                 h.since = now;
                 self.out.push_back(GossipOutput::Health { node, health });
+                stirred = true;
             }
+        }
+        if stirred || refuted || self.foca.updates_backlog() > 0 {
+            self.stir(now);
         }
     }
 }
@@ -566,6 +627,43 @@ mod tests {
         // Node 3 never answers: suspect, then down.
         assert_eq!(a.health()[&id(3)].health, Health::Down);
         assert!(a.dropped().is_empty(), "{:?}", a.dropped());
+    }
+
+    #[test]
+    fn a_calm_cluster_probes_half_as_often_and_a_change_ends_the_calm() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        // Two members only: node 3 would keep them from ever being calm.
+        a.set_members(t, [id(1), id(2)]);
+        b.set_members(t, [id(1), id(2)]);
+        let minute = Duration::from_secs(60);
+        let busy = run(&mut a, &mut b, t, t + Duration::from_secs(20)).len();
+        assert!(!a.is_calm(t + Duration::from_secs(20)));
+        run(&mut a, &mut b, t + Duration::from_secs(20), t + minute);
+        assert!(a.is_calm(t + minute) && b.is_calm(t + minute));
+        let calm = run(
+            &mut a,
+            &mut b,
+            t + minute,
+            t + minute + Duration::from_secs(20),
+        )
+        .len();
+        assert!(
+            calm * 10 <= busy * 6,
+            "calm: {calm} packets in 20 s, busy: {busy}"
+        );
+        // A new member stirs it: probes are at their normal pace again at once.
+        let later = t + minute + Duration::from_secs(20);
+        a.set_members(later, [id(1), id(2), id(3)]);
+        assert!(!a.is_calm(later));
+        let next_probe = a
+            .timers
+            .iter()
+            .filter(|(_, t)| matches!(t, Timer::ProbeRandomMember(_)))
+            .map(|(k, _)| k.0)
+            .min()
+            .unwrap_or(later);
+        assert!(next_probe <= later + GossipConfig::default().probe_period);
     }
 
     #[test]

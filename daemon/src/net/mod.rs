@@ -257,6 +257,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
     ))));
     t.max_concurrent_uni_streams(8u32.into());
     t.max_concurrent_bidi_streams(8u32.into());
+    // Acknowledge at once (with the ACK frequency extension, when the peer has it) rather than
+    // after quinn's 25 ms delay. On a LAN the round trip is far below the delay, so a delayed
+    // ACK costs each gossip datagram a timer wake-up on the receiver and races the sender's
+    // probe timeout (26 ms there): an idle cluster woke up for little but ACKs. Bulk sync
+    // sends at most twice as many ACKs (quinn's default acknowledges every other packet).
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(0u32.into());
+    t.ack_frequency_config(Some(ack));
     Arc::new(t)
 }
 

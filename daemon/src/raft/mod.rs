@@ -855,30 +855,93 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The upkeep task, on one timer (an idle daemon's every wake-up counts): once a second, or
-/// sooner when an election is due (voters whose timers fell in the same second split their
-/// votes again and again) and every 30 ms while founding (an invite waits for it), it logs
-/// role changes, runs [`LeaderWatch`], and starts founding and the leader's reconciliation in
-/// a task of their own unless the last one is still running. A configuration change can wait
-/// for a commit that needs an election, and elections must not wait behind it.
+/// How long Raft's state must stay unchanged before the upkeep slows to [`STEADY_PAUSE`].
+const STEADY_AFTER: Duration = Duration::from_secs(10);
+/// The upkeep's pause in a steady cluster (it wakes at once when Raft's state changes). A
+/// leader lost meanwhile is noticed within it: elections start at most this much later.
+const STEADY_PAUSE: Duration = Duration::from_secs(3);
+
+/// The upkeep task, on one timer (an idle daemon's every wake-up counts): once a second, every
+/// [`STEADY_PAUSE`] once Raft's state has not changed for [`STEADY_AFTER`] (and at once when
+/// it changes: a commit, a new member, a new term), sooner when an election is due (voters
+/// whose timers fell in the same second split their votes again and again) and every 30 ms
+/// while founding (an invite waits for it), it logs role changes, runs [`LeaderWatch`], and
+/// starts founding and the leader's reconciliation in a task of their own unless the last one
+/// is still running. A configuration change can wait for a commit that needs an election, and
+/// elections must not wait behind it.
 async fn upkeep(shared: std::sync::Weak<Shared>) {
     let mut view: Option<(String, Option<NodeId>, u64)> = None;
     let mut watch = LeaderWatch::default();
     let mut seen = HashMap::new();
     let mut step: Option<tokio::task::JoinHandle<HashMap<NodeId, Instant>>> = None;
+    let mut changed_at = Instant::now();
+    // Raft's metrics, to wake on their changes (taken again when Raft is replaced).
+    let mut metrics = None;
     loop {
-        let founding = shared
-            .upgrade()
-            .is_some_and(|s| !s.trusted_list().founded() && s.removed().is_none());
-        let pause = Duration::from_millis(if founding { 30 } else { 1000 });
+        let founding = match shared.upgrade() {
+            Some(s) => {
+                if metrics.is_none() {
+                    metrics = s.raft().map(|r| {
+                        let mut m = r.metrics();
+                        m.borrow_and_update();
+                        m
+                    });
+                }
+                !s.trusted_list().founded() && s.removed().is_none()
+            }
+            None => break,
+        };
+        let steady = watch.elect_at.is_none() && changed_at.elapsed() >= STEADY_AFTER;
+        let pause = if founding {
+            Duration::from_millis(30)
+        } else if steady {
+            STEADY_PAUSE
+        } else {
+            Duration::from_secs(1)
+        };
         let until_elect = watch
             .elect_at
             .map(|t| t.saturating_duration_since(Instant::now()));
-        tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))).await;
+        // A change of what the upkeep acts on (Raft reports other metrics, such as
+        // replication progress, more often).
+        let raft_changed = async {
+            let Some(m) = metrics.as_mut() else {
+                // No Raft yet: the timer alone.
+                return std::future::pending().await;
+            };
+            let key = |m: &openraft::RaftMetrics<u64, BasicNode>| {
+                (
+                    m.state,
+                    m.current_leader,
+                    m.current_term,
+                    m.last_log_index,
+                    m.membership_config.log_id().map(|l| l.index),
+                )
+            };
+            let before = key(&m.borrow());
+            loop {
+                if m.changed().await.is_err() {
+                    return false; // Raft was replaced
+                }
+                if key(&m.borrow_and_update()) != before {
+                    return true;
+                }
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))) => {}
+            ok = raft_changed => {
+                changed_at = Instant::now();
+                if !ok {
+                    metrics = None;
+                }
+            }
+        }
         let Some(s) = shared.upgrade() else { break };
         let st = s.status();
         let now = (st.role.clone(), st.leader, st.term);
         if view.as_ref() != Some(&now) {
+            changed_at = Instant::now();
             tracing::info!(
                 role = %st.role,
                 leader = ?st.leader.map(|l| l.short()),
