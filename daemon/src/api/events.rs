@@ -437,7 +437,7 @@ pub fn event_json(e: &Event) -> Value {
     json!({
         "doc": e.doc,
         "source": source,
-        "heads": e.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "heads": e.heads,
         "deleted": e.deleted,
         "paths": paths,
         "more": more,

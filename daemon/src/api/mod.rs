@@ -148,7 +148,7 @@ async fn list_docs(State(api): State<Api>) -> ApiResult<Json<Value>> {
         docs.iter()
             .map(|d| json!({
                 "id": d.id,
-                "heads": d.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "heads": d.heads,
                 "size": d.size,
                 "updated_at": d.updated_at,
             }))
@@ -269,7 +269,7 @@ async fn splice(
 async fn heads(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let heads = api.node.heads(doc_id(&id)?).await?;
     Ok(Json(json!({
-        "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "heads": heads,
     })))
 }
 
@@ -278,7 +278,7 @@ async fn history(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Js
     let changes = api.node.history(doc).await?;
     let heads = api.node.heads(doc).await?;
     Ok(Json(json!({
-        "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "heads": heads,
         "changes": changes,
     })))
 }

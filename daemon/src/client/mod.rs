@@ -107,7 +107,7 @@ struct Inner {
 enum Body {
     None,
     Json(Json),
-    Bytes(Vec<u8>),
+    Bytes(Bytes),
 }
 
 impl Daemon {
@@ -196,7 +196,7 @@ impl Daemon {
         let bytes = match body {
             Body::None => Bytes::new(),
             Body::Json(v) => Bytes::from(v.to_string()),
-            Body::Bytes(b) => Bytes::from(b.clone()),
+            Body::Bytes(b) => b.clone(),
         };
         let mut endpoint = self.endpoint();
         loop {
@@ -371,7 +371,6 @@ impl Daemon {
         base: &[ChangeHash],
         text: &str,
     ) -> Result<(), Error> {
-        let base: Vec<String> = base.iter().map(ChangeHash::to_string).collect();
         let body = json!({"text": text, "base": base});
         self.edit(Method::PUT, doc, "/text", path, Body::Json(body))
             .await
@@ -410,7 +409,11 @@ impl Daemon {
     /// Imports a document from Automerge bytes; returns its id.
     pub async fn import(&self, bytes: &[u8]) -> Result<DocId, Error> {
         let v = self
-            .json(Method::POST, "/v1/docs/import", Body::Bytes(bytes.to_vec()))
+            .json(
+                Method::POST,
+                "/v1/docs/import",
+                Body::Bytes(Bytes::copy_from_slice(bytes)),
+            )
             .await?;
         parse_field(&v, "id")
     }
