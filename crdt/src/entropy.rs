@@ -351,6 +351,21 @@ impl Entropy {
         Some(self.next_round)
     }
 
+    /// Connected members not in sync with us, or whose last digest differed.
+    fn unsure(&self) -> Vec<NodeId> {
+        self.links
+            .iter()
+            .filter(|(n, l)| !l.in_sync || self.disagrees(n))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Whether every connected member agrees with us and no address entry is waiting to be
+    /// spread: rounds are then four times rarer, and not urgent to the millisecond.
+    pub fn is_quiet(&self) -> bool {
+        self.hot.is_empty() && self.unsure().is_empty()
+    }
+
     /// Sends this round's digests, and asks for the exchanges that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.decide(now);
@@ -360,12 +375,7 @@ impl Entropy {
         // Members not in sync with us, or whose last digest differed, come first (and are asked
         // to answer at once); while there are none, rounds are four times rarer: an idle cluster
         // costs little, and any write makes digests differ again.
-        let unsure: Vec<NodeId> = self
-            .links
-            .iter()
-            .filter(|(n, l)| !l.in_sync || self.disagrees(n))
-            .map(|(n, _)| *n)
-            .collect();
+        let unsure = self.unsure();
         let quiet = unsure.is_empty() && self.hot.is_empty();
         self.next_round = now
             + if quiet {

@@ -314,6 +314,16 @@ impl Gossip {
         self.announce_to(now, added);
     }
 
+    /// A connection to member `node` came up: it is announced to now. An announcement made
+    /// before the connection existed was lost, and so is an answer sent while the other side
+    /// had not yet taken the connection in; each side announcing once its own side is up makes
+    /// the later one heard (the next periodic announcement is seconds away).
+    pub fn linked(&mut self, now: Instant, node: NodeId) {
+        if self.members.contains(&node) {
+            self.announce_to(now, vec![node]);
+        }
+    }
+
     /// Sizes packets sent from now on to `max` bytes (tag included), the smallest
     /// `max_datagram_size()` of the member connections, kept within 576..=MAX_DATAGRAM.
     pub fn set_max_packet(&mut self, max: usize) {
@@ -339,10 +349,35 @@ impl Gossip {
         }
         if self.call(now, |foca, rt| foca.handle_data(&packet[1..], rt).is_err()) {
             *self.dropped.entry(Dropped::Refused).or_default() += 1;
+        } else if verdict == Ok(true) {
+            self.acked(now, from);
         }
     }
 
-    fn check(&self, from: NodeId, packet: &[u8]) -> Result<(), Dropped> {
+    /// The member being probed answered: the check for its answer (foca's `SendIndirectProbe`
+    /// timer, which finds the probe succeeded and does nothing) runs now instead of a probe's
+    /// round trip later, which would cost an idle node a wake-up per probe. Should this answer
+    /// belong to an earlier probe (it would have been delayed a whole probe period), foca still
+    /// lacks one and the early check sends the indirect probes early: sooner, not wrong.
+    fn acked(&mut self, now: Instant, from: NodeId) {
+        let due: Vec<(Instant, u64)> = self
+            .timers
+            .iter()
+            .filter(|((at, _), t)| {
+                *at > now
+                    && matches!(t, Timer::SendIndirectProbe { probed_id, .. } if probed_id.node == from)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if let Some(t) = self.timers.remove(&key) {
+                self.timers.insert((now, key.1), t);
+            }
+        }
+    }
+
+    /// Checks a datagram before foca sees it; `Ok(true)`: it is an answer to a probe.
+    fn check(&self, from: NodeId, packet: &[u8]) -> Result<bool, Dropped> {
         let mut rest = DatagramKind::Gossip
             .body(packet)
             .ok_or(Dropped::Malformed)?;
@@ -374,7 +409,7 @@ impl Gossip {
                 return Err(Dropped::Malformed);
             }
         }
-        Ok(())
+        Ok(matches!(header.message, foca::Message::Ack { .. }))
     }
 
     /// Runs the timers that are due.
@@ -444,6 +479,34 @@ impl Gossip {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// The earliest deadline that should be kept to the runtime's fine step. While calm (see
+    /// [`Gossip::is_calm`]) only an answer's check, a suspicion's course or a refutation is;
+    /// probes, rounds of gossip and announcements may wait for a coarser grid (the runtime's
+    /// choice, said in its docs); otherwise every deadline is.
+    pub fn poll_urgent_timeout(&self, now: Instant) -> Option<Instant> {
+        if !self.is_calm(now) {
+            return self.poll_timeout();
+        }
+        let foca = self
+            .timers
+            .iter()
+            .find(|(_, t)| {
+                !matches!(
+                    t,
+                    Timer::ProbeRandomMember(_)
+                        | Timer::PeriodicGossip(_)
+                        | Timer::PeriodicAnnounce(_)
+                        | Timer::PeriodicAnnounceDown(_)
+                        | Timer::RemoveDown(_)
+                )
+            })
+            .map(|((at, _), _)| *at);
+        [foca, self.refute_at.first().copied()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn poll_output(&mut self) -> Option<GossipOutput> {
@@ -664,6 +727,57 @@ mod tests {
             .min()
             .unwrap_or(later);
         assert!(next_probe <= later + GossipConfig::default().probe_period);
+    }
+
+    #[test]
+    fn an_answered_probe_is_checked_at_once_and_calm_leaves_only_that_urgent() {
+        let t = Instant::now();
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        a.set_members(t, [id(1), id(2)]);
+        b.set_members(t, [id(1), id(2)]);
+        let minute = t + Duration::from_secs(60);
+        run(&mut a, &mut b, t, minute);
+        assert!(a.is_calm(minute));
+        // While calm, probes and rounds of gossip are not urgent; nothing else is due.
+        assert!(a.poll_timeout().is_some());
+        assert_eq!(a.poll_urgent_timeout(minute), None);
+        // A's next probe goes out: the check for its answer is urgent ...
+        let probe_at = a
+            .timers
+            .iter()
+            .find(|(_, t)| matches!(t, Timer::ProbeRandomMember(_)))
+            .map(|(k, _)| k.0)
+            .unwrap();
+        a.handle_timeout(probe_at);
+        let check = |g: &Gossip| {
+            g.timers
+                .iter()
+                .find(|(_, t)| matches!(t, Timer::SendIndirectProbe { .. }))
+                .map(|(k, _)| k.0)
+        };
+        let due = check(&a).expect("a probe is followed by its check");
+        assert!(due > probe_at);
+        assert_eq!(a.poll_urgent_timeout(probe_at), Some(due));
+        // ... and once B answers, it runs at once (finding the probe answered), so a calm node
+        // does not wake up a round trip later for nothing.
+        while let Some(GossipOutput::Send { packet, .. }) = a.poll_output() {
+            b.handle_datagram(probe_at, id(1), &packet);
+        }
+        let mut answered = false;
+        while let Some(o) = b.poll_output() {
+            if let GossipOutput::Send { packet, .. } = o {
+                a.handle_datagram(probe_at, id(2), &packet);
+                answered = true;
+            }
+        }
+        assert!(answered);
+        assert_eq!(check(&a), Some(probe_at));
+        a.handle_timeout(probe_at);
+        assert_eq!(check(&a), None);
+        assert_eq!(a.poll_urgent_timeout(probe_at), None);
+        // Nothing was sent for it (no indirect probe), and B stays alive.
+        assert!(a.poll_output().is_none());
+        assert_eq!(a.health()[&id(2)].health, Health::Alive);
     }
 
     #[test]

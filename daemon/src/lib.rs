@@ -46,6 +46,7 @@ pub mod net;
 mod node;
 mod raft;
 pub mod store;
+pub mod wheel;
 
 pub use automerge;
 pub use error::{DataDirError, DocError, Error, MembershipError};

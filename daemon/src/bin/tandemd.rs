@@ -94,10 +94,22 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 /// changes, storage failures).
 const DEFAULT_LOG: &str = "info,automerge=off,openraft=off";
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Timers are put on the runtime's timer wheel's boundaries (fewer wake-ups when idle):
+    // say when it starts.
+    tandem::wheel::set_origin(std::time::Instant::now());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tandemd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
     // An error is a message for the user, not a backtrace (even with RUST_BACKTRACE set).
-    if let Err(e) = run().await {
+    if let Err(e) = runtime.block_on(run()) {
         eprintln!("tandemd: {e:#}");
         std::process::exit(1);
     }

@@ -173,6 +173,7 @@ pub(crate) async fn run(
                         s.last_seen = Some(shared.clock.wall_ms());
                         drop(map);
                         links(&shared).insert(peer, conn.clone());
+                        shared.upkeep_now.notify_one();
                         conns.insert(id, (peer, conn));
                         let _ = reply.send(true);
                     }
@@ -185,6 +186,7 @@ pub(crate) async fn run(
                         .is_some_and(|c| c.stable_id() as ConnId == conn)
                     {
                         l.remove(&peer);
+                        shared.upkeep_now.notify_one();
                     }
                 }
                 if conns.remove(&conn).is_some() {

@@ -56,8 +56,11 @@ pub(crate) fn read_view<R>(view: &SharedView, f: impl FnOnce(&GossipView) -> R) 
 pub(crate) const QUEUE: usize = 1024;
 
 /// How often the member list is compared with the host's, and anti-entropy told our clock and
-/// connections.
+/// connections (and at once when the member list or a connection changes).
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The upkeep's pace while the cluster is calm (see [`CALM_GRID_MS`]).
+const CALM_UPKEEP_EVERY: Duration = Duration::from_secs(4);
 
 /// How often our own addresses are looked at again (a laptop changes networks).
 const OWN_ADDRS_EVERY: Duration = Duration::from_secs(10);
@@ -82,21 +85,34 @@ pub(crate) async fn run(
     );
     let mut shutdown = shared.shutdown.clone();
     let (mut upkeep_at, mut own_at) = (clock.now(), clock.now());
-    let grid_from = clock.now();
+    let grid_from = crate::wheel::origin();
     // Published when something shown changed (a health, the members, a drop), not on every
     // datagram.
     let mut stale = true;
     let mut seen = (0usize, 0u64);
+    // Members connected at the last upkeep.
+    let mut linked = std::collections::BTreeSet::new();
     loop {
         let now = clock.now();
+        let calm = gossip.is_calm(now) && entropy.is_quiet();
         if now >= upkeep_at {
-            upkeep_at = now + UPKEEP_EVERY;
+            upkeep_at = now
+                + if calm {
+                    CALM_UPKEEP_EVERY
+                } else {
+                    UPKEEP_EVERY
+                };
             follow_members(&shared, now, &mut gossip, &mut entropy);
-            if let Some(max) = tell_entropy(&shared, &mut entropy) {
+            let (max, now_linked) = tell_entropy(&shared, &mut entropy);
+            if let Some(max) = max {
                 // Packets sized to the smallest path, so none is too big for its connection.
                 gossip.set_max_packet(max);
                 entropy.set_max_packet(max);
             }
+            for node in now_linked.difference(&linked) {
+                gossip.linked(now, *node);
+            }
+            linked = now_linked;
         }
         if now >= own_at {
             own_at = now + OWN_ADDRS_EVERY;
@@ -167,10 +183,20 @@ pub(crate) async fn run(
             .into_iter()
             .flatten()
             .fold(upkeep_at, |a, t| a.min(t));
-        // Timers are coalesced on a grid fixed from the task's start (the state machines'
-        // deadlines are not urgent to the millisecond): all due within one step cost one
-        // wake-up, which is most of what an idle daemon spends.
-        let wait = coalesce(grid_from, clock.now(), next);
+        // Timers are coalesced on a grid fixed on the runtime's timer wheel (the state
+        // machines' deadlines are not urgent to the millisecond): all due within one step cost
+        // one wake-up, which is most of what an idle daemon spends. While calm, probes, rounds
+        // and the upkeep share a coarser grid; only what is urgent keeps the fine one.
+        let now = clock.now();
+        let wait = if calm {
+            let urgent = gossip.poll_urgent_timeout(now);
+            let relaxed = coalesce(grid_from, now, next, CALM_GRID_MS);
+            urgent.map_or(relaxed, |u| {
+                relaxed.min(coalesce(grid_from, now, u, GRID_MS))
+            })
+        } else {
+            coalesce(grid_from, now, next, GRID_MS)
+        };
         tokio::select! {
             got = rx.recv() => match got {
                 Some((from, data)) => {
@@ -189,29 +215,31 @@ pub(crate) async fn run(
                 None => return,
             },
             _ = tokio::time::sleep(wait) => {}
+            _ = shared.upkeep_now.notified() => upkeep_at = clock.now(),
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// Timer grid of the gossip task.
-const GRID: Duration = Duration::from_millis(250);
+/// Timer grid of the gossip task, in milliseconds: four slots of tokio's timer wheel, so a
+/// wake-up on the grid is also one on the wheel's boundaries ([`crate::wheel`]).
+const GRID_MS: u64 = 256;
 
-/// How long to wait from `now` for the first point of the grid (every [`GRID`] from `from`)
+/// The grid of what is not urgent while the cluster is calm (every member alive, nothing to
+/// spread, every connected member's clock digest equal to ours): one slot of the wheel's third
+/// level, so the probe, the gossip round, the digest round, the upkeep, Raft's steady upkeep
+/// and QUIC's keep-alives all fall due on the same wake-up, about every 4 s.
+const CALM_GRID_MS: u64 = crate::wheel::LEVEL2;
+
+/// How long to wait from `now` for the first point of the grid (every `grid` ms from `from`)
 /// at or after `next`.
 fn coalesce(
     from: std::time::Instant,
     now: std::time::Instant,
     next: std::time::Instant,
+    grid: u64,
 ) -> Duration {
-    let grid = GRID.as_millis().max(1);
-    let at = next
-        .saturating_duration_since(from)
-        .as_millis()
-        .div_ceil(grid)
-        * grid;
-    let at = from + Duration::from_millis(at.min(u64::MAX as u128) as u64);
-    at.saturating_duration_since(now)
+    crate::wheel::round_up(from, next, grid).saturating_duration_since(now)
 }
 
 /// Gives both state machines the host's member list.
@@ -242,8 +270,11 @@ fn send(shared: &Shared, to: NodeId, packet: Vec<u8>) {
 
 /// Tells anti-entropy our committed clock and each connected member's round-trip time, whether
 /// its session is busy or in sync, and the address it connected from. Returns the smallest
-/// datagram size the connections allow (`None` without connections).
-fn tell_entropy(shared: &Shared, entropy: &mut Entropy) -> Option<usize> {
+/// datagram size the connections allow (`None` without connections) and the members connected.
+fn tell_entropy(
+    shared: &Shared,
+    entropy: &mut Entropy,
+) -> (Option<usize>, std::collections::BTreeSet<NodeId>) {
     let ours = shared.host.clock();
     let conns: Vec<(NodeId, quinn::Connection)> = shared
         .links
@@ -277,10 +308,11 @@ fn tell_entropy(shared: &Shared, entropy: &mut Entropy) -> Option<usize> {
     for (id, c) in &conns {
         entropy.observed(*id, c.remote_address());
     }
-    conns
+    let max = conns
         .iter()
         .filter_map(|(_, c)| c.max_datagram_size())
-        .min()
+        .min();
+    (max, conns.iter().map(|(id, _)| *id).collect())
 }
 
 fn publish(
@@ -321,11 +353,24 @@ mod tests {
         let from = std::time::Instant::now();
         let ms = |n: u64| from + Duration::from_millis(n);
         // Deadlines within one step share its end, whenever they are asked for.
-        assert_eq!(coalesce(from, ms(10), ms(260)), Duration::from_millis(490));
-        assert_eq!(coalesce(from, ms(300), ms(499)), Duration::from_millis(200));
-        assert_eq!(coalesce(from, ms(300), ms(500)), Duration::from_millis(200));
+        assert_eq!(
+            coalesce(from, ms(10), ms(260), 256),
+            Duration::from_millis(502)
+        );
+        assert_eq!(
+            coalesce(from, ms(300), ms(499), 256),
+            Duration::from_millis(212)
+        );
+        assert_eq!(
+            coalesce(from, ms(300), ms(512), 256),
+            Duration::from_millis(212)
+        );
+        assert_eq!(
+            coalesce(from, ms(300), ms(4000), 4096),
+            Duration::from_millis(3796)
+        );
         // On a grid point: no extra step; overdue: at once.
-        assert_eq!(coalesce(from, ms(0), ms(0)), Duration::ZERO);
-        assert_eq!(coalesce(from, ms(900), ms(100)), Duration::ZERO);
+        assert_eq!(coalesce(from, ms(0), ms(0), 256), Duration::ZERO);
+        assert_eq!(coalesce(from, ms(900), ms(100), 256), Duration::ZERO);
     }
 }

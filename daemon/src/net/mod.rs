@@ -19,6 +19,7 @@ pub(crate) mod gossip;
 mod host;
 mod join;
 mod router;
+mod runtime;
 mod session;
 pub mod tls;
 pub mod wire;
@@ -198,6 +199,9 @@ pub(crate) struct Shared {
     pub(crate) signer: Arc<tandem_crdt::Signer>,
     /// What anti-entropy tells the session with a member.
     pub(crate) session_ctl: tokio::sync::broadcast::Sender<(NodeId, SessionCtl)>,
+    /// The member list or the connections changed: the gossip task follows them now rather
+    /// than at its next upkeep.
+    pub(crate) upkeep_now: tokio::sync::Notify,
 }
 
 /// What anti-entropy asks of the session with one member.
@@ -268,6 +272,17 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// A QUIC endpoint on a UDP socket bound to `addr`, on [`runtime::QuicRuntime`].
+fn endpoint(server: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(runtime::QuicRuntime),
+    )
+}
+
 /// Starts networking for the node behind `host`.
 pub(crate) fn start(
     host: Arc<dyn NetHost>,
@@ -286,9 +301,9 @@ pub(crate) fn start(
         .preferred_port
         .filter(|_| cfg.listen.port() == 0)
         .map(|port| SocketAddr::new(cfg.listen.ip(), port));
-    let endpoint = match preferred.map(|addr| quinn::Endpoint::server(server.clone(), addr)) {
+    let endpoint = match preferred.map(|addr| endpoint(server.clone(), addr)) {
         Some(Ok(e)) => e,
-        _ => quinn::Endpoint::server(server, cfg.listen).map_err(|source| NetError::Bind {
+        _ => endpoint(server, cfg.listen).map_err(|source| NetError::Bind {
             addr: cfg.listen,
             source,
         })?,
@@ -311,6 +326,7 @@ pub(crate) fn start(
         health_tx: tokio::sync::broadcast::channel(256).0,
         session_ctl: tokio::sync::broadcast::channel(256).0,
         signer: identity.signer(),
+        upkeep_now: tokio::sync::Notify::new(),
     });
     let nearby: Nearby = Arc::new(Mutex::new(BTreeMap::new()));
     let net = Net {
@@ -442,6 +458,11 @@ impl Net {
     /// This node was removed from the cluster: close every connection, dial no one.
     pub(crate) fn leave(&self) {
         let _ = self.shared.cmds.send(driver::Cmd::Leave);
+    }
+
+    /// The member list changed (gossip follows it at once).
+    pub(crate) fn members_changed(&self) {
+        self.shared.upkeep_now.notify_one();
     }
 
     /// A member was removed: close its connection and stop dialing it.

@@ -148,6 +148,7 @@ impl Node {
                     .is_some_and(|c| c.removed().is_some());
                 let now: BTreeSet<NodeId> = node.members().iter().map(|m| m.id).collect();
                 if let Some(net) = node.net() {
+                    net.members_changed();
                     if removed && !was_removed {
                         net.leave();
                     }

@@ -859,7 +859,21 @@ fn text(e: impl std::fmt::Display) -> String {
 const STEADY_AFTER: Duration = Duration::from_secs(10);
 /// The upkeep's pause in a steady cluster (it wakes at once when Raft's state changes). A
 /// leader lost meanwhile is noticed within it: elections start at most this much later.
+/// It ends on a boundary of the timer wheel's 4.096 s slots, where a calm gossip's probes and
+/// QUIC's keep-alives fall due too (one wake-up for all), so it lasts 3-7 s.
 const STEADY_PAUSE: Duration = Duration::from_secs(3);
+
+/// When to wake `after` from now: on the timer wheel's slot boundaries ([`crate::wheel`]),
+/// unless sooner than a slot (an election due, founding); `steady`: on a boundary of its
+/// 4.096 s slots.
+fn wake_at(after: Duration, steady: bool) -> tokio::time::Instant {
+    let now = std::time::Instant::now();
+    if steady {
+        crate::wheel::round_up(crate::wheel::origin(), now + after, crate::wheel::LEVEL2).into()
+    } else {
+        crate::wheel::align(now, now + after).into()
+    }
+}
 
 /// The upkeep task, on one timer (an idle daemon's every wake-up counts): once a second, every
 /// [`STEADY_PAUSE`] once Raft's state has not changed for [`STEADY_AFTER`] (and at once when
@@ -929,7 +943,10 @@ async fn upkeep(shared: std::sync::Weak<Shared>) {
             }
         };
         tokio::select! {
-            () = tokio::time::sleep(until_elect.map_or(pause, |t| t.min(pause))) => {}
+            () = tokio::time::sleep_until(match until_elect {
+                Some(t) => wake_at(t.min(pause), false),
+                None => wake_at(pause, steady && !founding),
+            }) => {}
             ok = raft_changed => {
                 changed_at = Instant::now();
                 if !ok {
