@@ -44,6 +44,18 @@ pub(super) fn change_bodies<'a>(
         .collect()
 }
 
+/// The changes of `doc` whose bytes are damaged, with why.
+fn damage_in(doc: DocId, changes: &[(tandem_crdt::DeltaId, Vec<u8>)]) -> Vec<Damage> {
+    changes
+        .iter()
+        .filter_map(|(id, bytes)| {
+            check_change_bytes(bytes)
+                .err()
+                .map(|why| Damage { id: *id, doc, why })
+        })
+        .collect()
+}
+
 impl Node {
     /// Commit options for a local change: stamped with the wall-clock time in Unix seconds, as
     /// automerge-js does.
@@ -71,7 +83,7 @@ impl Node {
             .get_or_try_init(|| async move {
                 // Received changes on their way to disk without a load land first.
                 waiting.before_load().await;
-                match self.load_state(doc).await? {
+                match self.load_state(doc, create).await? {
                     Some(state) => Ok(Mutex::new(state)),
                     None if create => Ok(Mutex::new(DocState {
                         am: Automerge::new().with_actor(self.inner.actor.clone()),
@@ -92,33 +104,25 @@ impl Node {
     }
 
     /// Reads a document from the store: its snapshot, then the changes after it, each checked
-    /// against its checksum first. Damage is this document's, reported and healed, never the
-    /// node's end and never served: a damaged change is quarantined (members send a good copy)
-    /// and the document refused until then; a damaged snapshot is dropped and the document
-    /// rebuilt from its deltas. `None` if the store has never seen it.
-    async fn load_state(&self, doc: DocId) -> Result<Option<DocState>, Error> {
+    /// against its checksum as it is parsed. Damage is this document's, reported and healed,
+    /// never the node's end and never served: a damaged change is quarantined (members send a
+    /// good copy) and the document refused until then; a damaged snapshot is dropped and the
+    /// document rebuilt from its deltas. `None` if the store has never seen it.
+    async fn load_state(&self, doc: DocId, may_be_new: bool) -> Result<Option<DocState>, Error> {
         let store = &self.inner.store;
         let mut dropped_snapshot = false;
         loop {
-            let Some(stored) = store.read(move |c| store::load_doc(c, doc)).await? else {
+            let Some(stored) = store
+                .read(move |c| store::load_doc(c, doc, may_be_new))
+                .await?
+            else {
                 return Ok(None);
             };
-            let bad: Vec<Damage> = stored
-                .changes
-                .iter()
-                .filter_map(|(id, bytes)| {
-                    check_change_bytes(bytes)
-                        .err()
-                        .map(|why| Damage { id: *id, doc, why })
-                })
-                .collect();
-            let damaged = stored.damaged + bad.len() as u64;
-            self.quarantine(bad).await?;
-            if damaged > 0 {
-                return Err(Error::Doc(DocError::Damaged {
-                    doc,
-                    deltas: damaged,
-                }));
+            if stored.damaged > 0 {
+                let bad = damage_in(doc, &stored.changes);
+                let deltas = stored.damaged + bad.len() as u64;
+                self.quarantine(bad).await?;
+                return Err(Error::Doc(DocError::Damaged { doc, deltas }));
             }
             let corrupt = |why: String| {
                 tracing::error!(%doc, %why, "stored document cannot be loaded");
@@ -145,8 +149,18 @@ impl Node {
                     Err(panic) => return Err(corrupt(format!("automerge panicked: {panic}"))),
                 },
             };
-            store::apply_stored(&mut am, stored.changes.iter().map(|(_, b)| b.as_slice()))
-                .map_err(corrupt)?;
+            if let Err(why) =
+                store::apply_stored(&mut am, stored.changes.iter().map(|(_, b)| b.as_slice()))
+            {
+                // Which changes are damaged (their bytes, not Automerge's view of them)?
+                let bad = damage_in(doc, &stored.changes);
+                if bad.is_empty() {
+                    return Err(corrupt(why));
+                }
+                let deltas = bad.len() as u64;
+                self.quarantine(bad).await?;
+                return Err(Error::Doc(DocError::Damaged { doc, deltas }));
+            }
             am.set_actor(self.inner.actor.clone());
             tracing::trace!(%doc, "document loaded");
             return Ok(Some(DocState {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{OptionalExtension, params};
 use tandem_crdt::DocId;
-use tandem_crdt::delta::{check_change_bytes, contain};
+use tandem_crdt::delta::contain;
 
 use super::writer::Request;
 use super::{ReadPool, StoreError, Write};
@@ -100,15 +100,14 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
     while let Some(r) = rows.next()? {
         last = r.get(0)?;
         if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(1)? {
-            // Damage folded into a snapshot could never be found again; the next load of the
-            // document quarantines it instead.
-            check_change_bytes(&bytes).map_err(corrupt)?;
             changes.push(bytes);
         }
     }
     if last == upto {
         return Ok(None);
     }
+    // Each change is checked as it is parsed: damage folded into a snapshot could never be
+    // found again; the next load of the document quarantines it instead.
     super::apply_stored(&mut am, changes.iter().map(Vec::as_slice)).map_err(corrupt)?;
     if !automerge::ReadDoc::get_missing_deps(&am, &[]).is_empty() {
         // Some change waits for a dependency not received yet; a snapshot would drop it.

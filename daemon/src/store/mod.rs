@@ -541,15 +541,22 @@ impl Drop for Store {
 }
 
 /// Reads a document: its snapshot and the changes after it, in one read transaction so the
-/// two agree. `None` if the store has never seen the document.
-pub fn load_doc(conn: &Connection, doc: DocId) -> Result<Option<StoredDoc>, StoreError> {
-    // Most loads in a bulk sync are of documents new here: one cached lookup, no transaction.
-    let known = conn
-        .prepare_cached("SELECT 1 FROM documents WHERE doc = ?1")?
-        .query_row([doc.as_bytes().as_slice()], |_| Ok(()))
-        .optional()?;
-    if known.is_none() {
-        return Ok(None);
+/// two agree. `None` if the store has never seen the document. `may_be_new`: the caller
+/// expects documents new here (a bulk sync's loads mostly are): they are then found missing
+/// with one cached lookup and no transaction; a read of a listed document skips that lookup.
+pub fn load_doc(
+    conn: &Connection,
+    doc: DocId,
+    may_be_new: bool,
+) -> Result<Option<StoredDoc>, StoreError> {
+    if may_be_new {
+        let known = conn
+            .prepare_cached("SELECT 1 FROM documents WHERE doc = ?1")?
+            .query_row([doc.as_bytes().as_slice()], |_| Ok(()))
+            .optional()?;
+        if known.is_none() {
+            return Ok(None);
+        }
     }
     // One WAL snapshot for the snapshot row and the changes after it (the compactor may move
     // the watermark between two statements otherwise).
@@ -743,8 +750,9 @@ fn doc_id_from(bytes: &[u8]) -> Result<DocId, StoreError> {
 /// fraction of the memory.
 const APPLY_STEP: usize = 20_000;
 
-/// Applies stored change bytes to `am` in order, parsing a step at a time. What Automerge
-/// refuses, or panics on, is the document's damage, returned as text.
+/// Applies stored change bytes to `am` in order, parsing a step at a time, each change checked
+/// against its checksum as it is parsed (once). Damaged bytes, and what Automerge refuses or
+/// panics on, are the document's damage, returned as text (the caller finds which change).
 pub(crate) fn apply_stored<'a>(
     am: &mut automerge::Automerge,
     changes: impl Iterator<Item = &'a [u8]>,
@@ -754,9 +762,8 @@ pub(crate) fn apply_stored<'a>(
         let step = changes.by_ref().take(APPLY_STEP);
         tandem_crdt::delta::contain(|| {
             let parsed = step
-                .map(automerge::Change::try_from)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
+                .map(tandem_crdt::delta::parse_checked_change)
+                .collect::<Result<Vec<_>, _>>()?;
             am.apply_changes(parsed).map_err(|e| e.to_string())
         })
         .map_err(|panic| format!("automerge panicked: {panic}"))??;
@@ -995,7 +1002,7 @@ mod tests {
         store
             .read_blocking(|conn| {
                 for (i, doc) in docs.iter().enumerate() {
-                    load_doc(conn, *doc)?;
+                    load_doc(conn, *doc, i % 2 == 0)?;
                     // Queries of the shapes a load runs, with other values each time.
                     let mut a = conn.prepare_cached(
                         "SELECT s.snapshot, d.deleted FROM documents d
