@@ -198,8 +198,10 @@ impl Daemon {
 
 /// A running process whose stdout arrives line by line; killed on drop.
 pub struct Lines {
-    child: Child,
+    child: std::sync::Mutex<Child>,
     rx: std::sync::mpsc::Receiver<String>,
+    /// What the process wrote to stderr, for a failing test to show.
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Lines {
@@ -207,9 +209,20 @@ impl Lines {
         use std::io::BufRead as _;
         let mut child = cmd
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let err = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -220,7 +233,20 @@ impl Lines {
                 }
             }
         });
-        Lines { child, rx }
+        Lines {
+            child: std::sync::Mutex::new(child),
+            rx,
+            stderr,
+        }
+    }
+
+    /// Panics saying what was awaited, whether the process still runs, and its stderr.
+    fn timed_out(&self, secs: u64) -> ! {
+        let status = self.child.lock().unwrap().try_wait();
+        panic!(
+            "no matching line within {secs}s; process: {status:?} (None: still running); stderr:\n{}",
+            self.stderr.lock().unwrap()
+        );
     }
 
     /// The next line within `secs` seconds.
@@ -236,7 +262,7 @@ impl Lines {
             match self.rx.recv_timeout(left) {
                 Ok(line) if f(&line) => return line,
                 Ok(_) => {}
-                Err(_) => panic!("no matching line within {secs}s"),
+                Err(_) => self.timed_out(secs),
             }
         }
     }
@@ -244,8 +270,9 @@ impl Lines {
 
 impl Drop for Lines {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -271,7 +298,7 @@ impl Lines {
                 }
             }
         }
-        panic!("no matching line within {secs}s");
+        self.timed_out(secs);
     }
 }
 
