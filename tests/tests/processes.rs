@@ -180,8 +180,19 @@ fn mdns_across_network_namespaces() {
         "ok",
         "B found A over mDNS"
     );
-    assert!(b.ask("nearby").contains(&a_id));
-    assert!(a.ask("nearby").contains(&b_id));
+    // Each hears the other's announcements in its own time: B may have reached A at A's old
+    // port (a restarted node takes its previous port again when it is free) before either
+    // heard the other on mDNS.
+    for (peer, other, what) in [(&mut b, &a_id, "B to see A"), (&mut a, &b_id, "A to see B")] {
+        let start = std::time::Instant::now();
+        while !peer.ask("nearby").contains(other.as_str()) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "mDNS: {what} within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
     a.quit();
     b.quit();
 }
