@@ -125,6 +125,17 @@ fn main() {
         status.push(t.elapsed());
     }
     status.sort();
+    let mut metrics = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        b.req("GET", "/metrics")
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        metrics.push(t.elapsed());
+    }
+    metrics.sort();
 
     println!(
         "tandem daemons benchmark: two real tandemd processes on loopback, {docs} docs x 10 changes"
@@ -148,7 +159,8 @@ fn main() {
         hot.as_secs_f64() * 1e3
     );
     println!(
-        "  GET /v1/status on B: median {:.3} ms",
-        status[status.len() / 2].as_secs_f64() * 1e3
+        "  GET /v1/status on B: median {:.3} ms; GET /metrics: median {:.3} ms",
+        status[status.len() / 2].as_secs_f64() * 1e3,
+        metrics[metrics.len() / 2].as_secs_f64() * 1e3
     );
 }
