@@ -352,18 +352,17 @@ impl Entropy {
     }
 
     /// Connected members not in sync with us, or whose last digest differed.
-    fn unsure(&self) -> Vec<NodeId> {
+    fn unsure(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.links
             .iter()
             .filter(|(n, l)| !l.in_sync || self.disagrees(n))
             .map(|(n, _)| *n)
-            .collect()
     }
 
     /// Whether every connected member agrees with us and no address entry is waiting to be
     /// spread: rounds are then four times rarer, and not urgent to the millisecond.
     pub fn is_quiet(&self) -> bool {
-        self.hot.is_empty() && self.unsure().is_empty()
+        self.hot.is_empty() && self.unsure().next().is_none()
     }
 
     /// Sends this round's digests, and asks for the exchanges that are due.
@@ -375,7 +374,7 @@ impl Entropy {
         // Members not in sync with us, or whose last digest differed, come first (and are asked
         // to answer at once); while there are none, rounds are four times rarer: an idle cluster
         // costs little, and any write makes digests differ again.
-        let unsure = self.unsure();
+        let unsure: Vec<NodeId> = self.unsure().collect();
         let quiet = unsure.is_empty() && self.hot.is_empty();
         self.next_round = now
             + if quiet {

@@ -360,18 +360,23 @@ impl Gossip {
     /// belong to an earlier probe (it would have been delayed a whole probe period), foca still
     /// lacks one and the early check sends the indirect probes early: sooner, not wrong.
     fn acked(&mut self, now: Instant, from: NodeId) {
-        let due: Vec<(Instant, u64)> = self
+        self.move_timers(|at, t| {
+            (at > now
+                && matches!(t, Timer::SendIndirectProbe { probed_id, .. } if probed_id.node == from))
+            .then_some(now)
+        });
+    }
+
+    /// Moves each pending timer for which `to` names a new deadline (given its deadline).
+    fn move_timers(&mut self, to: impl Fn(Instant, &Timer<GossipId>) -> Option<Instant>) {
+        let moved: Vec<((Instant, u64), Instant)> = self
             .timers
             .iter()
-            .filter(|((at, _), t)| {
-                *at > now
-                    && matches!(t, Timer::SendIndirectProbe { probed_id, .. } if probed_id.node == from)
-            })
-            .map(|(k, _)| *k)
+            .filter_map(|(key, t)| to(key.0, t).map(|at| (*key, at)))
             .collect();
-        for key in due {
+        for (key, at) in moved {
             if let Some(t) = self.timers.remove(&key) {
-                self.timers.insert((now, key.1), t);
+                self.timers.insert((at, key.1), t);
             }
         }
     }
@@ -489,19 +494,21 @@ impl Gossip {
         if !self.is_calm(now) {
             return self.poll_timeout();
         }
+        // Periodic work; what follows from a probe or a suspicion is not.
+        let periodic = |t: &Timer<GossipId>| {
+            matches!(
+                t,
+                Timer::ProbeRandomMember(_)
+                    | Timer::PeriodicGossip(_)
+                    | Timer::PeriodicAnnounce(_)
+                    | Timer::PeriodicAnnounceDown(_)
+                    | Timer::RemoveDown(_)
+            )
+        };
         let foca = self
             .timers
             .iter()
-            .find(|(_, t)| {
-                !matches!(
-                    t,
-                    Timer::ProbeRandomMember(_)
-                        | Timer::PeriodicGossip(_)
-                        | Timer::PeriodicAnnounce(_)
-                        | Timer::PeriodicAnnounceDown(_)
-                        | Timer::RemoveDown(_)
-                )
-            })
+            .find(|(_, t)| !periodic(t))
             .map(|((at, _), _)| *at);
         [foca, self.refute_at.first().copied()]
             .into_iter()
@@ -535,24 +542,15 @@ impl Gossip {
     /// put off are due at their normal pace again.
     fn stir(&mut self, now: Instant) {
         self.stirred_at = now;
-        let normal = |t: &Timer<GossipId>| match t {
-            Timer::ProbeRandomMember(_) => Some(self.cfg.probe_period),
-            Timer::PeriodicGossip(_) => Some(self.cfg.gossip_every),
-            _ => None,
-        };
-        let late: Vec<(Instant, u64)> = self
-            .timers
-            .iter()
-            .filter(|(at, t)| normal(t).is_some_and(|p| at.0 > now + p))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in late {
-            if let Some(t) = self.timers.remove(&key)
-                && let Some(p) = normal(&t)
-            {
-                self.timers.insert((now + p, key.1), t);
-            }
-        }
+        let (probe, gossip) = (self.cfg.probe_period, self.cfg.gossip_every);
+        self.move_timers(|at, t| {
+            let normal = match t {
+                Timer::ProbeRandomMember(_) => now + probe,
+                Timer::PeriodicGossip(_) => now + gossip,
+                _ => return None,
+            };
+            (at > normal).then_some(normal)
+        });
     }
 
     /// Moves what foca asked for into the outputs and timers, and turns its member states into

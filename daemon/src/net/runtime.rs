@@ -50,7 +50,11 @@ struct Timer {
 
 impl Timer {
     fn new(at: Instant) -> Timer {
-        let at = crate::wheel::align(Instant::now(), at);
+        Timer::at_aligned(crate::wheel::align(Instant::now(), at))
+    }
+
+    /// A timer at `at`, already on the wheel's boundaries.
+    fn at_aligned(at: Instant) -> Timer {
         Timer {
             sleep: Box::pin(tokio::time::sleep_until(at.into())),
             at,
@@ -69,7 +73,7 @@ impl AsyncTimer for Timer {
         let at = crate::wheel::align(Instant::now(), at);
         if at > self.at {
             // Later: a new entry; the old one leaves the wheel as it drops.
-            *self = Timer::new(at);
+            *self = Timer::at_aligned(at);
         } else {
             if at < self.at {
                 self.at = at;

@@ -905,7 +905,7 @@ async fn upkeep(shared: std::sync::Weak<Shared>) {
             }
             None => break,
         };
-        let steady = watch.elect_at.is_none() && changed_at.elapsed() >= STEADY_AFTER;
+        let steady = !founding && watch.elect_at.is_none() && changed_at.elapsed() >= STEADY_AFTER;
         let pause = if founding {
             Duration::from_millis(30)
         } else if steady {
@@ -945,7 +945,7 @@ async fn upkeep(shared: std::sync::Weak<Shared>) {
         tokio::select! {
             () = tokio::time::sleep_until(match until_elect {
                 Some(t) => wake_at(t.min(pause), false),
-                None => wake_at(pause, steady && !founding),
+                None => wake_at(pause, steady),
             }) => {}
             ok = raft_changed => {
                 changed_at = Instant::now();
