@@ -649,6 +649,15 @@ mod tests {
         g
     }
 
+    /// Nodes 1 and 2, members of each other only (a third that never answers would keep them
+    /// from ever being calm).
+    fn pair(t: Instant) -> (Gossip, Gossip) {
+        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
+        a.set_members(t, [id(1), id(2)]);
+        b.set_members(t, [id(1), id(2)]);
+        (a, b)
+    }
+
     /// Runs two nodes' timers and delivers their packets to each other until `until`.
     fn run(a: &mut Gossip, b: &mut Gossip, from: Instant, until: Instant) -> Vec<Vec<u8>> {
         let mut now = from;
@@ -693,10 +702,7 @@ mod tests {
     #[test]
     fn a_calm_cluster_probes_half_as_often_and_a_change_ends_the_calm() {
         let t = Instant::now();
-        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
-        // Two members only: node 3 would keep them from ever being calm.
-        a.set_members(t, [id(1), id(2)]);
-        b.set_members(t, [id(1), id(2)]);
+        let (mut a, mut b) = pair(t);
         let minute = Duration::from_secs(60);
         let busy = run(&mut a, &mut b, t, t + Duration::from_secs(20)).len();
         assert!(!a.is_calm(t + Duration::from_secs(20)));
@@ -730,9 +736,7 @@ mod tests {
     #[test]
     fn an_answered_probe_is_checked_at_once_and_calm_leaves_only_that_urgent() {
         let t = Instant::now();
-        let (mut a, mut b) = (gossip(1, t), gossip(2, t));
-        a.set_members(t, [id(1), id(2)]);
-        b.set_members(t, [id(1), id(2)]);
+        let (mut a, mut b) = pair(t);
         let minute = t + Duration::from_secs(60);
         run(&mut a, &mut b, t, minute);
         assert!(a.is_calm(minute));

@@ -352,25 +352,21 @@ mod tests {
     fn timers_wake_on_one_grid_fixed_from_the_start() {
         let from = std::time::Instant::now();
         let ms = |n: u64| from + Duration::from_millis(n);
-        // Deadlines within one step share its end, whenever they are asked for.
-        assert_eq!(
-            coalesce(from, ms(10), ms(260), 256),
-            Duration::from_millis(502)
-        );
-        assert_eq!(
-            coalesce(from, ms(300), ms(499), 256),
-            Duration::from_millis(212)
-        );
-        assert_eq!(
-            coalesce(from, ms(300), ms(512), 256),
-            Duration::from_millis(212)
-        );
-        assert_eq!(
-            coalesce(from, ms(300), ms(4000), 4096),
-            Duration::from_millis(3796)
-        );
-        // On a grid point: no extra step; overdue: at once.
-        assert_eq!(coalesce(from, ms(0), ms(0), 256), Duration::ZERO);
-        assert_eq!(coalesce(from, ms(900), ms(100), 256), Duration::ZERO);
+        // (now, next, grid) -> wait, in ms. Deadlines within one step share its end, whenever
+        // they are asked for; on a grid point: no extra step; overdue: at once.
+        for (now, next, grid, wait) in [
+            (10, 260, 256, 502),
+            (300, 499, 256, 212),
+            (300, 512, 256, 212),
+            (300, 4000, 4096, 3796),
+            (0, 0, 256, 0),
+            (900, 100, 256, 0),
+        ] {
+            assert_eq!(
+                coalesce(from, ms(now), ms(next), grid),
+                Duration::from_millis(wait),
+                "now {now} ms, next {next} ms, grid {grid} ms"
+            );
+        }
     }
 }
