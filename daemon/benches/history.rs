@@ -9,7 +9,7 @@
 //! B's CPU and peak RSS, and B reading the document back.
 //!
 //! `cargo bench -p tandem --bench history` (`BENCH_PERF=FILE` profiles B's sync with `perf record
-//! --call-graph dwarf`)
+//! --call-graph dwarf`, `BENCH_PERF_A=FILE` A's)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -127,7 +127,16 @@ fn main() {
 
     let perf = std::env::var("BENCH_PERF").ok();
     let b = Daemon::start(tmp.path().join("b"), perf.as_deref());
+    // `BENCH_PERF_A=FILE` profiles A (the sender) during the sync.
+    let perf_a = std::env::var("BENCH_PERF_A")
+        .ok()
+        .map(|f| a.perf_attach(&f));
+    let (a_cpu_before, _) = a.usage();
     let sync = b.join_until(&a, &target);
+    let a_cpu = a.usage().0 - a_cpu_before;
+    if let Some(p) = perf_a {
+        tandemd::stop_perf(p);
+    }
     let (b_cpu, b_rss) = b.usage();
     if perf.is_some() {
         // The profile is of the sync alone.
@@ -150,7 +159,7 @@ fn main() {
     println!("  Automerge::load in one process: {am_load:.3} s, peak RSS {am_rss:.0} MB");
     println!("  import on A over HTTP: {:.3} s", import.as_secs_f64());
     println!(
-        "  fresh B joins, to equal clocks: {:.3} s = {:.2}x the load; B CPU {b_cpu:.2} s, B peak RSS {b_rss:.0} MB = {:.2}x",
+        "  fresh B joins, to equal clocks: {:.3} s = {:.2}x the load; B CPU {b_cpu:.2} s (A {a_cpu:.2} s), B peak RSS {b_rss:.0} MB = {:.2}x",
         sync.as_secs_f64(),
         sync.as_secs_f64() / am_load,
         b_rss / am_rss

@@ -215,6 +215,47 @@ async fn export_import_round_trip_and_delete() {
     assert_eq!(node.get(copy, "/c").await.unwrap(), json!(false));
 }
 
+/// An imported file is the document's whole state: a long one is stored with its snapshot in
+/// the import's own commit, not rebuilt change by change by the compactor afterwards; a short
+/// one (under the compaction threshold) gets none. Both read back the same after a reopen.
+#[tokio::test]
+async fn a_long_import_is_stored_with_its_snapshot() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let mut am = automerge::Automerge::new();
+    for i in 0..200_i64 {
+        let mut tx = am.transaction();
+        tx.put(automerge::ROOT, "n", i).unwrap();
+        tx.commit();
+    }
+    let long = node.import(&am.save()).await.unwrap();
+    // Counted as soon as the import returns: no compaction ran (nor could finish) meanwhile.
+    let (stats, _) = node.stats().await.unwrap();
+    assert_eq!((stats.snapshots, stats.deltas), (1, 200));
+    let short = node
+        .import(
+            &node
+                .export(node.create(Some(json!({"a": 1}))).await.unwrap())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(node.stats().await.unwrap().0.snapshots, 1);
+    node.put(long, "/m", json!("after")).await.unwrap();
+    node.close().await.unwrap();
+    drop(node);
+
+    let node = open(dir.path()).await;
+    assert_eq!(
+        node.get(long, "").await.unwrap(),
+        json!({"n": 199, "m": "after"})
+    );
+    assert_eq!(node.get(short, "").await.unwrap(), json!({"a": 1}));
+    assert_eq!(node.history(long).await.unwrap().len(), 201);
+}
+
 #[tokio::test]
 async fn subscribers_see_local_changes_with_patches() {
     let dir = tempfile::tempdir().unwrap();

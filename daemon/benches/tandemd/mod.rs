@@ -134,6 +134,30 @@ impl Daemon {
         start.elapsed()
     }
 
+    /// Starts `perf record` (DWARF call graphs) on this running daemon, writing `out`; stop it
+    /// with [`stop_perf`] to profile only what happened in between.
+    pub fn perf_attach(&self, out: &str) -> Child {
+        let c = Command::new("perf")
+            .args([
+                "record",
+                "--call-graph",
+                "dwarf",
+                "-F",
+                "499",
+                "-o",
+                out,
+                "-p",
+            ])
+            .arg(self.child.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // perf needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(500));
+        c
+    }
+
     /// CPU seconds used so far, and peak RSS in MB.
     pub fn usage(&self) -> (f64, f64) {
         let pid = self.child.id();
@@ -214,4 +238,12 @@ pub fn import_all(d: &Daemon, files: &[Vec<u8>]) -> Vec<String> {
     });
     ids.sort();
     ids.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Stops a `perf record` started by [`Daemon::perf_attach`] and waits for it to write its file.
+pub fn stop_perf(mut perf: Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
 }

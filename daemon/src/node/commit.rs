@@ -81,7 +81,8 @@ impl Node {
     /// Turns bodies into this node's next deltas and queues them in one commit. Holding the
     /// engine lock while queueing keeps seq order equal to commit order. `keep` stays alive until
     /// the commit (so the cache cannot evict and reload a document that lacks it), and the event
-    /// is sent right after the commit, even if the caller has gone.
+    /// is sent right after the commit, even if the caller has gone. `snapshot`: the document's
+    /// whole state once these are in, if the caller has it saved (see [`Write::Deltas`]).
     pub(super) fn commit_local(
         &self,
         doc: DocId,
@@ -89,6 +90,7 @@ impl Node {
         heads: Vec<ChangeHash>,
         event: Option<Event>,
         keep: Arc<DocEntry>,
+        snapshot: Option<Vec<u8>>,
     ) -> Pending {
         let sender = if event.is_some() {
             self.event_sender()
@@ -126,6 +128,7 @@ impl Node {
         let rx = self.inner.store.submit(Write::Deltas {
             deltas: Arc::new(deltas),
             heads: vec![(doc, heads)],
+            snapshot: snapshot.map(|s| (doc, s)),
             after_commit: Some(after_commit),
         });
         Pending { rx }
@@ -143,7 +146,7 @@ impl Node {
     ) -> Pending {
         let event = self.local_event(doc, am, false, || patches);
         let body = DeltaBody::Change(change.raw_bytes().to_vec());
-        self.commit_local(doc, vec![body], am.get_heads(), event, keep)
+        self.commit_local(doc, vec![body], am.get_heads(), event, keep, None)
     }
 
     /// Every commit from now on (made here or received), for the sync sessions.
@@ -151,19 +154,21 @@ impl Node {
         self.inner.commits.subscribe()
     }
 
-    /// Caches a new document and commits the deltas that make it.
+    /// Caches a new document and commits the deltas that make it (with `snapshot`, its saved
+    /// state, if the caller has it).
     pub(super) async fn commit_new(
         &self,
         doc: DocId,
         am: Automerge,
         bodies: Vec<DeltaBody>,
+        snapshot: Option<Vec<u8>>,
     ) -> Result<(), Error> {
         let heads = am.get_heads();
         let event = self.local_event(doc, &am, false, || am.current_state());
         let entry = self
             .cache()
             .insert_loaded(doc, DocState { am, deleted: false });
-        self.commit_local(doc, bodies, heads, event, entry)
+        self.commit_local(doc, bodies, heads, event, entry, snapshot)
             .wait()
             .await
     }
@@ -356,6 +361,7 @@ impl Node {
         let rx = self.inner.store.submit(Write::Deltas {
             deltas: Arc::new(deltas),
             heads,
+            snapshot: None,
             after_commit: Some(after_commit),
         });
         drop(guards);

@@ -245,7 +245,7 @@ impl Node {
             })
         })?;
         let body = DeltaBody::Change(change.raw_bytes().to_vec());
-        self.commit_new(doc, am, vec![body]).await?;
+        self.commit_new(doc, am, vec![body], None).await?;
         Ok(doc)
     }
 
@@ -269,7 +269,14 @@ impl Node {
             st.deleted = true;
             let heads = st.am.get_heads();
             let event = self.local_event(doc, &st.am, true, Vec::new);
-            self.commit_local(doc, vec![DeltaBody::Tombstone], heads, event, entry.clone())
+            self.commit_local(
+                doc,
+                vec![DeltaBody::Tombstone],
+                heads,
+                event,
+                entry.clone(),
+                None,
+            )
         };
         pending.wait().await
     }
@@ -447,7 +454,10 @@ impl Node {
         let bodies = change_bodies(&changes);
         am.set_actor(self.inner.actor.clone());
         let doc = DocId::from_bytes(rand::random());
-        self.commit_new(doc, am, bodies).await?;
+        // The file is the document's whole state: its snapshot, so a long history is not
+        // rebuilt change by change to compact it.
+        self.commit_new(doc, am, bodies, Some(bytes.to_vec()))
+            .await?;
         Ok(doc)
     }
 }

@@ -113,7 +113,7 @@ impl Node {
             .map_err(bad)?
             .map_err(bad)?;
         am.set_actor(self.inner.actor.clone());
-        self.commit_new(doc, am, bodies).await
+        self.commit_new(doc, am, bodies, None).await
     }
 
     /// Runs `f` on the loaded document (changes from elsewhere going in) and commits what it
@@ -143,7 +143,7 @@ impl Node {
             }
             let bodies = change_bodies(&st.am.get_changes(&before));
             let event = self.local_event(doc, &st.am, false, || st.am.make_patches(&mut log));
-            self.commit_local(doc, bodies, st.am.get_heads(), event, entry.clone())
+            self.commit_local(doc, bodies, st.am.get_heads(), event, entry.clone(), None)
         };
         pending.wait().await
     }

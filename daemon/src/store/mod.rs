@@ -124,6 +124,11 @@ pub enum Write {
         /// Shared, so the feed of commits hands them on without a copy.
         deltas: Arc<Vec<Delta>>,
         heads: Vec<(DocId, Vec<automerge::ChangeHash>)>,
+        /// The whole state of one of the documents once these deltas are in, saved (a file
+        /// just imported holds it already): recorded as its snapshot in the same transaction
+        /// if the document is then due for compaction, instead of the compactor rebuilding
+        /// that state from every delta.
+        snapshot: Option<(DocId, Vec<u8>)>,
         /// Runs on the writer thread right after the commit succeeds (before the reply), with
         /// the deltas just committed.
         after_commit: Option<AfterCommit>,
@@ -996,6 +1001,7 @@ mod tests {
             .block_on(store.write(Write::Deltas {
                 deltas: Arc::new(deltas),
                 heads: Vec::new(),
+                snapshot: None,
                 after_commit: None,
             }))
             .unwrap();

@@ -302,9 +302,18 @@ impl Writer {
         let mut healed = Vec::new();
         let mut quarantined = Vec::new();
         let mut counted = CountDelta::default();
+        let mut saved = BTreeMap::new();
         for write in writes {
             match write {
-                Write::Deltas { deltas, heads, .. } => {
+                Write::Deltas {
+                    deltas,
+                    heads,
+                    snapshot,
+                    ..
+                } => {
+                    if let Some((doc, bytes)) = snapshot {
+                        saved.insert(*doc, bytes);
+                    }
                     let mut ins = tx.prepare_cached(
                         "INSERT OR IGNORE INTO deltas
                              (origin, seq, doc, kind, change, received_at, prev, sig)
@@ -366,7 +375,7 @@ impl Writer {
                     heads,
                     upto,
                 } => {
-                    if write_snapshot(&tx, *doc, snapshot, heads, *upto)? {
+                    if write_snapshot(&tx, *doc, snapshot, &heads_to_bytes(heads), *upto)? {
                         counted.snapshots += 1;
                     }
                 }
@@ -430,6 +439,29 @@ impl Writer {
                     due.push(*doc);
                 }
             }
+        }
+        // Documents due that came with their whole state: that is their snapshot.
+        if !saved.is_empty() {
+            let mut last =
+                tx.prepare_cached("SELECT coalesce(max(rowid), 0) FROM deltas WHERE doc = ?1")?;
+            let mut i = 0;
+            while i < due.len() {
+                let doc = due[i];
+                let Some((bytes, Some(heads))) = saved
+                    .get(&doc)
+                    .zip(docs.get(&doc).map(|d| d.heads.as_deref()))
+                else {
+                    i += 1;
+                    continue;
+                };
+                let upto: i64 = last.query_row([doc.as_bytes().as_slice()], |r| r.get(0))?;
+                if write_snapshot(&tx, doc, bytes, heads, upto)? {
+                    counted.snapshots += 1;
+                }
+                due.swap_remove(i);
+            }
+        }
+        {
             let mut clock = tx.prepare_cached(
                 "INSERT OR REPLACE INTO clock (origin, prefix, extra) VALUES (?1, ?2, ?3)",
             )?;
@@ -470,10 +502,9 @@ fn write_snapshot(
     tx: &Transaction<'_>,
     doc: DocId,
     snapshot: &[u8],
-    heads: &[automerge::ChangeHash],
+    heads: &[u8],
     upto: i64,
 ) -> Result<bool, StoreError> {
-    let heads = heads_to_bytes(heads);
     let key = doc.as_bytes().as_slice();
     // Only move forward: a slower compaction of an older state must not replace a newer one.
     let moved = tx.execute(
