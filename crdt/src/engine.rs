@@ -117,6 +117,15 @@ pub enum Input {
     LocalChange { doc: DocId, body: DeltaBody },
     /// A peer sent these deltas.
     RemoteDeltas { from: NodeId, deltas: Vec<Delta> },
+    /// A peer sent these deltas, and their changes were parsed ahead of time (by
+    /// [`Delta::validate`], off the engine, while an earlier batch was committed): `parsed[i]`
+    /// is used for `deltas[i]` only if it is that delta's change (see
+    /// [`Delta::validate_with`]); a missing or mismatched one is validated here as usual.
+    RemoteParsed {
+        from: NodeId,
+        deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
+    },
 }
 
 /// What the engine asks its caller to do, in order.
@@ -130,7 +139,7 @@ pub enum Action {
         source: Source,
         /// For received deltas, each one's change as validation parsed it (parallel to
         /// `deltas`; `None` for a tombstone), so nothing parses it again. Empty for local ones.
-        changes: Vec<Option<automerge::Change>>,
+        changes: Vec<Option<Box<automerge::Change>>>,
     },
     /// A peer sent a delta that failed validation; nothing of it was kept.
     Reject { from: NodeId, error: DeltaError },
@@ -208,7 +217,12 @@ impl Engine {
                 source: Source::Local,
                 changes: Vec::new(),
             }],
-            Input::RemoteDeltas { from, deltas } => self.remote_deltas(from, deltas),
+            Input::RemoteDeltas { from, deltas } => self.remote_deltas(from, deltas, Vec::new()),
+            Input::RemoteParsed {
+                from,
+                deltas,
+                parsed,
+            } => self.remote_deltas(from, deltas, parsed),
         }
     }
 
@@ -230,14 +244,21 @@ impl Engine {
         d
     }
 
-    fn remote_deltas(&mut self, from: NodeId, deltas: Vec<Delta>) -> Vec<Action> {
+    fn remote_deltas(
+        &mut self,
+        from: NodeId,
+        deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
+    ) -> Vec<Action> {
         let mut candidates = Vec::new();
         let mut actions = Vec::new();
+        let mut parsed = parsed.into_iter();
         for d in deltas {
+            let pre = parsed.next().flatten();
             if self.clock.contains(d.id) {
                 continue;
             }
-            match d.validate() {
+            match d.validate_with(pre) {
                 Ok(change) => candidates.push((d, change)),
                 Err(error) => actions.push(Action::Reject { from, error }),
             }

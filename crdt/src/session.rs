@@ -41,6 +41,10 @@ pub struct SessionConfig {
     pub window: usize,
     /// Target size of one catch-up batch.
     pub batch_bytes: usize,
+    /// Most bytes of received batches and pushes stored at once: what waits while a store
+    /// runs joins the next one up to this, so a receiver that falls behind commits less often
+    /// (each commit has a fixed cost: an fsync, the pages every commit rewrites).
+    pub store_bytes: usize,
     /// How long to wait for the peer's Hello.
     pub hello_timeout: Duration,
     /// How long a sent batch may wait for its ack.
@@ -60,6 +64,7 @@ impl Default for SessionConfig {
         Self {
             window: 4,
             batch_bytes: BATCH_BYTES,
+            store_bytes: 4 * BATCH_BYTES,
             hello_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(120),
             push_buffer: 1 << 20,
@@ -872,8 +877,8 @@ impl Session {
         }
     }
 
-    /// Asks for the next store. What else waits joins it, up to a batch's size: a node that
-    /// falls behind then stores many changes at once instead of one push at a time (applying
+    /// Asks for the next store. What else waits joins it, up to [`SessionConfig::store_bytes`]:
+    /// a node that falls behind then stores many changes at once instead of one push at a time (applying
     /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
         while self.storing.is_none() {
@@ -889,7 +894,7 @@ impl Session {
             while self
                 .received
                 .front()
-                .is_some_and(|next| size + next.bytes <= self.cfg.batch_bytes)
+                .is_some_and(|next| size + next.bytes <= self.cfg.store_bytes)
             {
                 let Some(next) = self.received.pop_front() else {
                     break;
@@ -1051,6 +1056,7 @@ mod tests {
     fn small_batches() -> SessionConfig {
         SessionConfig {
             batch_bytes: 300,
+            store_bytes: 1_200,
             ..SessionConfig::default()
         }
     }

@@ -146,6 +146,23 @@ fn main() {
         );
         return;
     }
+    // B's writer thread: how long its commits took, and how many.
+    let metrics = b
+        .req("GET", "/metrics")
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (commit_s, commits) = (
+        metric("tandem_commit_duration_seconds_sum"),
+        metric("tandem_commit_duration_seconds_count"),
+    );
     let start = Instant::now();
     b.req("GET", &format!("/v1/docs/{id}")).call().unwrap();
     let read = start.elapsed();
@@ -164,6 +181,7 @@ fn main() {
         sync.as_secs_f64() / am_load,
         b_rss / am_rss
     );
+    println!("  B's commits: {commits} taking {commit_s:.3} s");
     println!(
         "  first read on B: {:.3} s; B peak RSS after {b_rss_read:.0} MB",
         read.as_secs_f64()

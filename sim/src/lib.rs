@@ -324,6 +324,7 @@ impl Sim {
             entropy: true,
             session_cfg: SessionConfig {
                 batch_bytes: 2_048,
+                store_bytes: 8_192,
                 hello_timeout: Duration::from_millis(1_000),
                 ack_timeout: Duration::from_millis(5_000),
                 push_buffer: 16 * 1024,

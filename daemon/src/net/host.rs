@@ -52,11 +52,13 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     /// The receive path: validate, deduplicate, apply, commit, announce. The caller must run
     /// the future to its end (the session runs it in a task of its own, never aborted): one
     /// dropped half-way would leave documents changed in memory but not committed. `live`:
-    /// a push, not a catch-up batch (see [`tandem_crdt::session::Output::Store`]).
+    /// a push, not a catch-up batch (see [`tandem_crdt::session::Output::Store`]). `parsed`:
+    /// changes parsed on arrival, by position (see [`tandem_crdt::Input::RemoteParsed`]).
     fn apply_remote(
         &self,
         from: NodeId,
         deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
     ) -> BoxFuture<Result<(), StoreFailure>>;
 

@@ -9,6 +9,7 @@
 //!   never leaves a delta committed but unapplied);
 //! - the node's feed of commits, and the session's timer.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tandem_crdt::NodeId;
@@ -16,7 +17,7 @@ use tandem_crdt::proto::{PushMsg, StreamKind, SyncMsg};
 use tandem_crdt::session::{
     CloseCode, Lane, LoadRequest, Output, Session, SessionConfig, StoreFailure, StoreId,
 };
-use tandem_crdt::{CatchUp, Delta};
+use tandem_crdt::{CatchUp, Delta, DeltaId};
 use tokio::sync::{broadcast, mpsc};
 
 use super::router::Routes;
@@ -58,8 +59,26 @@ enum Ev {
 
 /// What a reader delivers, in stream order: frames, then how the stream ended.
 enum In<M> {
-    Frame(M),
+    /// A message, with the changes of the deltas it carries as parsed on arrival (see
+    /// [`parse_ahead`]).
+    Frame(M, Vec<(DeltaId, Box<automerge::Change>)>),
     End(Result<(), SessionError>),
+}
+
+/// At most this many changes parsed on arrival wait for their store (a window of catch-up
+/// batches holds a few thousand); past it, the engine parses the rest itself.
+const MAX_PARSED_AHEAD: usize = 1 << 16;
+
+/// Validates a received batch's deltas as they arrive, in the stream's reader task: their
+/// parse (most of the receive path's CPU for small changes) then runs while the batch before
+/// them is being committed, instead of after it, under the engine's lock. Only what validates
+/// is kept; the engine validates anything else again and rejects it there. What the engine
+/// gets is checked against the delta's bytes ([`Delta::validate_with`]).
+fn parse_ahead(deltas: &[Delta]) -> Vec<(DeltaId, Box<automerge::Change>)> {
+    deltas
+        .iter()
+        .filter_map(|d| Some((d.id, Box::new(d.validate().ok()??))))
+        .collect()
 }
 
 /// Runs the session until the connection ends or the peer breaks the protocol.
@@ -138,6 +157,8 @@ pub(crate) async fn run(
     ];
     let aborter = AbortOnDrop(tasks.iter().map(|t| t.abort_handle()).collect());
 
+    // Changes parsed as their batch arrived, until the batch is stored.
+    let mut ahead: HashMap<DeltaId, Box<automerge::Change>> = HashMap::new();
     let mut feed_open = true;
     let mut ctl_open = true;
     let result = loop {
@@ -153,7 +174,8 @@ pub(crate) async fn run(
                 }
                 Output::Load(req) => load(shared, req, &ev_tx),
                 Output::Store { id, deltas, live } => {
-                    let fut = host.apply_remote(peer, deltas, live);
+                    let parsed = deltas.iter().map(|d| ahead.remove(&d.id)).collect();
+                    let fut = host.apply_remote(peer, deltas, parsed, live);
                     let tx = ev_tx.clone();
                     // Its own task, never aborted: a session torn down meanwhile must not
                     // leave deltas applied in memory but not committed.
@@ -215,11 +237,16 @@ pub(crate) async fn run(
                 }
             }
             Some(i) = sync_in.recv() => match i {
-                In::Frame(msg) => session.handle_sync(clock.now(), msg),
+                In::Frame(msg, parsed) => {
+                    if ahead.len() + parsed.len() <= MAX_PARSED_AHEAD {
+                        ahead.extend(parsed);
+                    }
+                    session.handle_sync(clock.now(), msg)
+                }
                 In::End(r) => break r,
             },
             Some(i) = push_in.recv(), if wants_push => match i {
-                In::Frame(msg) => session.handle_push(clock.now(), msg),
+                In::Frame(msg, _) => session.handle_push(clock.now(), msg),
                 In::End(r) => break r,
             },
             c = commits.recv(), if feed_open => {
@@ -358,7 +385,8 @@ async fn read_stream<M: wire::Message + DeltasOf>(
                 s.deltas_received += deltas;
                 s.last_seen = Some(now);
             });
-            if out.send(In::Frame(msg)).await.is_err() {
+            let parsed = msg.parse_ahead();
+            if out.send(In::Frame(msg, parsed)).await.is_err() {
                 break;
             }
         }
@@ -368,9 +396,11 @@ async fn read_stream<M: wire::Message + DeltasOf>(
     let _ = out.send(In::End(r)).await;
 }
 
-/// How many deltas a message carries (for the traffic counters).
+/// How many deltas a message carries (for the traffic counters), and their changes parsed
+/// ahead of their store.
 trait DeltasOf {
     fn deltas(&self) -> u64;
+    fn parse_ahead(&self) -> Vec<(DeltaId, Box<automerge::Change>)>;
 }
 
 impl DeltasOf for SyncMsg {
@@ -380,11 +410,24 @@ impl DeltasOf for SyncMsg {
             _ => 0,
         }
     }
+
+    /// A catch-up batch waits behind the one being stored: parsed now, in parallel.
+    fn parse_ahead(&self) -> Vec<(DeltaId, Box<automerge::Change>)> {
+        match self {
+            SyncMsg::Batch { deltas, .. } => parse_ahead(deltas),
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl DeltasOf for PushMsg {
     fn deltas(&self) -> u64 {
         let PushMsg::Push { deltas } = self;
         deltas.len() as u64
+    }
+
+    /// A push is stored at once (and a delay there is latency): parsed by the engine.
+    fn parse_ahead(&self) -> Vec<(DeltaId, Box<automerge::Change>)> {
+        Vec::new()
     }
 }

@@ -41,7 +41,10 @@ fn feed_commit(feed: &broadcast::Sender<Commit>, deltas: &Arc<Vec<Delta>>, sourc
 /// (Then the heads are those of `base` and `changes` that no change depends on, sorted as
 /// Automerge sorts them.) Otherwise `None`: a dependency is an older change, or missing, and
 /// only loading the document can tell.
-fn derive_heads(base: &[ChangeHash], changes: &[automerge::Change]) -> Option<Vec<ChangeHash>> {
+fn derive_heads(
+    base: &[ChangeHash],
+    changes: &[Box<automerge::Change>],
+) -> Option<Vec<ChangeHash>> {
     let mut all: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
     let mut deps = BTreeSet::new();
     for c in changes {
@@ -55,6 +58,12 @@ fn derive_heads(base: &[ChangeHash], changes: &[automerge::Change]) -> Option<Ve
     all.extend(base.iter().copied());
     Some(all.difference(&deps).copied().collect())
 }
+
+/// A batch of received deltas by document: its changes (boxed: a parsed change is over 500
+/// bytes, and moving them between the batch's vectors showed in profiles), whether one of them
+/// deletes it, and the origin of its last delta.
+#[allow(clippy::vec_box)]
+type ByDoc = BTreeMap<DocId, (Vec<Box<automerge::Change>>, bool, NodeId)>;
 
 /// What a committed local write still has to do.
 pub(super) struct Pending {
@@ -185,28 +194,35 @@ impl Node {
     /// while the documents are locked, so each document's heads are recorded in the order its
     /// changes were applied. Run it to its end (in a task of its own): the engine takes the
     /// deltas before the documents load, and a future dropped between the two would leave
-    /// them in the engine's clock but not on disk.
+    /// them in the engine's clock but not on disk. `parsed`: changes parsed on arrival, by
+    /// position (checked against the deltas: see [`Input::RemoteParsed`]); may be empty.
     pub(crate) async fn apply_remote(
         &self,
         from: NodeId,
         deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
     ) -> Result<(), Error> {
         let mut fresh = Vec::new();
-        let mut parsed = Vec::new();
+        let mut changes = Vec::new();
         let mut rejected = None;
-        for action in self.engine().handle(Input::RemoteDeltas { from, deltas }) {
+        let input = Input::RemoteParsed {
+            from,
+            deltas,
+            parsed,
+        };
+        for action in self.engine().handle(input) {
             match action {
                 Action::Persist {
-                    deltas, changes, ..
-                } => (fresh, parsed) = (deltas, changes),
+                    deltas, changes: c, ..
+                } => (fresh, changes) = (deltas, c),
                 Action::Reject { error, .. } => {
                     rejected.get_or_insert(error);
                 }
             }
         }
         if !fresh.is_empty() {
-            self.commit_remote(from, fresh, parsed, live)
+            self.commit_remote(from, fresh, changes, live)
                 .await
                 .wait()
                 .await?;
@@ -223,11 +239,10 @@ impl Node {
         &self,
         from: NodeId,
         deltas: Vec<Delta>,
-        parsed: Vec<Option<automerge::Change>>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
     ) -> Pending {
-        // Per document: its changes, whether it was deleted, and the origin of its last delta.
-        let mut by_doc: BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)> = BTreeMap::new();
+        let mut by_doc = ByDoc::new();
         for (d, change) in deltas.iter().zip(parsed) {
             let e = by_doc
                 .entry(d.doc)
@@ -305,8 +320,10 @@ impl Node {
             // after would walk the whole document for every batch).
             let want_patches = sender.is_some() && (*was_loaded || live);
             let mut log = Self::patch_log(want_patches);
-            match tandem_crdt::delta::contain(|| st.am.apply_changes_log_patches(changes, &mut log))
-            {
+            match tandem_crdt::delta::contain(|| {
+                st.am
+                    .apply_changes_log_patches(changes.into_iter().map(|c| *c), &mut log)
+            }) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(%doc, error = %e, "received changes do not apply; stored anyway");
@@ -373,10 +390,7 @@ impl Node {
     /// heads are complete), with every dependency of their changes another change of the
     /// batch or one of those heads. Returns each with its landing guard and heads; the others
     /// are applied in memory as usual.
-    async fn land_unloaded(
-        &self,
-        by_doc: &BTreeMap<DocId, (Vec<automerge::Change>, bool, NodeId)>,
-    ) -> Vec<(DocId, LandingGuard, Vec<ChangeHash>)> {
+    async fn land_unloaded(&self, by_doc: &ByDoc) -> Vec<(DocId, LandingGuard, Vec<ChangeHash>)> {
         let candidates: Vec<(DocId, LandingGuard)> = by_doc
             .keys()
             .filter_map(|doc| Some((*doc, self.cache().get_or_insert(*doc).try_land()?)))
@@ -452,7 +466,7 @@ impl Node {
     pub async fn ingest(&self, from: NodeId, deltas: Vec<Delta>) -> Result<(), Error> {
         // In a task of its own: a caller that gives up (a timeout) must not stop it half-way.
         let node = self.clone();
-        tokio::spawn(async move { node.apply_remote(from, deltas, false).await })
+        tokio::spawn(async move { node.apply_remote(from, deltas, Vec::new(), false).await })
             .await
             .map_err(|_| Error::Closed)?
     }

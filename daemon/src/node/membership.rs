@@ -418,12 +418,13 @@ impl NetHost for NodeLink {
         &self,
         from: NodeId,
         deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
     ) -> BoxFuture<Result<(), StoreFailure>> {
         let node = self.node();
         Box::pin(async move {
             let node = node.ok_or_else(|| StoreFailure::Failed("the node is closed".into()))?;
-            match node.apply_remote(from, deltas, live).await {
+            match node.apply_remote(from, deltas, parsed, live).await {
                 Ok(()) => Ok(()),
                 Err(Error::Doc(DocError::InvalidDelta(why))) => Err(StoreFailure::Invalid(why)),
                 Err(e) => Err(StoreFailure::Failed(e.to_string())),
