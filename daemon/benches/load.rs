@@ -2,7 +2,8 @@
 //! loopback: three paired daemons, `BENCH_WRITERS` writers each (default 8) writing through
 //! the HTTP API for `BENCH_SECS` seconds (default 60), each writer to its own document, one
 //! new key per write (`PUT /v1/docs/{id}?path=/k<n>`), one request after another, or at most
-//! `BENCH_RATE` writes per second per writer when set. Every node's `GET /v1/events` stream is
+//! `BENCH_RATE` writes per second per writer when set (writers then spread evenly over the
+//! period, not in lockstep). Every node's `GET /v1/events` stream is
 //! read throughout; an event names the keys it touched, so each write is matched to the moment
 //! it arrived on each other node.
 //!
@@ -126,17 +127,24 @@ fn main() {
     let began = Instant::now();
     let deadline = began + Duration::from_secs(secs);
     let acked: Vec<(usize, String, u64, Instant)> = std::thread::scope(|s| {
+        let writers = docs.len();
         let handles: Vec<_> = docs
             .iter()
-            .map(|(n, id)| {
+            .enumerate()
+            .map(|(w, (n, id))| {
                 let node = nodes[*n].clone();
+                // Rate-limited writers are spread evenly over the period, as independent
+                // writers would be, not fired in lockstep (every daemon writing at the same
+                // instant measured that pile-up on two cores, not the path a write takes).
+                let phase = w as f64 / writers as f64;
                 s.spawn(move || {
                     let mut out = Vec::new();
                     let mut k = 0u64;
                     while Instant::now() < deadline {
                         k += 1;
                         if rate > 0 {
-                            let due = began + Duration::from_secs_f64(k as f64 / rate as f64);
+                            let due = began
+                                + Duration::from_secs_f64((k as f64 - 1.0 + phase) / rate as f64);
                             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                                 std::thread::sleep(wait);
                             }

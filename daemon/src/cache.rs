@@ -6,7 +6,7 @@
 //! says so ([`DocEntry::try_land`]) and a load waits for them ([`DocEntry::before_load`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::{Automerge, ChangeHash};
@@ -26,6 +26,11 @@ pub(crate) struct DocEntry {
     /// Dropped from the cache because its in-memory state may differ from the store (a failed
     /// commit, damage found): a write still holding it must not commit what it built on it.
     stale: AtomicBool,
+    /// Events of this document that wait for their commit (a local write's always does). While
+    /// one does, a received change's event waits for its own commit too, so that subscribers
+    /// get a document's events in the order its changes were applied (see
+    /// [`DocEntry::event_now`]).
+    events_at_commit: AtomicUsize,
     landing: Mutex<Landing>,
     landed: Notify,
 }
@@ -112,6 +117,23 @@ impl DocEntry {
             }
             landed.await;
         }
+    }
+
+    /// Whether a change just applied (the caller holds the document's lock) may be announced
+    /// at once: no event of this document waits for a commit. Otherwise the caller announces
+    /// it after its commit and counts it with [`DocEntry::event_waits`] meanwhile.
+    pub fn event_now(&self) -> bool {
+        self.events_at_commit.load(Ordering::Acquire) == 0
+    }
+
+    /// An event of this document will be sent after a commit (call with the lock held, before
+    /// the write is queued); [`DocEntry::event_sent`] once it has been.
+    pub fn event_waits(&self) {
+        self.events_at_commit.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn event_sent(&self) {
+        self.events_at_commit.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Whether the entry was discarded (see [`DocCache::discard`]).

@@ -127,9 +127,14 @@ impl Node {
             }
         }
         let feed = self.inner.commits.clone();
+        let announce = sender.zip(event);
+        if announce.is_some() {
+            keep.event_waits();
+        }
         let after_commit: AfterCommit = Box::new(move |deltas| {
-            if let (Some(tx), Some(ev)) = (sender, event) {
+            if let Some((tx, ev)) = announce {
                 let _ = tx.send(Arc::new(ev));
+                keep.event_sent();
             }
             feed_commit(&feed, deltas, Source::Local);
             drop(keep);
@@ -267,6 +272,8 @@ impl Node {
         // stored, their heads derived from the stored heads and the changes, and they load
         // when someone reads them (after these land: see `DocEntry::try_land`).
         let mut landing = Vec::new();
+        // Events of documents applied in memory that wait for this commit, with their entries.
+        let mut waiting = Vec::new();
         if !live {
             for (doc, guard, new_heads) in self.land_unloaded(&by_doc).await {
                 let Some((_, tombstone, origin)) = by_doc.remove(&doc) else {
@@ -339,13 +346,13 @@ impl Node {
             }
             st.deleted |= tombstone;
             let after = st.am.get_heads();
-            if sender.is_some() {
+            if let Some(tx) = &sender {
                 let patches = if want_patches {
                     st.am.make_patches(&mut log)
                 } else {
                     Vec::new()
                 };
-                events.push(Event {
+                let event = Event {
                     doc,
                     source: Source::Remote(origin),
                     patches,
@@ -353,7 +360,17 @@ impl Node {
                     heads: after.clone(),
                     deleted: st.deleted,
                     damaged: None,
-                });
+                };
+                // Announced as soon as it is applied, unless an event of this document waits
+                // for a commit (see `DocEntry::event_now`). These changes are durable at their
+                // origin, and readers here see them already; waiting for this node's commit
+                // (an fsync) only delayed the news.
+                if entry.event_now() {
+                    let _ = tx.send(Arc::new(event));
+                } else {
+                    entry.event_waits();
+                    waiting.push((entry.clone(), event));
+                }
             }
             heads.push((doc, after));
             guards.push(st);
@@ -365,6 +382,10 @@ impl Node {
             if let Some(tx) = sender {
                 for e in events {
                     let _ = tx.send(Arc::new(e));
+                }
+                for (entry, e) in waiting {
+                    let _ = tx.send(Arc::new(e));
+                    entry.event_sent();
                 }
             }
             // The entries stay cached until the commit: a reload cannot miss these changes.
@@ -469,5 +490,82 @@ impl Node {
         tokio::spawn(async move { node.apply_remote(from, deltas, Vec::new(), false).await })
             .await
             .map_err(|_| Error::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::node::Config;
+
+    /// Holds the writer thread busy for a while (a slow statement queued ahead of everything
+    /// after it), so what is queued next waits for its commit.
+    fn stall_writer(node: &Node) -> oneshot::Receiver<Result<(), StoreError>> {
+        node.inner.store.submit(Write::Exec {
+            sql: "INSERT OR REPLACE INTO meta (key, value)
+                  SELECT 'stall', max(x) FROM (WITH RECURSIVE c(x) AS
+                      (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT x FROM c)",
+            params: Vec::new(),
+        })
+    }
+
+    /// A received change is announced as soon as it is applied, before this node's commit of
+    /// it; but never ahead of a local write's event still waiting for its commit: a document's
+    /// events come in the order its changes were applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn received_changes_are_announced_at_once_but_in_order() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = Node::open(Config::new(dirs[0].path())).await.unwrap();
+        let b = Node::open(Config::new(dirs[1].path())).await.unwrap();
+        let doc = a.create(Some(json!({"n": 0}))).await.unwrap();
+        let from_a = a.deltas_missing_from(&b.clock()).await.unwrap();
+        b.ingest(a.id(), from_a).await.unwrap();
+        let mut events = a.subscribe(Some(doc)).unwrap();
+
+        // Nothing of the document waits: the event comes while the commit is still held up.
+        let before = a.clock();
+        b.put(doc, "/b", json!(1)).await.unwrap();
+        let r = b.deltas_missing_from(&before).await.unwrap();
+        let mut stall = stall_writer(&a);
+        let node = a.clone();
+        let from = b.id();
+        let ingest = tokio::spawn(async move { node.ingest(from, r).await });
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.source, Source::Remote(b.id()));
+        // The statement queued ahead of this commit is still running.
+        assert!(
+            matches!(stall.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "announced only after the commit"
+        );
+        ingest.await.unwrap().unwrap();
+        stall.await.unwrap().unwrap();
+
+        // A local write waits for its commit: a change received meanwhile is announced after it.
+        let stall = stall_writer(&a);
+        let node = a.clone();
+        let local = tokio::spawn(async move { node.put(doc, "/a", json!(1)).await });
+        // The local change is applied (and its commit queued) before the remote one arrives.
+        while a.get(doc, "/a").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = a.clock();
+        b.put(doc, "/b", json!(3)).await.unwrap();
+        let r = b.deltas_missing_from(&before).await.unwrap();
+        a.ingest(b.id(), r).await.unwrap();
+        local.await.unwrap().unwrap();
+        stall.await.unwrap().unwrap();
+        let first = events.recv().await.unwrap();
+        let second = events.recv().await.unwrap();
+        assert_eq!(first.source, Source::Local);
+        assert_eq!(second.source, Source::Remote(b.id()));
+        assert_eq!(second.heads, a.heads(doc).await.unwrap());
     }
 }
