@@ -43,7 +43,9 @@ pub struct SessionConfig {
     pub batch_bytes: usize,
     /// Most bytes of received batches and pushes stored at once: what waits while a store
     /// runs joins the next one up to this, so a receiver that falls behind commits less often
-    /// (each commit has a fixed cost: an fsync, the pages every commit rewrites).
+    /// (each commit has a fixed cost: an fsync, the pages every commit rewrites). Default two
+    /// batches: with a window of four, the next two arrive while these are stored (four at
+    /// once left the receiver waiting for the sender to refill the whole window).
     pub store_bytes: usize,
     /// How long to wait for the peer's Hello.
     pub hello_timeout: Duration,
@@ -64,7 +66,7 @@ impl Default for SessionConfig {
         Self {
             window: 4,
             batch_bytes: BATCH_BYTES,
-            store_bytes: 4 * BATCH_BYTES,
+            store_bytes: 2 * BATCH_BYTES,
             hello_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(120),
             push_buffer: 1 << 20,

@@ -134,10 +134,11 @@ fn main() {
     let (a_cpu_before, _) = a.usage();
     let sync = b.join_until(&a, &target);
     let a_cpu = a.usage().0 - a_cpu_before;
+    // Before perf takes its time to stop: B compacts the document once the sync is quiet.
+    let (b_cpu, b_rss) = b.usage();
     if let Some(p) = perf_a {
         tandemd::stop_perf(p);
     }
-    let (b_cpu, b_rss) = b.usage();
     if perf.is_some() {
         // The profile is of the sync alone.
         println!(
