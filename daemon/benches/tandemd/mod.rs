@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// How the benches profile a daemon (the output file follows).
+const PERF_RECORD: [&str; 6] = ["record", "--call-graph", "dwarf", "-F", "499", "-o"];
+
 /// A real tandemd (this build's, or `BENCH_TANDEMD`), loopback only, stopped with SIGTERM on
 /// drop.
 pub struct Daemon {
@@ -26,17 +29,7 @@ impl Daemon {
         let mut cmd = match perf {
             Some(out) => {
                 let mut c = Command::new("perf");
-                c.args([
-                    "record",
-                    "--call-graph",
-                    "dwarf",
-                    "-F",
-                    "499",
-                    "-o",
-                    out,
-                    "--",
-                ]);
-                c.arg(&bin);
+                c.args(PERF_RECORD).args([out, "--"]).arg(&bin);
                 c
             }
             None => Command::new(&bin),
@@ -138,16 +131,8 @@ impl Daemon {
     /// with [`stop_perf`] to profile only what happened in between.
     pub fn perf_attach(&self, out: &str) -> Child {
         let c = Command::new("perf")
-            .args([
-                "record",
-                "--call-graph",
-                "dwarf",
-                "-F",
-                "499",
-                "-o",
-                out,
-                "-p",
-            ])
+            .args(PERF_RECORD)
+            .args([out, "-p"])
             .arg(self.child.id().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

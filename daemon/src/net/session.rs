@@ -65,9 +65,11 @@ enum In<M> {
     End(Result<(), SessionError>),
 }
 
-/// At most this many changes parsed on arrival wait for their store (a window of catch-up
-/// batches holds a few thousand); past it, the engine parses the rest itself.
-const MAX_PARSED_AHEAD: usize = 1 << 16;
+/// At most this many changes parsed on arrival wait for their store (a window of four
+/// 256 KiB catch-up batches holds at most ~6,500 deltas, each at least ~160 bytes on the
+/// wire); past it, the engine parses the rest itself. Bounds what a peer can make this side
+/// hold parsed to a few MB.
+const MAX_PARSED_AHEAD: usize = 8192;
 
 /// Validates a received batch's deltas as they arrive, in the stream's reader task: their
 /// parse (most of the receive path's CPU for small changes) then runs while the batch before
