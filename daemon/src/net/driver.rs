@@ -82,6 +82,7 @@ pub(crate) async fn run(
                 });
                 continue;
             }
+            tracing::trace!(peer = %dial.peer.short(), addrs = ?dial.addrs, "dialing");
             tokio::spawn(dial_member(shared.clone(), dial.peer, dial.addrs));
         }
         publish(&shared, &dialer);
@@ -156,6 +157,7 @@ pub(crate) async fn run(
                 let id = conn.stable_id() as ConnId;
                 match dialer.connected(peer, id, dialed, now) {
                     Admit::Refuse => {
+                        tracing::debug!(peer = %peer.short(), dialed, "a simultaneous dial lost the tie; closed");
                         conn.close(close::DUPLICATE.into(), b"duplicate connection");
                         let _ = reply.send(false);
                     }

@@ -79,13 +79,14 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Joiner side: returns its Raft id and the member list. Tries the invite's addresses, then, if
-/// those are stale and mDNS is on, wherever mDNS sees the inviter within 3 s.
+/// Joiner side: returns its Raft id, the member list and the address the inviter answered at.
+/// Tries the invite's addresses, then, if those are stale and mDNS is on, wherever mDNS sees
+/// the inviter within 3 s.
 pub(crate) async fn join(
     shared: &Shared,
     invite: &Invite,
     mdns: Option<&Net>,
-) -> Result<(u64, MemberList), JoinError> {
+) -> Result<(u64, MemberList, SocketAddr), JoinError> {
     if invite.expired(shared.clock.wall_ms()) {
         return Err(InviteError::Expired.into());
     }
@@ -94,7 +95,7 @@ pub(crate) async fn join(
     for addr in &listed {
         match join_at(shared, invite, *addr).await {
             Err(NetError::Unreachable(e)) => last = NetError::Unreachable(e),
-            other => return Ok(other?),
+            other => return Ok(other.map(|(id, list)| (id, list, *addr))?),
         }
     }
     if let Some(net) = mdns {
@@ -111,7 +112,7 @@ pub(crate) async fn join(
                 for addr in seen {
                     match join_at(shared, invite, addr).await {
                         Err(NetError::Unreachable(e)) => last = NetError::Unreachable(e),
-                        other => return Ok(other?),
+                        other => return Ok(other.map(|(id, list)| (id, list, addr))?),
                     }
                 }
                 break;

@@ -489,7 +489,10 @@ impl Net {
 
     /// Joiner side of an invite: proves the secret to the inviter; returns this node's Raft
     /// id and the member list.
-    pub(crate) async fn join(&self, invite: &Invite) -> Result<(u64, MemberList), JoinError> {
+    pub(crate) async fn join(
+        &self,
+        invite: &Invite,
+    ) -> Result<(u64, MemberList, SocketAddr), JoinError> {
         join::join(&self.shared, invite, self.mdns_on().then_some(self)).await
     }
 

@@ -109,9 +109,12 @@ impl Node {
         if others > 0 && consensus.removed().is_none() {
             return Err(MembershipError::AlreadyInCluster(others + 1).into());
         }
-        let (raft_id, list) = net.join(&invite).await?;
+        let (raft_id, list, at) = net.join(&invite).await?;
         consensus.restart_as(raft_id, list).await?;
         self.learn_members();
+        // Where the inviter just answered, whatever the list says of it: dialed at once (its
+        // own first dial here came before this node knew it was a member, and was refused).
+        net.learn(invite.inviter, &[at]);
         tracing::info!(raft_id, "joined the cluster");
         Ok(())
     }
