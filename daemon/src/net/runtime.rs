@@ -74,11 +74,9 @@ impl AsyncTimer for Timer {
         if at > self.at {
             // Later: a new entry; the old one leaves the wheel as it drops.
             *self = Timer::at_aligned(at);
-        } else {
-            if at < self.at {
-                self.at = at;
-                self.sleep.as_mut().reset(at.into());
-            }
+        } else if at < self.at {
+            self.at = at;
+            self.sleep.as_mut().reset(at.into());
         }
     }
 

@@ -434,7 +434,7 @@ impl Node {
             .filter(|(_, g)| g.before.is_none())
             .map(|(d, _)| *d)
             .collect();
-        let mut stored = if ids.is_empty() {
+        let stored = if ids.is_empty() {
             Vec::new()
         } else {
             match self
@@ -449,22 +449,19 @@ impl Node {
                     return Vec::new();
                 }
             }
-        }
-        .into_iter();
-        let stored: Vec<bool> = candidates
-            .iter()
-            .map(|(_, g)| g.before.is_some() || stored.next().unwrap_or(true))
-            .collect();
+        };
+        // The answers, in the order of the candidates without heads.
+        let mut stored = stored.into_iter();
         let mut out = Vec::with_capacity(candidates.len());
-        for ((doc, guard), stored) in candidates.into_iter().zip(stored) {
+        for (doc, guard) in candidates {
             // A stored document's heads as the store has them may not cover changes that wait
             // for a dependency (Automerge holds them back), so heads derived from them could be
             // wrong: only the heads a landing left are known complete. Other stored documents
             // load and apply in memory.
-            let base = match (stored, &guard.before) {
-                (false, _) => &[][..],
-                (true, Some(heads)) => heads.as_slice(),
-                (true, None) => continue,
+            let base = match &guard.before {
+                Some(heads) => heads.as_slice(),
+                None if stored.next() == Some(false) => &[][..],
+                None => continue,
             };
             let Some((changes, _, _)) = by_doc.get(&doc) else {
                 continue;

@@ -444,22 +444,19 @@ impl Writer {
         if !saved.is_empty() {
             let mut last =
                 tx.prepare_cached("SELECT coalesce(max(rowid), 0) FROM deltas WHERE doc = ?1")?;
-            let mut i = 0;
-            while i < due.len() {
-                let doc = due[i];
-                let Some((bytes, Some(heads))) = saved
-                    .get(&doc)
-                    .zip(docs.get(&doc).map(|d| d.heads.as_deref()))
-                else {
-                    i += 1;
+            let mut rest = Vec::with_capacity(due.len());
+            for doc in due {
+                let heads = docs.get(&doc).and_then(|d| d.heads.as_deref());
+                let Some((bytes, heads)) = saved.get(&doc).zip(heads) else {
+                    rest.push(doc);
                     continue;
                 };
                 let upto: i64 = last.query_row([doc.as_bytes().as_slice()], |r| r.get(0))?;
                 if write_snapshot(&tx, doc, bytes, heads, upto)? {
                     counted.snapshots += 1;
                 }
-                due.swap_remove(i);
             }
+            due = rest;
         }
         {
             let mut clock = tx.prepare_cached(
