@@ -485,3 +485,47 @@ impl NetHost for NodeLink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use super::*;
+    use crate::node::Config;
+
+    /// This node's addresses as its member list has them.
+    fn listed_addrs(node: &Node) -> Option<Vec<String>> {
+        let c = node.members_ref().consensus()?;
+        Some(c.list().members.get(&node.id())?.addrs.clone())
+    }
+
+    /// A node that founded its cluster without a network (offline, or before its network was
+    /// up) lists its addresses once it has them: a joiner reads where to dial it there.
+    #[tokio::test]
+    async fn a_founder_listed_without_addresses_lists_them_once_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(Config::new(dir.path())).await.unwrap();
+        let mut waited = 0;
+        while listed_addrs(&node).is_none() {
+            assert!(waited < 500, "the cluster was never founded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        assert_eq!(listed_addrs(&node), Some(Vec::new()));
+        node.close().await.unwrap();
+        drop(node);
+
+        let mut cfg = Config::new(dir.path());
+        cfg.net = Some(crate::NetConfig::loopback());
+        let node = Node::open(cfg).await.unwrap();
+        let addrs = node.addrs();
+        assert!(!addrs.is_empty());
+        let mut waited = 0;
+        while listed_addrs(&node).as_ref() != Some(&addrs) {
+            assert!(waited < 500, "listed: {:?}", listed_addrs(&node));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+    }
+}

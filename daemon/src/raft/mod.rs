@@ -227,6 +227,7 @@ impl Consensus {
     /// Where this node can be reached (what the `Found` entry and the voter admission carry).
     pub(crate) fn set_addrs(&self, addrs: Vec<String>) {
         *self.shared.addrs.lock().unwrap_or_else(|p| p.into_inner()) = addrs;
+        self.shared.clone().list_own_addrs();
     }
 
     /// The member list authorisation reads, and its changes.
@@ -802,6 +803,28 @@ impl Shared {
         }
     }
 
+    /// Records this node's addresses in the member list if it is listed without any: it
+    /// founded its cluster before its network was up (founding races the network's start, or
+    /// the node was offline then). A joiner would otherwise find nowhere to dial the founder,
+    /// and wait for the founder to dial it. Best effort, in a task of its own.
+    fn list_own_addrs(self: Arc<Self>) {
+        let addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let unlisted = self
+            .trusted_list()
+            .members
+            .get(&self.me)
+            .is_some_and(|m| m.addrs.is_empty());
+        if addrs.is_empty() || !unlisted {
+            return;
+        }
+        tokio::spawn(async move {
+            let cmd = Command::SetAddrs { id: self.me, addrs };
+            if let Err(e) = self.propose(cmd).await {
+                tracing::debug!(error = %e, "could not list this node's addresses yet");
+            }
+        });
+    }
+
     /// Founds the list of a cluster this node initialised alone, once it leads it.
     async fn found_if_needed(self: &Arc<Self>) {
         if self.trusted_list().founded() || self.removed().is_some() {
@@ -823,6 +846,8 @@ impl Shared {
         if let Err(e) = self.propose(cmd).await {
             tracing::debug!(error = %e, "could not found the member list yet");
         }
+        // The addresses may have been given while the founding was under way.
+        self.clone().list_own_addrs();
     }
 }
 
