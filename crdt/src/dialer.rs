@@ -98,10 +98,6 @@ struct Peer {
     next_attempt: Instant,
     dialing: bool,
     conn: Option<Conn>,
-    /// When the peer reached us while `conn` was up and we kept `conn` instead (a
-    /// simultaneous dial). If `conn` ends soon after, the peer's own attempt was refused for
-    /// nothing: it is dialed again at once (see [`Dialer::disconnected`]).
-    preferred_over_peer: Option<Instant>,
 }
 
 impl Peer {
@@ -145,7 +141,6 @@ impl Dialer {
             next_attempt: now,
             dialing: false,
             conn: None,
-            preferred_over_peer: None,
         })
     }
 
@@ -250,9 +245,6 @@ impl Dialer {
             Some(old) => {
                 let age = now.saturating_duration_since(old.since);
                 if !keep_new(me, id, dialed, old.dialed, age, simultaneous) {
-                    if !dialed {
-                        p.preferred_over_peer = Some(now);
-                    }
                     return Admit::Refuse;
                 }
                 Some(old.id)
@@ -264,7 +256,6 @@ impl Dialer {
             dialed,
             since: now,
         });
-        p.preferred_over_peer = None;
         Admit::Accept { replaces }
     }
 
@@ -272,11 +263,6 @@ impl Dialer {
     /// (the network, a restart): failures are forgotten and the peer is redialed after a
     /// short pause. Otherwise (the peer refused us, or the session broke) it counts as a
     /// failure: a handshake that succeeds only to fail again must not reset the backoff.
-    /// Except when this connection was kept over one the peer dialed at the same moment
-    /// (and refused), less than [`DialerConfig::simultaneous`] ago: then the peer was
-    /// reachable and willing a moment ago, and it is dialed again at once. (A member just admitted refuses the admitter's first dial, not yet
-    /// knowing it is a member, while its own dial, sent once it knows, loses the tie to
-    /// that doomed one: both sides then waited out a backoff before syncing.)
     pub fn disconnected(
         &mut self,
         id: &NodeId,
@@ -289,12 +275,7 @@ impl Dialer {
             && p.conn.as_ref().is_some_and(|c| c.id == conn)
         {
             p.conn = None;
-            let tie = p.preferred_over_peer.take();
-            if tie.is_some_and(|t| now.saturating_duration_since(t) < self.cfg.simultaneous) {
-                p.next_attempt = now;
-            } else {
-                p.schedule(&self.cfg, healthy, now, rng);
-            }
+            p.schedule(&self.cfg, healthy, now, rng);
         }
     }
 
@@ -531,42 +512,6 @@ mod tests {
             arrive(&db, small, (10, false), (20, true)),
             (Admit::Refuse, Some(10))
         );
-    }
-
-    /// A member just admitted refuses the admitter's dial (it does not know yet), while its
-    /// own dial, made once it knows, loses the tie to that doomed connection: when the kept one
-    /// ends, the peer is dialed again at once, not after a backoff.
-    #[test]
-    fn a_connection_kept_over_the_peers_own_ends_and_the_peer_is_dialed_at_once() {
-        let t0 = Instant::now();
-        let mut rng = Counter(3);
-        let (admitter, joiner) = (n(1), n(2));
-        let mut d = Dialer::new(admitter, DialerConfig::default());
-        d.add(joiner, &[addr(2)], t0);
-        assert!(d.poll_dial(t0).is_some());
-        assert_eq!(
-            d.connected(joiner, 10, true, t0),
-            Admit::Accept { replaces: None }
-        );
-        let t1 = t0 + Duration::from_millis(1);
-        // The joiner's dial arrives while ours is up: ours wins the tie.
-        assert_eq!(d.connected(joiner, 20, false, t1), Admit::Refuse);
-        // The joiner refused ours ("not a member"): a failure, but dialed again at once.
-        d.disconnected(&joiner, 10, false, t1, &mut rng);
-        assert_eq!(d.poll_timeout(), Some(t1));
-        assert!(d.poll_dial(t1).is_some());
-        // Without such a tie, a refusal backs off as before.
-        d.connected(joiner, 30, true, t1);
-        d.disconnected(&joiner, 30, false, t1, &mut rng);
-        assert!(d.poll_timeout().unwrap() > t1 + Duration::from_millis(200));
-        // Nor does a tie long past (the kept connection lived on for a while).
-        let t2 = t1 + Duration::from_secs(10);
-        assert!(d.poll_dial(t2).is_some());
-        d.connected(joiner, 40, true, t2);
-        assert_eq!(d.connected(joiner, 50, false, t2), Admit::Refuse);
-        let t3 = t2 + Duration::from_secs(5);
-        d.disconnected(&joiner, 40, false, t3, &mut rng);
-        assert!(d.poll_timeout().unwrap() > t3 + Duration::from_millis(200));
     }
 
     #[test]
