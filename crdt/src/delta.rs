@@ -35,10 +35,53 @@ pub const MAX_CHANGE_BYTES: usize = 16 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeltaBody {
     /// One Automerge change, in its binary form.
-    Change(Vec<u8>),
+    Change(#[serde(with = "byte_buf")] Vec<u8>),
     /// The document is deleted. Deletion is final: later changes are kept (peers may still
     /// need them) but the document stays deleted on every node.
     Tombstone,
+}
+
+/// A change's bytes as serde bytes: postcard writes them as it writes a `Vec<u8>` (a length,
+/// then the bytes), but reads and writes them in one go instead of one `u8` at a time. Any
+/// sequence of bytes is accepted too (what other formats make of a `Vec<u8>`).
+mod byte_buf {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(V)
+    }
+
+    struct V;
+
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Bounded by what arrived, not by what the sender claims.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// One local commit on one document, signed by its origin.
@@ -222,6 +265,30 @@ mod tests {
         tx.put(automerge::ROOT, "k", 1).unwrap();
         tx.commit();
         doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_change_is_encoded_as_a_vec_of_bytes_always_was() {
+        // The wire format before change bytes were serde bytes.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        enum Old {
+            Change(Vec<u8>),
+            Tombstone,
+        }
+        let bytes = change_bytes();
+        let new = DeltaBody::Change(bytes.clone());
+        let old = Old::Change(bytes);
+        let wire = postcard::to_allocvec(&new).unwrap();
+        assert_eq!(wire, postcard::to_allocvec(&old).unwrap());
+        assert_eq!(postcard::from_bytes::<DeltaBody>(&wire).unwrap(), new);
+        assert_eq!(postcard::from_bytes::<Old>(&wire).unwrap(), old);
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(json, serde_json::to_string(&old).unwrap());
+        assert_eq!(serde_json::from_str::<DeltaBody>(&json).unwrap(), new);
+        // A length past the end is an error, not an allocation.
+        let mut cut = wire.clone();
+        cut.truncate(wire.len() - 1);
+        assert!(postcard::from_bytes::<DeltaBody>(&cut).is_err());
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct SessionConfig {
     /// batches: with a window of four, the next two arrive while these are stored (four at
     /// once left the receiver waiting for the sender to refill the whole window).
     pub store_bytes: usize,
+    /// Store requests out at once: the next is validated and queued while the one before
+    /// commits (the host carries them out in order; see [`Output::Store`]).
+    pub stores: usize,
     /// How long to wait for the peer's Hello.
     pub hello_timeout: Duration,
     /// How long a sent batch may wait for its ack.
@@ -67,6 +70,7 @@ impl Default for SessionConfig {
             window: 4,
             batch_bytes: BATCH_BYTES,
             store_bytes: 2 * BATCH_BYTES,
+            stores: 2,
             hello_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(120),
             push_buffer: 1 << 20,
@@ -177,7 +181,9 @@ pub enum Output {
     /// Read a batch from the store.
     Load(LoadRequest),
     /// Store deltas the peer sent (validate, deduplicate, commit); answer with
-    /// [`Session::handle_stored`]. `live`: they came as a push (fresh writes, a few
+    /// [`Session::handle_stored`]. Up to [`SessionConfig::stores`] are out at once: the host
+    /// validates and queues them in the order asked, and commits them in that order (a batch
+    /// may depend on the one before). `live`: they came as a push (fresh writes, a few
     /// documents), not as a catch-up batch, so a node may want their patches at once; a
     /// catch-up batch may be stored without loading its documents.
     Store {
@@ -211,6 +217,14 @@ enum Plan {
     /// Waiting for room (window or push buffer) to load the next batch.
     Parked(CatchUp),
     Done,
+}
+
+/// A store request out (see [`Session::handle_stored`]).
+#[derive(Debug)]
+struct Storing {
+    id: StoreId,
+    owed: Vec<Owed>,
+    result: Option<Result<(), StoreFailure>>,
 }
 
 /// A received frame waiting to be stored: its deltas, their encoded size (counted once, when
@@ -277,8 +291,9 @@ pub struct Session {
     /// Received batches not yet acknowledged (stored or queued).
     unacked_in: usize,
     received: VecDeque<Received>,
-    /// The store request out, and what its frames owe the peer once stored.
-    storing: Option<(StoreId, Vec<Owed>)>,
+    /// Store requests out, oldest first, with what their frames owe the peer once stored and,
+    /// once finished, the result (acknowledged in order).
+    storing: VecDeque<Storing>,
     next_store: StoreId,
     // Outgoing pushes.
     push_sizes: VecDeque<usize>,
@@ -329,7 +344,7 @@ impl Session {
             recv_batches: 0,
             unacked_in: 0,
             received: VecDeque::new(),
-            storing: None,
+            storing: VecDeque::new(),
             next_store: 0,
             push_sizes: VecDeque::new(),
             push_unwritten: 0,
@@ -584,30 +599,35 @@ impl Session {
         }
     }
 
-    /// A store request finished.
+    /// A store request finished. Stores finish in any order; they are acknowledged in the
+    /// order they were asked for.
     pub fn handle_stored(&mut self, _now: Instant, id: StoreId, result: Result<(), StoreFailure>) {
         if self.phase == Phase::Closed {
             return;
         }
-        let Some((current, _)) = &self.storing else {
+        let Some(s) = self.storing.iter_mut().find(|s| s.id == id) else {
             return;
         };
-        if *current != id {
-            return;
-        }
-        let Some((_, owed)) = self.storing.take() else {
-            return;
-        };
-        match result {
-            Err(StoreFailure::Invalid(why)) => {
-                return self.close(CloseCode::Protocol, format!("invalid delta: {why}"));
+        s.result.get_or_insert(result);
+        while self.storing.front().is_some_and(|s| s.result.is_some()) {
+            let Some(Storing {
+                owed,
+                result: Some(result),
+                ..
+            }) = self.storing.pop_front()
+            else {
+                break;
+            };
+            match result {
+                Err(StoreFailure::Invalid(why)) => {
+                    return self.close(CloseCode::Protocol, format!("invalid delta: {why}"));
+                }
+                Err(StoreFailure::Failed(why)) => {
+                    return self.close(CloseCode::Local, format!("cannot store: {why}"));
+                }
+                Ok(()) => self.settle(&owed),
             }
-            Err(StoreFailure::Failed(why)) => {
-                return self.close(CloseCode::Local, format!("cannot store: {why}"));
-            }
-            Ok(()) => {}
         }
-        self.settle(&owed);
         self.store_next();
     }
 
@@ -627,10 +647,9 @@ impl Session {
         }
         if pushes > 0 {
             self.pushes_stored += pushes;
-            if !self
-                .received
-                .iter()
-                .any(|r| matches!(r.owed, Owed::PushAck))
+            let waits = |o: &Owed| matches!(o, Owed::PushAck);
+            if !self.received.iter().any(|r| waits(&r.owed))
+                && !self.storing.iter().any(|s| s.owed.iter().any(waits))
             {
                 self.out.push_back(Output::Send(SyncMsg::PushAck {
                     stored: self.pushes_stored,
@@ -810,7 +829,7 @@ impl Session {
         !matches!(self.catch_up, Plan::Idle | Plan::Done)
             || !matches!(self.repair, Plan::Idle | Plan::Done)
             || !self.received.is_empty()
-            || self.storing.is_some()
+            || !self.storing.is_empty()
     }
 
     /// Fault hook for the simulator: the next push frame is lost after it was accounted for
@@ -883,7 +902,7 @@ impl Session {
     /// a node that falls behind then stores many changes at once instead of one push at a time (applying
     /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
-        while self.storing.is_none() {
+        while self.storing.len() < self.cfg.stores {
             let Some(first) = self.received.pop_front() else {
                 return;
             };
@@ -907,7 +926,11 @@ impl Session {
                 deltas.extend(next.deltas);
             }
             self.next_store += 1;
-            self.storing = Some((self.next_store, owed));
+            self.storing.push_back(Storing {
+                id: self.next_store,
+                owed,
+                result: None,
+            });
             self.out.push_back(Output::Store {
                 id: self.next_store,
                 deltas,
@@ -1322,7 +1345,7 @@ mod tests {
         let mut s = opened();
         let mut e = Engine::new(signer(2), VersionVector::new());
         let doc = DocId::from_bytes([1; 16]);
-        for _ in 0..3 {
+        for _ in 0..4 {
             let d = e.local_delta(doc, DeltaBody::Change(change(1)));
             s.handle_push(t, PushMsg::Push { deltas: vec![d] });
         }
@@ -1339,13 +1362,61 @@ mod tests {
                 _ => {}
             }
         }
-        // One store at a time: the first push alone, the two that queued behind it together.
+        // Two stores at a time: the first pushes alone, the two that queued behind them together.
+        assert_eq!(
+            stores,
+            vec![1, 1, 2],
+            "every frame stored, queued ones at once"
+        );
+        assert_eq!(acks, vec![4], "one ack once the queue drained");
+    }
+
+    #[test]
+    fn two_stores_run_at_once_and_are_acknowledged_in_order() {
+        let t = Instant::now();
+        let mut s = opened();
+        let mut e = Engine::new(signer(2), VersionVector::new());
+        let doc = DocId::from_bytes([1; 16]);
+        for seq in 1..=3 {
+            let d = e.local_delta(doc, DeltaBody::Change(change(seq as usize)));
+            s.handle_sync(
+                t,
+                SyncMsg::Batch {
+                    seq,
+                    deltas: vec![d],
+                },
+            );
+        }
+        let mut stores = Vec::new();
+        let mut acks = Vec::new();
+        let drain = |s: &mut Session, stores: &mut Vec<StoreId>, acks: &mut Vec<u64>| {
+            while let Some(o) = s.poll_output() {
+                match o {
+                    Output::Store { id, .. } => stores.push(id),
+                    Output::Send(SyncMsg::Ack { seq }) => acks.push(seq),
+                    _ => {}
+                }
+            }
+        };
+        drain(&mut s, &mut stores, &mut acks);
         assert_eq!(
             stores,
             vec![1, 2],
-            "every frame stored, queued ones at once"
+            "the second is asked while the first runs"
         );
-        assert_eq!(acks, vec![3], "one ack once the queue drained");
+        // The second finishes first: nothing is acknowledged before the first.
+        s.handle_stored(t, 2, Ok(()));
+        drain(&mut s, &mut stores, &mut acks);
+        assert!(acks.is_empty(), "acknowledged in order: {acks:?}");
+        assert_eq!(stores, vec![1, 2], "two at a time");
+        s.handle_stored(t, 1, Ok(()));
+        drain(&mut s, &mut stores, &mut acks);
+        assert_eq!(acks, vec![1, 2]);
+        assert_eq!(stores, vec![1, 2, 3]);
+        s.handle_stored(t, 3, Ok(()));
+        drain(&mut s, &mut stores, &mut acks);
+        assert_eq!(acks, vec![1, 2, 3]);
+        assert_eq!(stores, vec![1, 2, 3], "nothing else to store");
     }
 
     #[test]

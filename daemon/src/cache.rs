@@ -35,42 +35,81 @@ pub(crate) struct DocEntry {
     landed: Notify,
 }
 
-/// Whether received changes are on their way to disk without the document being loaded (one
-/// batch at a time), and whether a load has begun (after which changes are applied in memory).
+/// Whether received changes are on their way to disk without the document being loaded, and
+/// whether a load has begun (after which changes are applied in memory).
 #[derive(Default)]
 struct Landing {
-    landing: bool,
+    /// Batches of received changes queued for their commit without loading the document.
+    landing: usize,
     loading: bool,
-    /// The document's heads as the last batch landed them, once that batch is committed:
-    /// complete (no stored change waits for a dependency), so the next batch can derive its
-    /// heads from them without loading the document. Unknown after a failure or a restart.
+    /// The document's heads once the last queued batch lands: complete (no stored change waits
+    /// for a dependency), so the next batch can derive its heads from them without loading the
+    /// document, even before that batch is committed (the writer commits in order). Unknown
+    /// while a batch works them out, after a failure, and after a restart.
     heads: Option<Vec<ChangeHash>>,
+    /// Counts failed landings: a batch that derived its heads from an earlier batch's must not
+    /// pass them on if that batch failed meanwhile.
+    failures: u64,
 }
 
 /// Held while received changes for an unloaded document are on their way to disk; dropping
 /// it (after the commit, or when the commit failed) lets waiting loads go on.
 pub(crate) struct LandingGuard {
     entry: Arc<DocEntry>,
-    /// The heads the previous landing left (see [`Landing::heads`]).
+    /// The heads the batch before left (see [`Landing::heads`]).
     pub before: Option<Vec<ChangeHash>>,
-    /// Set once this batch is committed, kept for the next one.
-    after: Option<Vec<ChangeHash>>,
+    /// [`Landing::failures`] when this landing began.
+    failures: u64,
+    committed: bool,
 }
 
 impl LandingGuard {
-    /// This batch is committed and left the document at `heads`.
-    pub fn committed(&mut self, heads: Vec<ChangeHash>) {
-        self.after = Some(heads);
+    /// A handle to say, once this batch is queued for its commit, which heads it leaves.
+    pub fn tip(&self) -> LandingTip {
+        LandingTip {
+            entry: self.entry.clone(),
+            failures: self.failures,
+        }
+    }
+
+    /// This batch is committed.
+    pub fn committed(&mut self) {
+        self.committed = true;
+    }
+}
+
+/// See [`LandingGuard::tip`].
+pub(crate) struct LandingTip {
+    entry: Arc<DocEntry>,
+    failures: u64,
+}
+
+impl LandingTip {
+    /// The batch is queued for its commit and will leave the document at `heads`: the next
+    /// batch may build on them at once (the writer commits in order). Call only once the write
+    /// is queued, so no later batch can be queued before it.
+    pub fn queued(self, heads: Vec<ChangeHash>) {
+        let mut l = self.entry.landing.lock().unwrap_or_else(|p| p.into_inner());
+        if l.failures == self.failures {
+            l.heads = Some(heads);
+        }
     }
 }
 
 impl Drop for LandingGuard {
     fn drop(&mut self) {
         let mut l = self.entry.landing.lock().unwrap_or_else(|p| p.into_inner());
-        l.landing = false;
-        l.heads = self.after.take();
+        l.landing -= 1;
+        if !self.committed {
+            // Later batches built on heads that are not on disk: nobody builds on them again.
+            l.failures += 1;
+            l.heads = None;
+        }
+        let idle = l.landing == 0;
         drop(l);
-        self.entry.landed.notify_waiters();
+        if idle {
+            self.entry.landed.notify_waiters();
+        }
     }
 }
 
@@ -83,20 +122,22 @@ impl DocEntry {
     }
 
     /// Registers received changes on their way to disk, unless the document is loaded or
-    /// being loaded, or another batch is landing (a second batch must see the first's
-    /// changes): then the caller applies them in memory, which loads the document after those
-    /// landed. While the guard lives, a load of the document waits, so it cannot read the
-    /// store without them and keep that.
+    /// being loaded, or another batch is landing whose heads are not known yet: then the
+    /// caller applies them in memory, which loads the document after those landed. A batch
+    /// may land while earlier ones wait for their commit, on the heads they leave
+    /// ([`LandingTip::queued`]). While any guard lives, a load of the document waits, so it
+    /// cannot read the store without them and keep that.
     pub fn try_land(self: &Arc<Self>) -> Option<LandingGuard> {
         let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
-        if l.loading || l.landing || self.state.initialized() {
+        if l.loading || (l.landing > 0 && l.heads.is_none()) || self.state.initialized() {
             return None;
         }
-        l.landing = true;
+        l.landing += 1;
         Some(LandingGuard {
             entry: self.clone(),
             before: l.heads.take(),
-            after: None,
+            failures: l.failures,
+            committed: false,
         })
     }
 
@@ -110,7 +151,7 @@ impl DocEntry {
             landed.as_mut().enable();
             {
                 let mut l = self.landing.lock().unwrap_or_else(|p| p.into_inner());
-                if !l.landing {
+                if l.landing == 0 {
                     l.loading = true;
                     return;
                 }
@@ -317,7 +358,7 @@ mod tests {
         let first = e.try_land().expect("not loaded: may land");
         assert!(
             e.try_land().is_none(),
-            "one batch lands at a time: a second derives heads from the same stored ones"
+            "until the first batch knows the heads it leaves, no other lands"
         );
         let loader = {
             let e = e.clone();
@@ -334,5 +375,58 @@ mod tests {
         assert!(e.try_land().is_none());
         let loaded = Arc::new(DocEntry::loaded(state()));
         assert!(loaded.try_land().is_none());
+    }
+
+    fn h(i: u8) -> Vec<ChangeHash> {
+        vec![ChangeHash([i; 32])]
+    }
+
+    #[tokio::test]
+    async fn batches_land_on_the_heads_queued_before_them_until_one_fails() {
+        let e = Arc::new(DocEntry::default());
+        let mut first = e.try_land().expect("not loaded: may land");
+        assert_eq!(first.before, None, "nothing landed in this process yet");
+        first.tip().queued(h(1));
+        // The first waits for its commit; the second builds on the heads it will leave.
+        let mut second = e.try_land().expect("lands on the first's heads");
+        assert_eq!(second.before, Some(h(1)));
+        assert!(
+            e.try_land().is_none(),
+            "a third waits until the second knows its heads"
+        );
+        second.tip().queued(h(2));
+        let loader = {
+            let e = e.clone();
+            tokio::spawn(async move { e.before_load().await })
+        };
+        first.committed();
+        drop(first);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert!(
+            !loader.is_finished(),
+            "a load waits for every batch landing"
+        );
+        second.committed();
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), loader)
+            .await
+            .expect("the load goes on once all landed")
+            .unwrap();
+
+        // A failed batch: what was built on it is not passed on.
+        let e = Arc::new(DocEntry::default());
+        let first = e.try_land().unwrap();
+        first.tip().queued(h(1));
+        let mut second = e.try_land().unwrap();
+        assert_eq!(second.before, Some(h(1)));
+        drop(first); // its commit failed
+        second.tip().queued(h(2));
+        second.committed();
+        drop(second);
+        let next = e.try_land().expect("nothing lands: may land");
+        assert_eq!(
+            next.before, None,
+            "heads built on a failed batch are forgotten (the store is asked again)"
+        );
     }
 }

@@ -123,6 +123,9 @@ enum Event {
 struct End {
     peer: usize,
     session: Session,
+    /// When the last store asked for lands: a session's stores land in the order asked, as
+    /// the daemon queues them (a batch may build on the one before).
+    last_store: Ms,
 }
 
 /// A node: the production state machines plus a model of its store and documents.
@@ -657,7 +660,11 @@ impl Sim {
                     );
                 }
                 Output::Store { id, deltas, .. } => {
-                    let at = self.now + self.rng.below(4);
+                    let mut at = self.now + self.rng.below(4);
+                    if let Some(end) = self.nodes[n].ends.get_mut(&conn) {
+                        at = at.max(end.last_store);
+                        end.last_store = at;
+                    }
                     let from = self.nodes[peer].id;
                     self.schedule(
                         at,
@@ -979,7 +986,14 @@ impl Sim {
                 node.store.clock(),
                 now,
             );
-            self.nodes[me].ends.insert(conn, End { peer, session });
+            self.nodes[me].ends.insert(
+                conn,
+                End {
+                    peer,
+                    session,
+                    last_store: 0,
+                },
+            );
         }
         self.pump(from, conn);
         self.pump(to, conn);

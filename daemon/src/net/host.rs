@@ -49,10 +49,13 @@ pub(crate) trait NetHost: Send + Sync + 'static {
     fn subscribe_commits(&self) -> broadcast::Receiver<Commit>;
     /// Carries out a session's load request. Blocking (reads SQLite).
     fn load(&self, req: LoadRequest) -> Result<(CatchUp, Option<Vec<Delta>>), String>;
-    /// The receive path: validate, deduplicate, apply, commit, announce. The caller must run
-    /// the future to its end (the session runs it in a task of its own, never aborted): one
-    /// dropped half-way would leave documents changed in memory but not committed. `live`:
-    /// a push, not a catch-up batch (see [`tandem_crdt::session::Output::Store`]). `parsed`:
+    /// The receive path: validate, deduplicate, apply, commit, announce. In two steps: the
+    /// outer future validates, applies and queues the commit, and resolves to the inner one,
+    /// which waits for that commit. A session runs the outer ones one after another, in the
+    /// order of its stores (a batch may build on the one queued before it), and waits for the
+    /// commits meanwhile. The caller must run both to their end (in tasks never aborted): one
+    /// dropped half-way would leave documents changed in memory but not committed. `live`: a
+    /// push, not a catch-up batch (see [`tandem_crdt::session::Output::Store`]). `parsed`:
     /// changes parsed on arrival, by position (see [`tandem_crdt::Input::RemoteParsed`]).
     fn apply_remote(
         &self,
@@ -60,7 +63,7 @@ pub(crate) trait NetHost: Send + Sync + 'static {
         deltas: Vec<Delta>,
         parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
-    ) -> BoxFuture<Result<(), StoreFailure>>;
+    ) -> BoxFuture<BoxFuture<Result<(), StoreFailure>>>;
 
     // Membership.
     fn is_member(&self, id: &NodeId) -> bool;

@@ -9,7 +9,7 @@
 //!   never leaves a delta committed but unapplied);
 //! - the node's feed of commits, and the session's timer.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use tandem_crdt::NodeId;
@@ -20,6 +20,7 @@ use tandem_crdt::session::{
 use tandem_crdt::{CatchUp, Delta, DeltaId};
 use tokio::sync::{broadcast, mpsc};
 
+use super::host::BoxFuture;
 use super::router::Routes;
 use super::wire::{self, WireError};
 use super::{SessionCtl, Shared, close, with_status};
@@ -158,9 +159,10 @@ pub(crate) async fn run(
         )),
     ];
     let aborter = AbortOnDrop(tasks.iter().map(|t| t.abort_handle()).collect());
+    let store_tx = spawn_stores(ev_tx.clone());
 
     // Changes parsed as their batch arrived, until the batch is stored.
-    let mut ahead: HashMap<DeltaId, Box<automerge::Change>> = HashMap::new();
+    let mut ahead: HashMap<DeltaId, Box<automerge::Change>> = HashMap::default();
     let mut feed_open = true;
     let mut ctl_open = true;
     let result = loop {
@@ -177,13 +179,7 @@ pub(crate) async fn run(
                 Output::Load(req) => load(shared, req, &ev_tx),
                 Output::Store { id, deltas, live } => {
                     let parsed = deltas.iter().map(|d| ahead.remove(&d.id)).collect();
-                    let fut = host.apply_remote(peer, deltas, parsed, live);
-                    let tx = ev_tx.clone();
-                    // Its own task, never aborted: a session torn down meanwhile must not
-                    // leave deltas applied in memory but not committed.
-                    tokio::spawn(async move {
-                        let _ = tx.send(Ev::Stored(id, fut.await));
-                    });
+                    let _ = store_tx.send((id, host.apply_remote(peer, deltas, parsed, live)));
                 }
                 Output::Hello { name } => {
                     tracing::debug!(peer = %peer.short(), %name, lacks = session.known().map_or(0, |k| k.missing_count(session.ours())), "hello exchanged");
@@ -298,6 +294,28 @@ impl Drop for AbortOnDrop {
             t.abort();
         }
     }
+}
+
+/// A store: validating, applying and queueing the commit, resolving to the wait for it.
+type StoreFuture = BoxFuture<BoxFuture<Result<(), StoreFailure>>>;
+
+/// Carries out a session's stores in a task of its own, never aborted (a session torn down
+/// meanwhile must not leave deltas applied in memory but not committed; it ends once the
+/// session has gone and its stores are done). Each is validated, applied and queued in the
+/// order the session asked (a batch may build on the one before), and its commit waited for
+/// in a task of its own, so the next batch is prepared while this one commits.
+fn spawn_stores(ev: mpsc::UnboundedSender<Ev>) -> mpsc::UnboundedSender<(StoreId, StoreFuture)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(StoreId, StoreFuture)>();
+    tokio::spawn(async move {
+        while let Some((id, queue)) = rx.recv().await {
+            let wait = queue.await;
+            let ev = ev.clone();
+            tokio::spawn(async move {
+                let _ = ev.send(Ev::Stored(id, wait.await));
+            });
+        }
+    });
+    tx
 }
 
 fn load(shared: &Arc<Shared>, req: LoadRequest, ev: &mpsc::UnboundedSender<Ev>) {

@@ -4,10 +4,12 @@
 //! with the clock, then applied to loaded documents and announced. Every commit is fed to the
 //! sync sessions (push and relay) right after it is durable.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use automerge::{Automerge, ChangeHash};
+use foldhash::{HashSet, HashSetExt};
+use tandem_crdt::delta::DeltaError;
 use tandem_crdt::{Action, Delta, DeltaBody, DocId, Input, NodeId, Source, VersionVector};
 use tokio::sync::{broadcast, oneshot};
 
@@ -46,7 +48,7 @@ fn derive_heads(
     changes: &[Box<automerge::Change>],
 ) -> Option<Vec<ChangeHash>> {
     // Hash sets: a long history lands a few thousand changes per batch, and ordered sets of
-    // 32-byte keys showed in its profile.
+    // 32-byte keys showed in its profile (and then SipHash).
     let all: HashSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
     let mut deps = HashSet::with_capacity(changes.len());
     for c in changes {
@@ -91,6 +93,25 @@ impl Pending {
             .await
             .unwrap_or(Err(StoreError::Closed))
             .map_err(Error::from)
+    }
+}
+
+/// Received deltas queued for their commit (see [`Node::queue_remote`]).
+pub(crate) struct Received {
+    pending: Option<Pending>,
+    rejected: Option<DeltaError>,
+}
+
+impl Received {
+    /// Waits for the commit; then an invalid delta among them is the error.
+    pub(crate) async fn wait(self) -> Result<(), Error> {
+        if let Some(p) = self.pending {
+            p.wait().await?;
+        }
+        match self.rejected {
+            Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -198,7 +219,24 @@ impl Node {
     /// Stores deltas received from `from`: validated and deduplicated by the engine, applied to
     /// their documents, committed in one transaction with the clock and the documents' new
     /// heads, then relayed to other peers and announced to subscribers. An invalid delta is an
-    /// error after the valid ones are kept.
+    /// error after the valid ones are kept. [`Node::queue_remote`] and its wait, in one.
+    pub(crate) async fn apply_remote(
+        &self,
+        from: NodeId,
+        deltas: Vec<Delta>,
+        parsed: Vec<Option<Box<automerge::Change>>>,
+        live: bool,
+    ) -> Result<(), Error> {
+        self.queue_remote(from, deltas, parsed, live)
+            .await
+            .wait()
+            .await
+    }
+
+    /// The first half of [`Node::apply_remote`]: validates the deltas, applies them and queues
+    /// their commit; the returned [`Received`] waits for it. A receiver queues its next batch
+    /// while this one commits, and the writer commits them in the order they were queued, so
+    /// a batch may build on the one before it (see `LandingTip`).
     ///
     /// `live`: they came as a push, not a catch-up batch. A small push is applied to its
     /// documents in memory before the commit, as for a local write: one commit (one fsync)
@@ -209,13 +247,13 @@ impl Node {
     /// deltas before the documents load, and a future dropped between the two would leave
     /// them in the engine's clock but not on disk. `parsed`: changes parsed on arrival, by
     /// position (checked against the deltas: see [`Input::RemoteParsed`]); may be empty.
-    pub(crate) async fn apply_remote(
+    pub(crate) async fn queue_remote(
         &self,
         from: NodeId,
         deltas: Vec<Delta>,
         parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
-    ) -> Result<(), Error> {
+    ) -> Received {
         let mut fresh = Vec::new();
         let mut changes = Vec::new();
         let mut rejected = None;
@@ -234,16 +272,12 @@ impl Node {
                 }
             }
         }
-        if !fresh.is_empty() {
-            self.commit_remote(from, fresh, changes, live)
-                .await
-                .wait()
-                .await?;
-        }
-        match rejected {
-            Some(e) => Err(Error::Doc(DocError::InvalidDelta(e.to_string()))),
-            None => Ok(()),
-        }
+        let pending = if fresh.is_empty() {
+            None
+        } else {
+            Some(self.commit_remote(from, fresh, changes, live).await)
+        };
+        Received { pending, rejected }
     }
 
     /// Applies validated remote deltas (with their changes as validation parsed them) to their
@@ -280,6 +314,7 @@ impl Node {
         // stored, their heads derived from the stored heads and the changes, and they load
         // when someone reads them (after these land: see `DocEntry::try_land`).
         let mut landing = Vec::new();
+        let mut tips = Vec::new();
         // Events of documents applied in memory that wait for this commit, with their entries.
         let mut waiting = Vec::new();
         if !live {
@@ -298,8 +333,9 @@ impl Node {
                         damaged: None,
                     });
                 }
-                heads.push((doc, new_heads.clone()));
-                landing.push((guard, new_heads));
+                tips.push((guard.tip(), new_heads.clone()));
+                heads.push((doc, new_heads));
+                landing.push(guard);
             }
         }
         // Load (or start) every other touched document; lock them only once all are here.
@@ -398,10 +434,9 @@ impl Node {
             }
             // The entries stay cached until the commit: a reload cannot miss these changes.
             drop(keep);
-            // Loads of the documents stored without loading may go on now, and their next
-            // batches may land on these heads.
-            for (mut guard, heads) in landing {
-                guard.committed(heads);
+            // Loads of the documents stored without loading may go on now.
+            for mut guard in landing {
+                guard.committed();
             }
         });
         let rx = self.inner.store.submit(Write::Deltas {
@@ -410,6 +445,10 @@ impl Node {
             snapshot: None,
             after_commit: Some(after_commit),
         });
+        // Queued: the next batch of these documents may land on the heads this one leaves.
+        for (tip, heads) in tips {
+            tip.queued(heads);
+        }
         drop(guards);
         Pending { rx }
     }

@@ -423,15 +423,25 @@ impl NetHost for NodeLink {
         deltas: Vec<Delta>,
         parsed: Vec<Option<Box<automerge::Change>>>,
         live: bool,
-    ) -> BoxFuture<Result<(), StoreFailure>> {
+    ) -> BoxFuture<BoxFuture<Result<(), StoreFailure>>> {
         let node = self.node();
+        // It resolves to the wait for the commit, on purpose (see `NetHost::apply_remote`).
+        #[allow(clippy::async_yields_async)]
         Box::pin(async move {
-            let node = node.ok_or_else(|| StoreFailure::Failed("the node is closed".into()))?;
-            match node.apply_remote(from, deltas, parsed, live).await {
-                Ok(()) => Ok(()),
-                Err(Error::Doc(DocError::InvalidDelta(why))) => Err(StoreFailure::Invalid(why)),
-                Err(e) => Err(StoreFailure::Failed(e.to_string())),
-            }
+            let Some(node) = node else {
+                let closed: BoxFuture<_> =
+                    Box::pin(async { Err(StoreFailure::Failed("the node is closed".into())) });
+                return closed;
+            };
+            let received = node.queue_remote(from, deltas, parsed, live).await;
+            let wait: BoxFuture<_> = Box::pin(async move {
+                match received.wait().await {
+                    Ok(()) => Ok(()),
+                    Err(Error::Doc(DocError::InvalidDelta(why))) => Err(StoreFailure::Invalid(why)),
+                    Err(e) => Err(StoreFailure::Failed(e.to_string())),
+                }
+            });
+            wait
         })
     }
 
