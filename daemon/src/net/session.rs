@@ -9,9 +9,9 @@
 //!   never leaves a delta committed but unapplied);
 //! - the node's feed of commits, and the session's timer.
 
-use foldhash::HashMap;
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use tandem_crdt::NodeId;
 use tandem_crdt::proto::{PushMsg, StreamKind, SyncMsg};
 use tandem_crdt::session::{
