@@ -902,7 +902,7 @@ impl Session {
     /// a node that falls behind then stores many changes at once instead of one push at a time (applying
     /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
-        while self.storing.len() < self.cfg.stores {
+        while self.storing.len() < self.cfg.stores.max(1) {
             let Some(first) = self.received.pop_front() else {
                 return;
             };
