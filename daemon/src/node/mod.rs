@@ -46,7 +46,9 @@ pub struct Config {
     pub durability: Durability,
     /// Most documents kept loaded in memory.
     pub cache_docs: usize,
-    /// A document is compacted into a snapshot once it has this many deltas outside one.
+    /// A document is compacted into a snapshot once it has this many deltas outside one (and
+    /// then once they pass half of those folded). Small, so that the many small documents of a
+    /// bulk sync load from a snapshot too (half the work of applying their changes).
     pub compact_after: u32,
     /// Events buffered per subscriber before it is told it fell behind.
     pub event_buffer: usize,
@@ -69,7 +71,7 @@ impl Config {
             data_dir: data_dir.into(),
             durability: Durability::Full,
             cache_docs: 1024,
-            compact_after: 64,
+            compact_after: 8,
             event_buffer: 4096,
             net: None,
             name: host_name(),
