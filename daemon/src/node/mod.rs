@@ -46,9 +46,8 @@ pub struct Config {
     pub durability: Durability,
     /// Most documents kept loaded in memory.
     pub cache_docs: usize,
-    /// A document is compacted into a snapshot once it has this many deltas outside one (and
-    /// then once they pass half of those folded). Small, so that the many small documents of a
-    /// bulk sync load from a snapshot too (half the work of applying their changes).
+    /// A document is compacted into a snapshot once it has this many deltas outside one (see
+    /// [`StoreOptions::compact_after`]).
     pub compact_after: u32,
     /// Events buffered per subscriber before it is told it fell behind.
     pub event_buffer: usize,
@@ -71,7 +70,7 @@ impl Config {
             data_dir: data_dir.into(),
             durability: Durability::Full,
             cache_docs: 1024,
-            compact_after: 8,
+            compact_after: StoreOptions::default().compact_after,
             event_buffer: 4096,
             net: None,
             name: host_name(),

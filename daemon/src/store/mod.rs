@@ -87,7 +87,9 @@ pub enum Durability {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub durability: Durability,
-    /// Fold a document into a snapshot once it has this many deltas outside one.
+    /// Fold a document into a snapshot once it has this many deltas outside one (and then once
+    /// they pass half of those folded). Small by default (8), so that the many small documents
+    /// of a bulk sync load from a snapshot too (half the work of applying their changes).
     pub compact_after: u32,
 }
 
