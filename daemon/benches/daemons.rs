@@ -10,9 +10,10 @@
 //! document on B over HTTP, and `GET /v1/status` on B.
 //!
 //! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row;
-//! `BENCH_PERF=FILE` runs B under `perf record --call-graph dwarf -o FILE`, for profiles; its
-//! CPU and RSS figures are then perf's; `BENCH_TANDEMD=PATH` runs another build's tandemd, to
-//! compare builds in one sitting)
+//! `BENCH_PERF=FILE` runs B under `perf record --call-graph dwarf -o FILE`, for profiles of the
+//! sync; its CPU and RSS figures are then perf's; `BENCH_PERF_READS=FILE` profiles B while it
+//! serves the reads; `BENCH_READ_AFTER=SECS` waits before the reads; `BENCH_TANDEMD=PATH`
+//! runs another build's tandemd, to compare builds in one sitting)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -96,27 +97,50 @@ fn main() {
     let sync = b.join_until(&a, &target);
     let (b_cpu, b_rss) = b.usage();
 
-    if perf.is_some() && std::env::var("BENCH_PERF_READS").is_err() {
-        // The profile is of the sync alone (`BENCH_PERF_READS=1`: of the reads too).
+    if perf.is_some() {
+        // The profile is of the sync alone.
         println!(
             "  join to equal clocks: {:.3} s (under perf)",
             sync.as_secs_f64()
         );
         return;
     }
+    // Each body read to its end, as a client does (a response dropped unread also costs its
+    // connection: ureq cannot reuse it, and the next request connects again).
+    let get = |id: &String| {
+        b.req("GET", &format!("/v1/docs/{id}"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    // `BENCH_READ_AFTER=SECS`: read once B has had that long to compact what it received
+    // (by default the reads start at once, as a user's would, racing the compactor).
+    if let Ok(secs) = std::env::var("BENCH_READ_AFTER") {
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap()));
+    }
+    let perf_reads = std::env::var("BENCH_PERF_READS")
+        .ok()
+        .map(|f| b.perf_attach(&f));
+    let (b_cpu_before, _) = b.usage();
     let start = Instant::now();
     for id in &ids {
-        b.req("GET", &format!("/v1/docs/{id}")).call().unwrap();
+        get(id);
     }
     let read = start.elapsed();
-    let (_, b_rss_read) = b.usage();
-    // The same reads again, now that the documents are loaded (as far as the cache holds
-    // them): what HTTP and JSON cost without the load.
-    let start = Instant::now();
-    for id in ids.iter().take(1000) {
-        b.req("GET", &format!("/v1/docs/{id}")).call().unwrap();
+    let b_cpu_read = b.usage().0 - b_cpu_before;
+    if let Some(p) = perf_reads {
+        tandemd::stop_perf(p);
     }
-    let hot = start.elapsed() / ids.len().min(1000) as u32;
+    let (_, b_rss_read) = b.usage();
+    // The last 1,000 read again: still loaded (the cache holds 1,024 documents), so what HTTP
+    // and JSON cost without the load.
+    let recent = &ids[ids.len().saturating_sub(1000)..];
+    let start = Instant::now();
+    for id in recent {
+        get(id);
+    }
+    let hot = start.elapsed() / recent.len().max(1) as u32;
 
     // Median of 50 requests, body read.
     let median_ms = |path: &str| {
@@ -149,8 +173,9 @@ fn main() {
         docs as f64 / import.as_secs_f64()
     );
     println!(
-        "  read every doc on B over HTTP: {:.3} ms per doc; B peak RSS after {b_rss_read:.0} MB; a loaded doc again: {:.3} ms",
+        "  read every doc on B over HTTP: {:.3} ms per doc (B CPU {:.3} ms per doc); B peak RSS after {b_rss_read:.0} MB; a loaded doc again: {:.3} ms",
         read.as_secs_f64() * 1e3 / docs as f64,
+        b_cpu_read * 1e3 / docs as f64,
         hot.as_secs_f64() * 1e3
     );
     println!("  GET /v1/status on B: median {status:.3} ms; GET /metrics: median {metrics:.3} ms");

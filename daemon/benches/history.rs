@@ -165,7 +165,11 @@ fn main() {
         metric("tandem_commit_duration_seconds_count"),
     );
     let start = Instant::now();
-    b.req("GET", &format!("/v1/docs/{id}")).call().unwrap();
+    b.req("GET", &format!("/v1/docs/{id}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
     let read = start.elapsed();
     let (_, b_rss_read) = b.usage();
 

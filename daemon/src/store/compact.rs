@@ -32,6 +32,7 @@ impl Compactor {
     }
 
     pub(super) fn run(self, rx: mpsc::Receiver<DocId>) {
+        background_priority();
         while let Ok(first) = rx.recv() {
             // Debounce: a burst of writes keeps making documents due; compacting in the middle
             // of it would redo the same work and steal CPU from the writers. Wait until writes
@@ -65,19 +66,48 @@ impl Compactor {
     }
 }
 
+/// Lowers the calling thread's scheduling priority: compaction only makes later loads cheaper,
+/// so it takes the CPU that readers and writers leave (on Linux a nice value is per thread). A
+/// bulk sync makes thousands of documents due at once, and folding them at full priority took
+/// a third of the daemon's CPU from the reads that followed.
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::nice(19) {
+        tracing::debug!(error = %e, "compactor keeps normal priority");
+    }
+}
+
 /// Builds the snapshot write for `doc`, or `None` if there is nothing to fold.
 pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Write>, StoreError> {
-    let tx = conn.unchecked_transaction()?;
-    let key = doc.as_bytes().as_slice();
-    let row: Option<(Option<Vec<u8>>, i64)> = tx
-        .query_row(
-            "SELECT s.snapshot, d.snapshot_upto FROM documents d
-             LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
-            [key],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let Some((snapshot, upto)) = row else {
+    // One WAL snapshot for the snapshot row and the deltas after it; statements cached (a
+    // bulk sync makes thousands of small documents due at once).
+    let read = super::in_read_tx(conn, |conn| {
+        let key = doc.as_bytes().as_slice();
+        let row: Option<(Option<Vec<u8>>, i64)> = conn
+            .prepare_cached(
+                "SELECT s.snapshot, d.snapshot_upto FROM documents d
+                 LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
+            )?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((snapshot, upto)) = row else {
+            return Ok(None);
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT rowid, change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query(params![key, upto])?;
+        let mut last = upto;
+        let mut changes = Vec::new();
+        while let Some(r) = rows.next()? {
+            last = r.get(0)?;
+            if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(1)? {
+                changes.push(bytes);
+            }
+        }
+        Ok((last != upto).then_some((snapshot, changes, last)))
+    })?;
+    let Some((snapshot, changes, last)) = read else {
         return Ok(None);
     };
     let corrupt = |why: String| StoreError::Corrupt {
@@ -91,21 +121,6 @@ pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Wri
             .map_err(|e| corrupt(e.to_string()))?,
         None => automerge::Automerge::new(),
     };
-    let mut stmt = tx.prepare_cached(
-        "SELECT rowid, change FROM deltas WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid",
-    )?;
-    let mut rows = stmt.query(params![key, upto])?;
-    let mut last = upto;
-    let mut changes = Vec::new();
-    while let Some(r) = rows.next()? {
-        last = r.get(0)?;
-        if let Some(bytes) = r.get::<_, Option<Vec<u8>>>(1)? {
-            changes.push(bytes);
-        }
-    }
-    if last == upto {
-        return Ok(None);
-    }
     // Each change is checked as it is parsed: damage folded into a snapshot could never be
     // found again; the next load of the document quarantines it instead.
     super::apply_stored(&mut am, changes.iter().map(Vec::as_slice)).map_err(corrupt)?;

@@ -278,8 +278,11 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// Keeps each cached statement's plan whatever values are bound to it. Without this the
 /// bundled SQLite re-prepared (re-parsed and re-planned) a statement each time a value
 /// compared to an indexed column changed: every cached query, on every use (measured: every
-/// document load parsed its queries again). tandem's queries have one good plan each.
+/// document load parsed its queries again). tandem's queries have one good plan each. The
+/// statement cache holds them all (rusqlite's default of 16 is fewer than the writer's and the
+/// readers' distinct statements, and a full cache drops the least recently used).
 fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_prepared_statement_cache_capacity(64);
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
@@ -613,8 +616,9 @@ pub fn load_doc(
 }
 
 /// Runs `f` in one read transaction (one WAL snapshot) with cached `BEGIN` and `COMMIT`: a
-/// cold load is on the hot path of reads and should parse no SQL.
-fn in_read_tx<T>(
+/// cold load is on the hot path of reads, and the compactor folds thousands of documents after
+/// a bulk sync; neither should parse SQL.
+pub(super) fn in_read_tx<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
@@ -1001,6 +1005,47 @@ mod tests {
         assert!(wal < 8 << 20, "the log grew to {wal} bytes");
         let db = std::fs::metadata(&path).unwrap().len();
         assert!(db > 5 << 20, "the database holds {db} bytes");
+        store.close();
+    }
+
+    /// The compactor folds at the lowest priority, and only it: the writer (and so every
+    /// acknowledged write) keeps the node's own.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_the_compactor_runs_at_background_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::from_seed([1; 32]);
+        let (store, _) =
+            Store::open(&dir.path().join("t.db"), &signer, StoreOptions::default()).unwrap();
+        // A thread's nice value, by name (field 19 of its stat line).
+        let nice = |name: &str| -> Option<i64> {
+            std::fs::read_dir("/proc/self/task").unwrap().find_map(|t| {
+                let t = t.unwrap().path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                if comm.trim() != name {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+                stat.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(16)?
+                    .parse()
+                    .ok()
+            })
+        };
+        // Each thread names itself, and the compactor lowers itself, once it runs.
+        let start = std::time::Instant::now();
+        let seen = loop {
+            let seen = (nice("tandem-compact"), nice("tandem-writer"));
+            if seen.0 == Some(19) && seen.1.is_some()
+                || start.elapsed() > std::time::Duration::from_secs(10)
+            {
+                break seen;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(seen, (Some(19), Some(0)));
         store.close();
     }
 

@@ -504,24 +504,27 @@ fn write_snapshot(
 ) -> Result<bool, StoreError> {
     let key = doc.as_bytes().as_slice();
     // Only move forward: a slower compaction of an older state must not replace a newer one.
-    let moved = tx.execute(
-        "UPDATE documents SET snapshot_upto = ?2,
+    // Statements cached: after a bulk sync the compactor folds thousands of small documents.
+    let moved = tx
+        .prepare_cached(
+            "UPDATE documents SET snapshot_upto = ?2,
              pending = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid > ?2),
              folded = (SELECT count(*) FROM deltas WHERE doc = ?1 AND rowid <= ?2),
              size = ?3 + (SELECT coalesce(sum(length(change)), 0) FROM deltas WHERE doc = ?1 AND rowid > ?2)
          WHERE doc = ?1 AND snapshot_upto < ?2",
-        params![key, upto, snapshot.len() as i64],
-    )?;
+        )?
+        .execute(params![key, upto, snapshot.len() as i64])?;
     if moved == 0 {
         return Ok(false);
     }
     let existed = tx
-        .query_row("SELECT 1 FROM snapshots WHERE doc = ?1", [key], |_| Ok(()))
+        .prepare_cached("SELECT 1 FROM snapshots WHERE doc = ?1")?
+        .query_row([key], |_| Ok(()))
         .optional()?
         .is_some();
-    tx.execute(
+    tx.prepare_cached(
         "INSERT OR REPLACE INTO snapshots (doc, snapshot, heads) VALUES (?1, ?2, ?3)",
-        params![key, snapshot, heads],
-    )?;
+    )?
+    .execute(params![key, snapshot, heads])?;
     Ok(!existed)
 }
