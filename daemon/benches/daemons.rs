@@ -12,7 +12,7 @@
 //! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row;
 //! `BENCH_PERF=FILE` runs B under `perf record --call-graph dwarf -o FILE`, for profiles of the
 //! sync; its CPU and RSS figures are then perf's; `BENCH_PERF_READS=FILE` profiles B while it
-//! serves the reads; `BENCH_READ_AFTER=SECS` waits before the reads; `BENCH_TANDEMD=PATH`
+//! serves the reads, `BENCH_PERF_IMPORT=FILE` A while it imports; `BENCH_READ_AFTER=SECS` waits before the reads; `BENCH_TANDEMD=PATH`
 //! runs another build's tandemd, to compare builds in one sitting)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -86,9 +86,15 @@ fn main() {
 
     let a = Daemon::start(tmp.path().join("a"), None);
     // As `tandem doc import FILES...` does: a few imports in flight at once.
+    let perf_import = std::env::var("BENCH_PERF_IMPORT")
+        .ok()
+        .map(|f| a.perf_attach(&f));
     let start = Instant::now();
     let ids = tandemd::import_all(&a, &files);
     let import = start.elapsed();
+    if let Some(p) = perf_import {
+        tandemd::stop_perf(p);
+    }
     let (_, a_rss) = a.usage();
     let target = a.digest();
 

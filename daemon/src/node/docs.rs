@@ -112,9 +112,10 @@ impl Node {
         let store = &self.inner.store;
         let mut dropped_snapshot = false;
         loop {
-            let Some(stored) = store
-                .read(move |c| store::load_doc(c, doc, may_be_new))
-                .await?
+            // On this thread, as the Automerge load after it: a few indexed rows, where the hop
+            // to the blocking pool and back cost more than the read (measured on reading every
+            // document after a 10k sync: 0.28 -> 0.23 ms per document, a third less CPU).
+            let Some(stored) = store.read_blocking(move |c| store::load_doc(c, doc, may_be_new))?
             else {
                 return Ok(None);
             };

@@ -32,7 +32,6 @@ impl Compactor {
     }
 
     pub(super) fn run(self, rx: mpsc::Receiver<DocId>) {
-        background_priority();
         while let Ok(first) = rx.recv() {
             // Debounce: a burst of writes keeps making documents due; compacting in the middle
             // of it would redo the same work and steal CPU from the writers. Wait until writes
@@ -63,17 +62,6 @@ impl Compactor {
                 }
             }
         }
-    }
-}
-
-/// Lowers the calling thread's scheduling priority: compaction only makes later loads cheaper,
-/// so it takes the CPU that readers and writers leave (on Linux a nice value is per thread). A
-/// bulk sync makes thousands of documents due at once, and folding them at full priority took
-/// a third of the daemon's CPU from the reads that followed.
-fn background_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::nice(19) {
-        tracing::debug!(error = %e, "compactor keeps normal priority");
     }
 }
 
