@@ -986,17 +986,20 @@ fn doc_watch_recovers_from_a_daemon_restart() {
     let mut a = Daemon::start();
     let doc = a.ok(&["doc", "new", r#"{"n":0}"#]);
     let watch = a.watch(&["--json"]);
+    // Every poke writes a new value: writing the same one again changes nothing, so a watch
+    // that connected after the first poke would wait for an event that never comes.
+    let n = std::cell::Cell::new(0);
     let first = watch.poke_until(
         20,
         || {
-            a.ok(&["doc", "put", &doc, "/n", "1"]);
+            n.set(n.get() + 1);
+            a.ok(&["doc", "put", &doc, "/n", &n.get().to_string()]);
         },
         |l| l.contains("\"change\""),
     );
     assert!(first.contains(&doc), "{first}");
     a.stop();
     a.restart();
-    let n = std::cell::Cell::new(1);
     let line = watch.poke_until(
         30,
         || {
