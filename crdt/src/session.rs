@@ -48,7 +48,8 @@ pub struct SessionConfig {
     /// once left the receiver waiting for the sender to refill the whole window).
     pub store_bytes: usize,
     /// Store requests out at once: the next is validated and queued while the one before
-    /// commits (the host carries them out in order; see [`Output::Store`]).
+    /// commits (the host carries them out in order; see [`Output::Store`]). At least one (a
+    /// session given none takes one).
     pub stores: usize,
     /// How long to wait for the peer's Hello.
     pub hello_timeout: Duration,
@@ -312,7 +313,7 @@ impl Session {
     /// later commit to [`Session::handle_committed`]: then each delta is either in `ours` (sent
     /// by catch-up) or fed later (pushed), never neither. Our Hello is the first output.
     pub fn new(
-        cfg: SessionConfig,
+        mut cfg: SessionConfig,
         me: NodeId,
         peer: NodeId,
         ours: VersionVector,
@@ -325,6 +326,7 @@ impl Session {
             clock: ours.clone(),
         };
         let deadline = now + cfg.hello_timeout;
+        cfg.stores = cfg.stores.max(1);
         Self {
             cfg,
             me,
@@ -902,7 +904,7 @@ impl Session {
     /// a node that falls behind then stores many changes at once instead of one push at a time (applying
     /// to a document costs per call as well as per change), so it catches up under load.
     fn store_next(&mut self) {
-        while self.storing.len() < self.cfg.stores.max(1) {
+        while self.storing.len() < self.cfg.stores {
             let Some(first) = self.received.pop_front() else {
                 return;
             };
