@@ -12,8 +12,9 @@
 //! `cargo bench -p tandem --bench daemons` (`BENCH_DOCS=10000` for the 10k row;
 //! `BENCH_PERF=FILE` runs B under `perf record --call-graph dwarf -o FILE`, for profiles of the
 //! sync; its CPU and RSS figures are then perf's; `BENCH_PERF_READS=FILE` profiles B while it
-//! serves the reads, `BENCH_PERF_IMPORT=FILE` A while it imports; `BENCH_READ_AFTER=SECS` waits before the reads; `BENCH_TANDEMD=PATH`
-//! runs another build's tandemd, to compare builds in one sitting)
+//! serves the reads, `BENCH_PERF_IMPORT=FILE` A while it imports; `BENCH_READ_AFTER=SECS`
+//! waits before the reads; `BENCH_TANDEMD=PATH` runs another build's tandemd, to compare builds
+//! in one sitting)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -111,15 +112,6 @@ fn main() {
         );
         return;
     }
-    // Each body read to its end, as a client does (a response dropped unread also costs its
-    // connection: ureq cannot reuse it, and the next request connects again).
-    let get = |id: &String| {
-        b.req("GET", &format!("/v1/docs/{id}"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
     // `BENCH_READ_AFTER=SECS`: read once B has had that long to compact what it received
     // (by default the reads start at once, as a user's would, racing the compactor).
     if let Ok(secs) = std::env::var("BENCH_READ_AFTER") {
@@ -131,7 +123,7 @@ fn main() {
     let (b_cpu_before, _) = b.usage();
     let start = Instant::now();
     for id in &ids {
-        get(id);
+        b.get(&format!("/v1/docs/{id}"));
     }
     let read = start.elapsed();
     let b_cpu_read = b.usage().0 - b_cpu_before;
@@ -144,7 +136,7 @@ fn main() {
     let recent = &ids[ids.len().saturating_sub(1000)..];
     let start = Instant::now();
     for id in recent {
-        get(id);
+        b.get(&format!("/v1/docs/{id}"));
     }
     let hot = start.elapsed() / recent.len().max(1) as u32;
 
@@ -153,7 +145,7 @@ fn main() {
         let mut took: Vec<Duration> = (0..50)
             .map(|_| {
                 let t = Instant::now();
-                b.req("GET", path).call().unwrap().into_string().unwrap();
+                b.get(path);
                 t.elapsed()
             })
             .collect();

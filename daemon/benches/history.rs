@@ -148,12 +148,7 @@ fn main() {
         return;
     }
     // B's writer thread: how long its commits took, and how many.
-    let metrics = b
-        .req("GET", "/metrics")
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = b.get("/metrics");
     let metric = |name: &str| {
         metrics
             .lines()
@@ -165,11 +160,7 @@ fn main() {
         metric("tandem_commit_duration_seconds_count"),
     );
     let start = Instant::now();
-    b.req("GET", &format!("/v1/docs/{id}"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    b.get(&format!("/v1/docs/{id}"));
     let read = start.elapsed();
     let (_, b_rss_read) = b.usage();
 

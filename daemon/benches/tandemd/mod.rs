@@ -86,6 +86,12 @@ impl Daemon {
             .set("Authorization", &format!("Bearer {}", self.token))
     }
 
+    /// `GET path`, its body read to the end as a client does (a response dropped unread also
+    /// costs its connection: ureq cannot reuse it, and the next request connects again).
+    pub fn get(&self, path: &str) -> String {
+        self.req("GET", path).call().unwrap().into_string().unwrap()
+    }
+
     pub fn json(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let r = self.req(method, path);
         let resp = match body {
