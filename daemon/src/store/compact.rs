@@ -67,15 +67,11 @@ impl Compactor {
 
 /// Builds the snapshot write for `doc`, or `None` if there is nothing to fold.
 pub(super) fn fold(conn: &rusqlite::Connection, doc: DocId) -> Result<Option<Write>, StoreError> {
-    // One WAL snapshot for the snapshot row and the deltas after it; statements cached (a
-    // bulk sync makes thousands of small documents due at once).
+    // One WAL snapshot for the snapshot row and the deltas after it.
     let read = super::in_read_tx(conn, |conn| {
         let key = doc.as_bytes().as_slice();
         let row: Option<(Option<Vec<u8>>, i64)> = conn
-            .prepare_cached(
-                "SELECT s.snapshot, d.snapshot_upto FROM documents d
-                 LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
-            )?
+            .prepare_cached(super::SNAPSHOT_ROW)?
             .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((snapshot, upto)) = row else {

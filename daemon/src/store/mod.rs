@@ -271,17 +271,17 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    stable_plans(&conn)?;
+    cached_statements(&conn)?;
     Ok(conn)
 }
 
-/// Keeps each cached statement's plan whatever values are bound to it. Without this the
+/// How a connection caches statements. Each keeps its plan whatever values are bound to it. Without this the
 /// bundled SQLite re-prepared (re-parsed and re-planned) a statement each time a value
 /// compared to an indexed column changed: every cached query, on every use (measured: every
 /// document load parsed its queries again). tandem's queries have one good plan each. The
 /// statement cache holds them all (rusqlite's default of 16 is fewer than the writer's and the
 /// readers' distinct statements, and a full cache drops the least recently used).
-fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+fn cached_statements(conn: &Connection) -> Result<(), StoreError> {
     conn.set_prepared_statement_cache_capacity(64);
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
@@ -349,7 +349,7 @@ impl Store {
         let node = signer.id();
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        stable_plans(&conn)?;
+        cached_statements(&conn)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let synchronous = match opts.durability {
             Durability::Full => "FULL",
@@ -555,6 +555,12 @@ impl Drop for Store {
 /// two agree. `None` if the store has never seen the document. `may_be_new`: the caller
 /// expects documents new here (a bulk sync's loads mostly are): they are then found missing
 /// with one cached lookup and no transaction; a read of a listed document skips that lookup.
+/// A document's snapshot (if any), the rowid of the last delta in it, and whether it is deleted:
+/// where a load (and a fold) starts.
+pub(super) const SNAPSHOT_ROW: &str =
+    "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
+     LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1";
+
 pub fn load_doc(
     conn: &Connection,
     doc: DocId,
@@ -573,10 +579,7 @@ pub fn load_doc(
     // the watermark between two statements otherwise).
     in_read_tx(conn, |conn| {
         let row: Option<(Option<Vec<u8>>, i64, bool)> = conn
-            .prepare_cached(
-                "SELECT s.snapshot, d.snapshot_upto, d.deleted FROM documents d
-                 LEFT JOIN snapshots s ON s.doc = d.doc WHERE d.doc = ?1",
-            )?
+            .prepare_cached(SNAPSHOT_ROW)?
             .query_row([doc.as_bytes().as_slice()], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
@@ -1010,7 +1013,7 @@ mod tests {
     }
 
     /// Cached statements keep their plan: running one with other values does not parse it
-    /// again (it did for every document load before `stable_plans`).
+    /// again (it did for every document load before `cached_statements`).
     #[test]
     fn cached_statements_are_not_prepared_again_for_new_values() {
         let dir = tempfile::tempdir().unwrap();
